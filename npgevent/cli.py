@@ -1,0 +1,139 @@
+"""The ``npgevent`` command line: one NodePass URL, options from everywhere.
+
+The parser is generated from the settings table (:mod:`npgevent.settings`):
+each option can come from a CLI flag, an ``NP_*`` environment variable or a
+config file (``-c FILE``, or the first of :data:`DEFAULT_CONFIG_FILES` that
+exists), with precedence CLI > env > config file > default; the URL's query
+parameters then override all of them for that instance.
+
+Errors in what the user gave (URL, option values, files) are printed as one
+line, ``npgevent: error: ...``, with exit status 2.  Once running, SIGTERM and
+SIGINT put a token on a queue (signal handlers do nothing else); the main
+greenlet then stops the instance within ``NP_SHUTDOWN_TIMEOUT`` and exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import configargparse
+
+from . import NODEPASS_VERSION, __version__
+from . import log as logmod
+from .errors import ConfigError
+from .settings import SETTINGS, resolve, tunable_summary
+from .url import TunnelSpec, parse_url
+
+DEFAULT_CONFIG_FILES = ("/etc/npgevent.conf", "~/.config/npgevent.conf")
+EXIT_USAGE = 2
+
+
+class _Parser(configargparse.ArgumentParser):
+    """configargparse with one-line errors (no usage dump) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write("npgevent: error: %s\n" % " ".join(message.split()))
+        sys.exit(EXIT_USAGE)
+
+
+def build_parser() -> configargparse.ArgumentParser:
+    parser = _Parser(
+        prog="npgevent",
+        description="NodePass v1.11.0-compatible TCP/UDP tunnel and port forwarder (gevent).",
+        epilog=(
+            "URL forms: server://[key@]host:port/target[,target...]?query, "
+            "client://[key@]host:port/target[,...]?query, master://host:port/prefix?query. "
+            "URL query parameters override every other source for that instance."
+        ),
+        default_config_files=list(DEFAULT_CONFIG_FILES),
+        args_for_setting_config_path=["-c", "--config"],
+        config_arg_help_message="config file path (key = value lines; keys are the long option names)",
+        formatter_class=configargparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("url_arg", nargs="?", metavar="URL",
+                        help="the NodePass URL (server://, client:// or master://)")
+    parser.add_argument("--url", env_var="NP_URL", default=None,
+                        help="the NodePass URL, when not given as the positional argument")
+    parser.add_argument("--version", action="version",
+                        version="npgevent %s (NodePass %s compatible)" % (__version__, NODEPASS_VERSION))
+    for s in SETTINGS:
+        extra = " (URL: %s=)" % s.query if s.query else ""
+        parser.add_argument(s.flag, env_var=s.env, default=None, metavar="VALUE",
+                            help="%s; default %s%s" % (s.help, s.fmt(s.default) or "''", extra))
+    return parser
+
+
+def parse(argv: Sequence[str] | None = None) -> tuple[TunnelSpec, Any, list[str]]:
+    """Parse argv/env/config into (spec, options, warnings); raise ConfigError on bad input."""
+    parser = build_parser()
+    # an empty variable counts as unset, as Go's os.Getenv checks do
+    env = {k: v for k, v in os.environ.items() if v.strip() != ""}
+    ns = parser.parse_args(argv, env_vars=env)
+    raw = ns.url_arg or ns.url
+    if not raw:
+        raise ConfigError("missing NodePass URL: give it as the argument, --url, NP_URL or 'url =' "
+                          "in the config file (see npgevent --help)")
+    spec = parse_url(raw)
+    base = {s.name: getattr(ns, s.name) for s in SETTINGS}
+    options, warnings = resolve(spec.scheme, spec.query_map, base)
+    return spec, options, warnings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        spec, options, warnings = parse(argv)
+    except ConfigError as exc:
+        sys.stderr.write("npgevent: error: %s\n" % exc)
+        return EXIT_USAGE
+    logmod.setup()
+    ilog = logmod.InstanceLog(options.log)
+    ilog.debug("Init log level: %s", options.log.upper())
+    for warning in warnings:
+        ilog.warn(warning)
+    ilog.debug("Tunables: %s", tunable_summary(options))
+    from .cores import build_runner
+
+    try:
+        runner = build_runner(spec, options, ilog)
+    except ConfigError as exc:
+        sys.stderr.write("npgevent: error: %s\n" % exc)
+        return EXIT_USAGE
+    return serve(runner)
+
+
+def serve(runner: Any) -> int:
+    """Run *runner* until SIGTERM/SIGINT, then stop it gracefully; return the exit status."""
+    import gevent
+    from gevent.queue import Queue
+
+    tokens: Queue = Queue()
+    handlers = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        # gevent runs these callbacks in the hub, outside the real signal handler;
+        # they only enqueue, the main greenlet does the work.
+        handlers.append(gevent.signal_handler(signum, tokens.put_nowait, signum))
+    try:
+        runner.start()
+        tokens.get()
+        stopper = gevent.spawn(runner.stop)
+        # a second signal while draining skips the grace period
+        while not stopper.ready():
+            try:
+                tokens.get(timeout=0.2)
+                runner.log.info("Second signal: stopping now")
+                stopper.kill(block=False)
+                runner.stop(0)
+                break
+            except Exception:
+                continue
+        stopper.join()
+    finally:
+        for h in handlers:
+            h.cancel()
+    sys.stdout.flush()
+    return 0
+

@@ -1,0 +1,231 @@
+"""What every core shares: instance state, the Core lifecycle and the Runner.
+
+An *instance* is one NodePass URL being served.  Its :class:`Instance` state
+(options, byte counters, slots, rate limiter, DNS cache, logger) lives as long
+as the process, so counters keep growing across restarts, as in Go.
+
+A :class:`Core` is one attempt at running the instance (single-end forwarder,
+tunnel server or client).  :class:`Runner` drives cores the way NodePass's
+``Run`` does: log the start line, start a core, and when it fails log
+``<Role> error: ...``, tear it down, wait ``NP_SERVICE_COOLDOWN``, log
+``<Role> restart: ...`` and start a new one.  ``stop(timeout)`` stops accepting,
+lets live sessions drain for up to *timeout* seconds, then closes what is left
+and logs ``<Role> shutdown complete``.
+
+Every long-lived object here has ``start``/``stop``/``close`` and is a
+context manager.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import gevent
+from gevent.event import AsyncResult, Event
+from gevent.pool import Group
+
+from ..errors import CoreError
+from ..log import InstanceLog
+from ..net.resolver import Resolver
+from ..relay.limit import RateLimiter, Slots
+from ..relay.stats import Traffic
+from ..settings import Options
+from ..url import TunnelSpec
+
+
+class Instance:
+    """State of one instance that survives core restarts."""
+
+    def __init__(self, spec: TunnelSpec, opts: Options, log: InstanceLog) -> None:
+        self.spec = spec
+        self.opts = opts
+        self.log = log
+        self.traffic = Traffic()
+        self.slots = Slots(opts.slot)
+        self.limiter = RateLimiter.from_mbps(opts.rate)
+        self.resolver = Resolver(opts.dns, ttl=opts.dns_caching_ttl, log=log)
+        self.title = spec.scheme.capitalize()  # "Server" / "Client"
+
+    def start_url(self, mode: str | int | None = None) -> str:
+        """The URL of the ``started``/``restart`` line, in NodePass's order."""
+        o = self.opts
+        cap = ("min=%d" % o.min) if self.spec.scheme == "client" else ("max=%d" % o.max)
+        return "%s?dns=%s&%s&mode=%s&quic=%s&dial=%s&read=%s&rate=%d&slot=%d&proxy=%s&notcp=%s&noudp=%s" % (
+            self.spec.base_url(), ",".join(o.dns), cap, o.mode if mode is None else mode,
+            "1" if o.quic else "0", o.dial, _dur(o.read), o.rate, o.slot,
+            "1" if o.proxy else "0", "1" if o.notcp else "0", "1" if o.noudp else "0")
+
+
+def _dur(seconds: float) -> str:
+    from ..durations import format_go_duration
+
+    return format_go_duration(seconds)
+
+
+class Core:
+    """One run of an instance.  Subclasses implement :meth:`_start` and :meth:`_close`.
+
+    ``wait()`` blocks until the core fails (raising the error) or is stopped
+    (returning).  Sessions are spawned into :attr:`sessions` so that ``stop``
+    can drain and then kill them.
+    """
+
+    #: NodePass run mode once resolved (client: 1 single-end, 2 dual-end; server: 1 reverse, 2 forward)
+    mode = 0
+
+    def __init__(self, inst: Instance) -> None:
+        self.inst = inst
+        self.log = inst.log
+        self.opts = inst.opts
+        self.sessions = Group()
+        self.tasks = Group()  # background loops (reporter, pool manager...)
+        self._outcome: AsyncResult = AsyncResult()
+        self._closed = False
+
+    # -- lifecycle ------------------------------------------------------------
+    def start(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def wait(self) -> None:
+        self._outcome.get()
+
+    def fail(self, exc: BaseException) -> None:
+        """Report a fatal runtime error: ``wait()`` raises it and the runner restarts."""
+        if not self._outcome.ready():
+            self._outcome.set_exception(exc if isinstance(exc, CoreError) else CoreError(str(exc)))
+
+    def stop(self, grace: float = 0.0) -> None:
+        """Stop accepting, drain sessions for up to *grace* seconds, then close."""
+        if self._closed:
+            return
+        self._stop_accepting()
+        if grace > 0 and len(self.sessions):
+            self.sessions.join(timeout=grace)
+        self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.tasks.kill(block=False)
+        self._stop_accepting()
+        self.sessions.kill(block=True, timeout=2)
+        self._close()
+        if not self._outcome.ready():
+            self._outcome.set(None)
+
+    def spawn_task(self, func: Callable[..., Any], *args: Any) -> gevent.Greenlet:
+        """Run a background loop; if it raises, the core fails (and restarts)."""
+
+        def guarded() -> None:
+            try:
+                func(*args)
+            except gevent.GreenletExit:
+                raise
+            except Exception as exc:
+                self.fail(exc)
+
+        return self.tasks.spawn(guarded)
+
+    # -- to implement ---------------------------------------------------------
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def _stop_accepting(self) -> None:
+        """Close listeners (idempotent)."""
+
+    def _close(self) -> None:
+        """Release everything else (idempotent)."""
+
+    def __enter__(self) -> Core:
+        self.start()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class Runner:
+    """Runs an instance's cores with NodePass's restart loop."""
+
+    def __init__(self, inst: Instance, factory: Callable[[Instance], Core]) -> None:
+        self.inst = inst
+        self.factory = factory
+        self.log = inst.log
+        self.core: Core | None = None
+        self.mode: str | int = inst.opts.mode
+        self.starts = 0
+        self._stopping = False
+        self._wake = Event()
+        self._greenlet: gevent.Greenlet | None = None
+        self.running = Event()  # set while a core is started
+
+    def start(self) -> None:
+        self._greenlet = gevent.spawn(self._run)
+
+    def _run(self) -> None:
+        inst = self.inst
+        while not self._stopping:
+            verb = "started" if self.starts == 0 else "restart"
+            self.log.info("%s %s: %s", inst.title, verb, inst.start_url(self.mode))
+            self.starts += 1
+            core = self.core = self.factory(inst)
+            try:
+                core.start()
+                self.mode = core.mode or self.mode
+                self.running.set()
+                core.wait()
+            except (CoreError, OSError) as exc:
+                if not self._stopping:
+                    self.log.error("%s error: %s", inst.title, _one_line(exc))
+            except gevent.GreenletExit:
+                raise
+            except Exception as exc:  # a bug: log it with the traceback, keep the daemon alive
+                self.log.error("%s error: internal error: %r", inst.title, exc, exc_info=True)
+            finally:
+                self.running.clear()
+                if not self._stopping:
+                    core.close()
+            if self._stopping:
+                break
+            self._wake.wait(inst.opts.service_cooldown)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop within *timeout* (default ``NP_SHUTDOWN_TIMEOUT``), draining sessions."""
+        grace = self.inst.opts.shutdown_timeout if timeout is None else timeout
+        if self._stopping:
+            return
+        self._stopping = True
+        self._wake.set()
+        core = self.core
+        if core is not None:
+            with gevent.Timeout(grace + 2, False):
+                core.stop(grace=max(0.0, grace - 0.5))
+            core.close()
+        if self._greenlet is not None:
+            self._greenlet.join(timeout=2)
+            self._greenlet.kill(block=True, timeout=1)
+        self.log.info("%s shutdown complete", self.inst.title)
+
+    def close(self) -> None:
+        self.stop(0)
+
+    def __enter__(self) -> Runner:
+        self.start()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop(0)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())

@@ -1,0 +1,127 @@
+"""Single-end forwarding (client run mode 1): a plain TCP/UDP port forwarder.
+
+``client://127.0.0.1:8080/target:80`` listens on the tunnel address and relays
+each TCP connection (gevent ``StreamServer``, one greenlet per connection plus
+one for the reverse direction) and each UDP source address (a session with a
+connected UDP socket to the target) to the target group, with failover,
+``dial=``, ``read=``, ``rate=``, ``slot=``, ``proxy=1`` and ``notcp``/``noudp``.
+
+Every ``NP_REPORT_INTERVAL`` it logs the CHECK_POINT line with ``MODE=1``,
+``POOL=0`` and ``PING`` = TCP connect time to a target (0 if unreachable).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gevent
+from gevent import socket
+from gevent.server import StreamServer
+
+from ..log import checkpoint_line
+from ..net.dial import Dialer, DialError
+from ..net.sockopt import format_addr, listen_tcp, listen_udp, tune_tcp
+from ..protocol.proxyproto import proxy_v1
+from ..relay.stats import TCP_RX, TCP_TX
+from ..relay.tcp import relay
+from ..relay.udp import SessionTable, UdpListener, UdpSession, UdpTargetSession
+from .common import Core, Instance
+
+
+class ForwardCore(Core):
+    """Single-end TCP+UDP forwarder on the client URL's tunnel address."""
+
+    mode = 1
+
+    def __init__(self, inst: Instance, tcp_listener: socket.socket | None = None) -> None:
+        super().__init__(inst)
+        self._pre_listener = tcp_listener
+        self.dialer = Dialer(inst.spec.targets, inst.resolver, source_ip=self.opts.dial,
+                             tcp_timeout=self.opts.tcp_dial_timeout, log=self.log)
+        self.tcp_server: StreamServer | None = None
+        self.udp_server: UdpListener | None = None
+        self.udp_table: SessionTable | None = None
+
+    def _start(self) -> None:
+        spec, opts = self.inst.spec, self.opts
+        ip = self._listen_ip()
+        if not opts.notcp:
+            sock = self._pre_listener or listen_tcp(spec.tunnel, ip)
+            self._pre_listener = None
+            self.tcp_server = StreamServer(sock, self._handle_tcp, spawn=self.sessions.spawn)
+            self.tcp_server.start()
+        elif self._pre_listener is not None:
+            self._pre_listener.close()
+            self._pre_listener = None
+        if not opts.noudp:
+            self.udp_table = SessionTable(self._new_udp_session, self.inst.slots,
+                                          opts.udp_read_timeout, self.log)
+            self.udp_server = self.udp_table.attach(listen_udp(spec.tunnel, ip))
+            self.udp_server.start()
+        self.spawn_task(self._report)
+
+    def _listen_ip(self) -> str | None:
+        host = self.inst.spec.tunnel
+        if host.host == "" or host.is_ip or host.host.lower() == "localhost":
+            return None
+        return self.inst.resolver.resolve(host.host)[0]
+
+    # -- TCP ---------------------------------------------------------------------
+    def _handle_tcp(self, conn: socket.socket, addr: Any) -> None:
+        inst, log = self.inst, self.log
+        if not inst.slots.acquire_tcp():
+            log.error("TCP slot limit reached (%d): connection from %s refused",
+                      inst.slots.limit, format_addr(addr))
+            return
+        try:
+            try:
+                target, where = self.dialer.dial_tcp()
+            except (DialError, OSError) as exc:
+                log.error("Dial target failed for %s: %s", format_addr(addr), exc)
+                return
+            try:
+                tune_tcp(conn)
+                if log.enabled(10):
+                    log.debug("Target connection: %s <-> %s", format_addr(addr), where)
+                if self.opts.proxy:
+                    target.sendall(proxy_v1(addr, target.getpeername()))
+                reason = relay(conn, target, inst.traffic.bytes, TCP_RX, TCP_TX,
+                               limiter=inst.limiter, idle=self.opts.read,
+                               bufsize=self.opts.tcp_data_buf_size)
+                if log.enabled(10):
+                    log.debug("Exchange complete: %s <-> %s: %s", format_addr(addr), where, reason)
+            except OSError as exc:
+                log.debug("Exchange failed: %s: %s", format_addr(addr), exc)
+            finally:
+                target.close()
+        finally:
+            inst.slots.release_tcp()
+
+    # -- UDP ---------------------------------------------------------------------
+    def _new_udp_session(self, table: SessionTable, addr: Any) -> UdpSession:
+        return UdpTargetSession(table, addr, self.dialer, self.inst.traffic.bytes,
+                                self.inst.limiter)
+
+    # -- reporting ---------------------------------------------------------------
+    def _report(self) -> None:
+        inst = self.inst
+        while True:
+            ping = self.dialer.probe_ms()
+            t = inst.traffic
+            self.log.event(checkpoint_line(1, ping, 0, inst.slots.tcp, inst.slots.udp,
+                                           t.tcp_rx, t.tcp_tx, t.udp_rx, t.udp_tx))
+            gevent.sleep(self.opts.report_interval)
+
+    # -- teardown ----------------------------------------------------------------
+    def _stop_accepting(self) -> None:
+        if self.tcp_server is not None:
+            self.tcp_server.close()
+        if self.udp_server is not None:
+            self.udp_server.close()
+
+    def _close(self) -> None:
+        if self.udp_table is not None:
+            self.udp_table.close()
+        if self._pre_listener is not None:
+            self._pre_listener.close()
+            self._pre_listener = None

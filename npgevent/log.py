@@ -1,0 +1,119 @@
+"""Logging in NodePass's line format, through :mod:`logging`.
+
+A line is ``YYYY-MM-DD HH:MM:SS.mmm  LEVEL  message`` (two spaces each side of
+the level), the level ANSI-coloured only when the stream is a terminal.  Levels
+are NodePass's: ``debug < info < warn < error < event``; ``none`` hides all.
+
+Every instance logs through an :class:`InstanceLog`: its own threshold (the
+URL's ``log=``) and an optional prefix, so several instances in one process (the
+tests do that) keep their levels apart.  The master parses its children's
+``CHECK_POINT`` lines, so :func:`checkpoint_line` is the one place that builds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import IO, Any
+
+DEBUG = logging.DEBUG  # 10
+INFO = logging.INFO  # 20
+WARN = logging.WARNING  # 30
+ERROR = logging.ERROR  # 40
+EVENT = 45
+NONE = 100
+
+LEVELS = {"debug": DEBUG, "info": INFO, "warn": WARN, "error": ERROR, "event": EVENT, "none": NONE}
+_NAMES = {DEBUG: "DEBUG", INFO: "INFO", WARN: "WARN", ERROR: "ERROR", EVENT: "EVENT"}
+_COLOURS = {DEBUG: "34", INFO: "32", WARN: "33", ERROR: "31", EVENT: "36"}
+
+ROOT = "npgevent"
+
+
+class NodePassFormatter(logging.Formatter):
+    """Formats records exactly like NodePass's logger."""
+
+    def __init__(self, colour: bool) -> None:
+        super().__init__()
+        self.colour = colour
+
+    def format(self, record: logging.LogRecord) -> str:
+        ct = record.created
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ct))
+        millis = int((ct - int(ct)) * 1000)
+        name = _NAMES.get(record.levelno) or record.levelname
+        if self.colour:
+            name = "\x1b[%sm%s\x1b[0m" % (_COLOURS.get(record.levelno, "0"), name)
+        msg = record.getMessage()
+        if record.exc_info:
+            msg += "\n" + self.formatException(record.exc_info)
+        return "%s.%03d  %s  %s" % (stamp, millis, name, msg)
+
+
+def setup(stream: IO[str] | None = None, colour: bool | None = None) -> logging.Handler:
+    """Send npgevent's records to *stream* (stdout) in NodePass's format."""
+    out = stream if stream is not None else sys.stdout
+    if colour is None:
+        try:
+            colour = out.isatty()
+        except (AttributeError, ValueError):
+            colour = False
+    logger = logging.getLogger(ROOT)
+    for old in list(logger.handlers):
+        if getattr(old, "_npgevent", False):
+            logger.removeHandler(old)
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(NodePassFormatter(colour))
+    handler._npgevent = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(DEBUG)
+    logger.propagate = False
+    return handler
+
+
+class InstanceLog:
+    """A per-instance logger: own threshold, optional ``[prefix]``."""
+
+    __slots__ = ("_logger", "level", "prefix")
+
+    def __init__(self, level: str = "info", prefix: str = "", name: str = ROOT) -> None:
+        self._logger = logging.getLogger(name)
+        self.level = LEVELS.get(level, INFO)
+        self.prefix = "[%s] " % prefix if prefix else ""
+
+    def enabled(self, level: int) -> bool:
+        return level >= self.level
+
+    def log(self, level: int, msg: str, *args: Any, exc_info: Any = None) -> None:
+        if level >= self.level:
+            if self.prefix:
+                msg = self.prefix + msg
+            self._logger.log(level, msg, *args, exc_info=exc_info)
+
+    def debug(self, msg: str, *args: Any, exc_info: Any = None) -> None:
+        if self.level <= DEBUG:
+            self.log(DEBUG, msg, *args, exc_info=exc_info)
+
+    def info(self, msg: str, *args: Any) -> None:
+        if self.level <= INFO:
+            self.log(INFO, msg, *args)
+
+    def warn(self, msg: str, *args: Any) -> None:
+        if self.level <= WARN:
+            self.log(WARN, msg, *args)
+
+    def error(self, msg: str, *args: Any, exc_info: Any = None) -> None:
+        if self.level <= ERROR:
+            self.log(ERROR, msg, *args, exc_info=exc_info)
+
+    def event(self, msg: str, *args: Any) -> None:
+        if self.level <= EVENT:
+            self.log(EVENT, msg, *args)
+
+
+def checkpoint_line(mode: int, ping_ms: int, pool: int, tcps: int, udps: int,
+                    tcprx: int, tcptx: int, udprx: int, udptx: int) -> str:
+    """The EVENT line panels and the master parse (format fixed by NodePass)."""
+    return "CHECK_POINT|MODE=%d|PING=%dms|POOL=%d|TCPS=%d|UDPS=%d|TCPRX=%d|TCPTX=%d|UDPRX=%d|UDPTX=%d" % (
+        mode, ping_ms, pool, tcps, udps, tcprx, tcptx, udprx, udptx)

@@ -1,0 +1,1 @@
+"""Sockets: listeners and options, DNS resolution, target dialling, TLS."""

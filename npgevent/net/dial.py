@@ -1,0 +1,141 @@
+"""Outbound dials to the target group: round robin, failover, source IP.
+
+One target: dial it.  Several: start at a round-robin index, then try each in
+order until one connects (NodePass's failover); all failed -> one error naming
+every target.  A name resolving to several addresses tries them in turn.
+
+``dial=<ip>`` binds outbound sockets to that source address; if binding fails
+(address not on this host, wrong family) npgevent logs it once and falls back
+to ``auto`` for good, as Go does.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import time
+
+from gevent import socket
+
+from ..log import InstanceLog
+from ..url import HostPort
+from .resolver import Resolver
+from .sockopt import tune_tcp, tune_udp
+
+
+class DialError(OSError):
+    """No target could be reached (message names them and why)."""
+
+
+def family_of(ip: str) -> int:
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
+def sockaddr(ip: str, port: int) -> tuple[str, int]:
+    return (ip, port)
+
+
+class Dialer:
+    """Dials TCP and UDP to the instance's targets."""
+
+    def __init__(
+        self,
+        targets: tuple[HostPort, ...],
+        resolver: Resolver,
+        *,
+        source_ip: str = "auto",
+        tcp_timeout: float = 5.0,
+        log: InstanceLog | None = None,
+    ) -> None:
+        if not targets:
+            raise ValueError("at least one target is required")
+        self.targets = targets
+        self.resolver = resolver
+        self.source_ip = None if source_ip == "auto" else source_ip
+        self.tcp_timeout = tcp_timeout
+        self.log = log or InstanceLog("none")
+        self._rr = itertools.count()
+
+    def _order(self) -> list[HostPort]:
+        n = len(self.targets)
+        if n == 1:
+            return [self.targets[0]]
+        start = next(self._rr) % n
+        return [self.targets[(start + i) % n] for i in range(n)]
+
+    def _bind_source(self, sock: socket.socket, family: int) -> None:
+        if self.source_ip is None:
+            return
+        try:
+            if family_of(self.source_ip) != family:
+                raise OSError(errno.EAFNOSUPPORT, "address family mismatch")
+            sock.bind((self.source_ip, 0))
+        except OSError as exc:
+            self.log.error("Dial address %s unusable (%s): falling back to auto",
+                           self.source_ip, exc.strerror or exc)
+            self.source_ip = None
+
+    def dial_tcp(self, timeout: float | None = None) -> tuple[socket.socket, HostPort]:
+        """Connect to the next target (with failover); return (socket, target)."""
+        failures: list[str] = []
+        for target in self._order():
+            try:
+                return self._connect_tcp(target, timeout or self.tcp_timeout), target
+            except OSError as exc:
+                failures.append("%s: %s" % (target, _reason(exc)))
+        raise DialError("dial tcp failed: " + "; ".join(failures))
+
+    def _connect_tcp(self, target: HostPort, timeout: float) -> socket.socket:
+        last: OSError | None = None
+        for ip in self.resolver.resolve(target.host):
+            family = family_of(ip)
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                self._bind_source(sock, family)
+                sock.settimeout(timeout)
+                sock.connect(sockaddr(ip, target.port))
+                sock.settimeout(None)
+                tune_tcp(sock)
+                return sock
+            except OSError as exc:
+                sock.close()
+                last = exc
+        assert last is not None
+        raise last
+
+    def dial_udp(self) -> tuple[socket.socket, HostPort]:
+        """A connected UDP socket to the next target (with failover on resolution/bind)."""
+        failures: list[str] = []
+        for target in self._order():
+            try:
+                for ip in self.resolver.resolve(target.host):
+                    family = family_of(ip)
+                    sock = socket.socket(family, socket.SOCK_DGRAM)
+                    try:
+                        self._bind_source(sock, family)
+                        sock.connect(sockaddr(ip, target.port))
+                        tune_udp(sock)
+                        return sock, target
+                    except OSError:
+                        sock.close()
+                        raise
+            except OSError as exc:
+                failures.append("%s: %s" % (target, _reason(exc)))
+        raise DialError("dial udp failed: " + "; ".join(failures))
+
+    def probe_ms(self) -> int:
+        """TCP connect time to the first reachable target in ms (0 if none): the single-end PING."""
+        start = time.monotonic()
+        try:
+            sock, _ = self.dial_tcp()
+        except OSError:
+            return 0
+        elapsed = int((time.monotonic() - start) * 1000)
+        sock.close()
+        return elapsed
+
+
+def _reason(exc: OSError) -> str:
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return "i/o timeout"
+    return exc.strerror or str(exc) or type(exc).__name__

@@ -1,0 +1,123 @@
+"""Socket options and listeners shared by every core.
+
+Relayed TCP sockets get ``TCP_NODELAY`` (Go's default) and keepalive; UDP
+sockets get large buffers so a burst of datagrams is not dropped on loopback.
+Listeners are created here so that "address already in use" becomes one clear
+error line, and UDP listeners never set ``SO_REUSEADDR`` (which would let two
+processes share a UDP port silently).
+"""
+
+from __future__ import annotations
+
+import errno
+import socket as _stdsocket
+
+from gevent import socket
+
+from ..url import HostPort
+
+UDP_BUFFER = 4 * 1024 * 1024
+_SO_RCVBUFFORCE = getattr(_stdsocket, "SO_RCVBUFFORCE", 33)
+_SO_SNDBUFFORCE = getattr(_stdsocket, "SO_SNDBUFFORCE", 32)
+
+
+class ListenError(OSError):
+    """A listener could not be opened; ``str()`` is one readable line."""
+
+    def __init__(self, code: int | None, message: str) -> None:
+        super().__init__(message)
+        self.errno = code
+        self.strerror = message
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def tune_tcp(sock: socket.socket, keepalive: float = 15.0) -> None:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(keepalive)))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, int(keepalive)))
+    except OSError:
+        pass  # not a TCP socket (tests hand in socketpairs) or already closed
+
+
+def tune_udp(sock: socket.socket, size: int = UDP_BUFFER) -> None:
+    for force, plain in ((_SO_RCVBUFFORCE, socket.SO_RCVBUF), (_SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+        except OSError:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, plain, size)
+            except OSError:
+                pass
+
+
+def bind_address(hp: HostPort) -> tuple[int, tuple[str, int]]:
+    """(family, sockaddr) for listening on *hp* (empty host = all interfaces)."""
+    host = hp.host
+    if host == "":
+        return socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET, ("::", hp.port)
+    if ":" in host:
+        return socket.AF_INET6, (host, hp.port)
+    if host.lower() == "localhost":
+        return socket.AF_INET, ("127.0.0.1", hp.port)
+    return socket.AF_INET, (host, hp.port)
+
+
+def _open(hp: HostPort, kind: int, resolve_ip: str | None) -> socket.socket:
+    family, addr = bind_address(hp)
+    if resolve_ip is not None:
+        family = socket.AF_INET6 if ":" in resolve_ip else socket.AF_INET
+        addr = (resolve_ip, hp.port)
+    proto = "tcp" if kind == socket.SOCK_STREAM else "udp"
+    try:
+        sock = socket.socket(family, kind)
+    except OSError as exc:
+        raise ListenError(exc.errno, "listen %s %s: %s" % (proto, hp, exc.strerror)) from None
+    try:
+        if family == socket.AF_INET6 and addr[0] == "::":
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        if kind == socket.SOCK_STREAM:
+            sock.listen(socket.SOMAXCONN)
+        else:
+            tune_udp(sock)
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            reason = "address already in use"
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            reason = "cannot assign requested address (not an address of this host)"
+        raise ListenError(exc.errno, "listen %s %s: %s" % (proto, hp, reason)) from None
+    return sock
+
+
+def listen_tcp(hp: HostPort, ip: str | None = None) -> socket.socket:
+    """A listening TCP socket on *hp* (*ip*: an already-resolved host address)."""
+    return _open(hp, socket.SOCK_STREAM, ip)
+
+
+def listen_udp(hp: HostPort, ip: str | None = None) -> socket.socket:
+    """A bound UDP socket on *hp*."""
+    return _open(hp, socket.SOCK_DGRAM, ip)
+
+
+def format_addr(addr: tuple) -> str:
+    """``ip:port`` / ``[v6]:port`` of a socket address (as Go prints it)."""
+    host, port = unmap(addr[0]), addr[1]
+    if ":" in host:
+        return "[%s]:%d" % (host.split("%", 1)[0], port)
+    return "%s:%d" % (host, port)
+
+
+def unmap(host: str) -> str:
+    """``::ffff:1.2.3.4`` (an IPv4 peer on a dual-stack socket) -> ``1.2.3.4``."""
+    if host.startswith("::ffff:") and "." in host:
+        return host[7:]
+    return host

@@ -1,0 +1,1 @@
+"""Sans-IO codecs of the NodePass protocol: bytes in, values out; no sockets, no gevent."""

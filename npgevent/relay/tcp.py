@@ -1,0 +1,239 @@
+"""Two-way TCP relay between a user-side and a target-side stream.
+
+One direction runs in the calling greenlet, the other in a spawned one.  Each
+direction ("pump") starts with ``recv_into`` + ``sendall`` through a private
+buffer, which is the cheapest path for small request/response traffic.  When a
+read fills the buffer, the transfer is bulk: if both ends are plain gevent
+sockets on Linux, the pump switches to ``os.splice`` through a pipe (zero-copy:
+the payload never enters Python), waiting on the sockets' own gevent watchers.
+
+Half-close is propagated: when one direction reaches EOF, the pump shuts down
+the write side of its destination and the other direction carries on until it
+ends too.  Any error (reset, broken pipe, idle timeout) ends both directions:
+the failing pump kills the other greenlet, and sockets are only closed by the
+caller once both pumps are dead, so no pump can touch a file descriptor that was
+closed and reused under it.
+
+``idle`` (the URL's ``read=``) is an idle timeout for the *session*: a pump
+whose read times out ends the session only if the other direction has been
+idle for as long too, so a long one-way transfer is not cut.
+
+Streams are gevent sockets or anything with the same few methods (the TLS and
+QUIC stream wrappers): ``recv_into``, ``sendall``, ``shutdown``, ``settimeout``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import time
+from typing import Any, Protocol
+
+import gevent
+from gevent import socket
+
+from .limit import RateLimiter
+
+SPLICE_OK = sys.platform.startswith("linux") and hasattr(os, "splice")
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_F_SETPIPE_SZ = 1031
+PIPE_SIZE = 1 << 20
+SPLICE_CHUNK = 1 << 20
+_GeventSocket = socket.socket
+
+
+class Stream(Protocol):
+    def recv_into(self, buffer: Any, nbytes: int = ..., flags: int = ...) -> int: ...
+
+    def sendall(self, data: Any, flags: int = ...) -> Any: ...
+
+    def shutdown(self, how: int) -> None: ...
+
+    def settimeout(self, value: float | None) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class IdleTimeout(Exception):
+    """The session was idle for longer than ``read=``."""
+
+    def __str__(self) -> str:
+        return "idle timeout"
+
+
+class _Abort(BaseException):
+    """Thrown into the calling pump when the other direction failed.
+
+    A BaseException so the pump's ``except Exception`` cannot swallow it."""
+
+
+class _Session:
+    __slots__ = ("idle", "last")
+
+    def __init__(self, idle: float) -> None:
+        self.idle = idle
+        self.last = time.monotonic()
+
+    def expired(self) -> bool:
+        return time.monotonic() - self.last >= self.idle
+
+
+def relay(
+    user: Stream,
+    target: Stream,
+    acct: list[int],
+    rx: int,
+    tx: int,
+    *,
+    limiter: RateLimiter | None = None,
+    idle: float = 0.0,
+    bufsize: int = 16384,
+    splice: bool = True,
+) -> str:
+    """Copy both ways until both directions end; return why it ended.
+
+    ``acct[tx]`` counts bytes written to *target*, ``acct[rx]`` bytes read from
+    it.  Sockets are left open: the caller closes them.
+    """
+    sess = _Session(idle) if idle > 0 else None
+    if idle > 0:
+        user.settimeout(idle)
+        target.settimeout(idle)
+    can_splice = (splice and SPLICE_OK and type(user) is _GeventSocket
+                  and type(target) is _GeventSocket)
+    main = gevent.getcurrent()
+    state = {"main_done": False}
+
+    def backward() -> BaseException | None:
+        err = _pump(target, user, acct, rx, limiter, sess, bufsize, can_splice)
+        if err is not None and not state["main_done"]:
+            gevent.kill(main, _Abort)
+        return err
+
+    back = gevent.spawn(backward)
+    try:
+        err: BaseException | None = _pump(user, target, acct, tx, limiter, sess, bufsize,
+                                          can_splice)
+        state["main_done"] = True
+        if err is not None:
+            back.kill(block=True)
+            return _describe(err)
+        back.join()
+        return _describe(back.value) if back.value is not None else "EOF"
+    except _Abort:
+        state["main_done"] = True
+        back.join()
+        return _describe(back.value)
+    except BaseException:
+        state["main_done"] = True
+        back.kill(block=True)
+        raise
+
+
+def _describe(err: BaseException | None) -> str:
+    if err is None:
+        return "EOF"
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return str(err) or type(err).__name__
+
+
+def _pump(
+    src: Stream,
+    dst: Stream,
+    acct: list[int],
+    idx: int,
+    limiter: RateLimiter | None,
+    sess: _Session | None,
+    bufsize: int,
+    can_splice: bool,
+) -> BaseException | None:
+    """Copy src -> dst until EOF (then half-close dst). Return the error, or None."""
+    chunk = bufsize if limiter is None else min(bufsize, limiter.chunk)
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    try:
+        while True:
+            try:
+                n = src.recv_into(buf, chunk)
+            except socket.timeout:
+                if sess is not None and not sess.expired():
+                    continue
+                raise IdleTimeout() from None
+            if not n:
+                break
+            dst.sendall(view[:n])
+            acct[idx] += n
+            if sess is not None:
+                sess.last = time.monotonic()
+            if limiter is not None:
+                limiter.take(n)
+            if can_splice and n == chunk:
+                del view, buf  # the bulk path does not need them any more
+                _splice_loop(src, dst, acct, idx, limiter, sess)
+                break
+    except (OSError, IdleTimeout) as exc:
+        return exc
+    except Exception as exc:  # e.g. a TLS error from a wrapper: end the session, log upstream
+        return exc
+    try:
+        dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    return None
+
+
+def _splice_loop(
+    src: socket.socket,
+    dst: socket.socket,
+    acct: list[int],
+    idx: int,
+    limiter: RateLimiter | None,
+    sess: _Session | None,
+) -> None:
+    """Zero-copy src -> dst through a pipe until EOF (raises on errors)."""
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        try:
+            import fcntl
+
+            fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass
+        chunk = SPLICE_CHUNK if limiter is None else limiter.chunk
+        sfd, dfd = src.fileno(), dst.fileno()
+        wait = src._wait  # the socket's own watchers: close() cancels the wait
+        splice = os.splice
+        flags = _SPLICE_FLAGS
+        while True:
+            try:
+                n = splice(sfd, w, chunk, flags=flags)
+            except BlockingIOError:
+                try:
+                    wait(src._read_event)
+                except socket.timeout:
+                    if sess is not None and not sess.expired():
+                        continue
+                    raise IdleTimeout() from None
+                continue
+            if n == 0:
+                return
+            left = n
+            while left:
+                try:
+                    left -= splice(r, dfd, left, flags=flags)
+                except BlockingIOError:
+                    dst._wait(dst._write_event)
+            acct[idx] += n
+            if sess is not None:
+                sess.last = time.monotonic()
+            if limiter is not None:
+                limiter.take(n)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            raise OSError(errno.EINVAL, "splice not supported on these sockets") from exc
+        raise
+    finally:
+        os.close(r)
+        os.close(w)

@@ -1,0 +1,221 @@
+"""UDP: a datagram listener with one session per user address.
+
+:class:`UdpListener` is a gevent ``DatagramServer`` that reads datagrams of up
+to 64 KiB (gevent's default is 8 KiB) and hands each to its owner in the
+reading greenlet itself (``spawn=None``: no greenlet per datagram, order kept).
+
+:class:`SessionTable` keys sessions by the user's ``ip:port``.  A new address
+gets a session whose *opener* runs in its own greenlet (dialling a target or
+taking a tunnel connection may block); datagrams that arrive meanwhile wait in
+a small bounded backlog.  A session ends after ``idle`` seconds without traffic
+in either direction.  What a session does with its datagrams is up to the
+owner: the single-end forwarder uses :class:`UdpTargetSession` (a connected UDP
+socket per user address).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+from gevent import socket
+from gevent.server import DatagramServer
+
+from ..log import InstanceLog
+from ..net.dial import Dialer
+from ..net.sockopt import format_addr
+from .limit import RateLimiter, Slots
+from .stats import UDP_RX, UDP_TX
+
+MAX_DATAGRAM = 65535
+BACKLOG = 256
+
+
+class UdpListener(DatagramServer):
+    """A DatagramServer reading full-size datagrams, handled inline."""
+
+    def __init__(self, sock: socket.socket, handle: Callable[[bytes, Any], None]) -> None:
+        super().__init__(sock, handle=handle, spawn=None)
+
+    def do_read(self) -> tuple[bytes, Any] | None:
+        try:
+            return self._socket.recvfrom(MAX_DATAGRAM)
+        except BlockingIOError:
+            return None
+        except ConnectionRefusedError:
+            return None  # ICMP from an earlier sendto: not fatal for a listener
+
+
+class UdpSession:
+    """Base of one user address's session: subclasses implement open/send/recv."""
+
+    def __init__(self, table: SessionTable, addr: Any) -> None:
+        self.table = table
+        self.addr = addr
+        self.last = time.monotonic()
+        self.ready = False
+        self.closed = False
+        self.backlog: list[bytes] = []
+        self.greenlet: gevent.Greenlet | None = None
+
+    # -- implemented by subclasses ------------------------------------------
+    def open(self) -> None:
+        """Connect the far end (may block); raise OSError on failure."""
+        raise NotImplementedError
+
+    def send(self, data: bytes) -> None:
+        """Forward one datagram from the user."""
+        raise NotImplementedError
+
+    def recv(self) -> bytes | None:
+        """Block for one datagram for the user; None = session over.
+
+        Raises socket.timeout when nothing came within the idle period."""
+        raise NotImplementedError
+
+    def close_far(self) -> None:
+        raise NotImplementedError
+
+    # -- driven by the table ------------------------------------------------
+    def deliver(self, data: bytes) -> None:
+        self.last = time.monotonic()
+        if not self.ready:
+            if len(self.backlog) < BACKLOG:
+                self.backlog.append(data)
+            return
+        try:
+            self.send(data)
+        except OSError as exc:
+            self.table.log.debug("UDP send failed for %s: %s", format_addr(self.addr), exc)
+            self.stop()
+
+    def run(self) -> None:
+        table = self.table
+        try:
+            try:
+                self.open()
+            except OSError as exc:
+                table.log.error("UDP session for %s: %s", format_addr(self.addr), exc)
+                return
+            self.ready = True
+            backlog, self.backlog = self.backlog, []
+            for data in backlog:
+                self.send(data)
+            idle = table.idle
+            while not self.closed:
+                try:
+                    got = self.recv()
+                except socket.timeout:
+                    if time.monotonic() - self.last >= idle:
+                        break
+                    continue
+                except ConnectionRefusedError:
+                    continue  # ICMP port unreachable from the target: keep the session
+                if got is None:
+                    break
+                self.last = time.monotonic()
+                table.reply(got, self.addr)
+        except OSError as exc:
+            table.log.debug("UDP session for %s ended: %s", format_addr(self.addr), exc)
+        finally:
+            self.closed = True
+            table.forget(self)
+            try:
+                self.close_far()
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        self.closed = True
+        if self.greenlet is not None and self.greenlet is not gevent.getcurrent():
+            self.greenlet.kill(block=False)
+
+
+class SessionTable:
+    """User address -> session; owns the listener's reply path and the UDP slot count."""
+
+    def __init__(
+        self,
+        factory: Callable[[SessionTable, Any], UdpSession],
+        slots: Slots,
+        idle: float,
+        log: InstanceLog,
+    ) -> None:
+        self.factory = factory
+        self.slots = slots
+        self.idle = idle
+        self.log = log
+        self.sessions: dict[Any, UdpSession] = {}
+        self.listener: UdpListener | None = None
+
+    def attach(self, sock: socket.socket) -> UdpListener:
+        self.listener = UdpListener(sock, self.on_datagram)
+        return self.listener
+
+    def on_datagram(self, data: bytes, addr: Any) -> None:
+        session = self.sessions.get(addr)
+        if session is None:
+            if not self.slots.acquire_udp():
+                self.log.error("UDP slot limit reached (%d): datagram from %s dropped",
+                               self.slots.limit, format_addr(addr))
+                return
+            session = self.factory(self, addr)
+            self.sessions[addr] = session
+            session.greenlet = gevent.spawn(session.run)
+        session.deliver(data)
+
+    def reply(self, data: bytes, addr: Any) -> None:
+        if self.listener is not None:
+            self.listener.sendto(data, addr)
+
+    def forget(self, session: UdpSession) -> None:
+        if self.sessions.get(session.addr) is session:
+            del self.sessions[session.addr]
+            self.slots.release_udp()
+
+    def close(self) -> None:
+        sessions = list(self.sessions.values())
+        for session in sessions:
+            session.stop()
+        gevent.joinall([s.greenlet for s in sessions if s.greenlet is not None], timeout=1)
+
+
+class UdpTargetSession(UdpSession):
+    """Single-end: a connected UDP socket to a target per user address."""
+
+    def __init__(self, table: SessionTable, addr: Any, dialer: Dialer, acct: list[int],
+                 limiter: RateLimiter | None) -> None:
+        super().__init__(table, addr)
+        self.dialer = dialer
+        self.acct = acct
+        self.limiter = limiter
+        self.sock: socket.socket | None = None
+
+    def open(self) -> None:
+        self.sock, target = self.dialer.dial_udp()
+        self.sock.settimeout(self.table.idle)
+        self.table.log.debug("Target connection: %s <-> %s", format_addr(self.addr), target)
+
+    def send(self, data: bytes) -> None:
+        assert self.sock is not None
+        try:
+            self.sock.send(data)
+        except ConnectionRefusedError:
+            return  # the target port was unreachable a moment ago; UDP carries on
+        self.acct[UDP_TX] += len(data)
+        if self.limiter is not None:
+            self.limiter.take(len(data))
+
+    def recv(self) -> bytes | None:
+        assert self.sock is not None
+        data = self.sock.recv(MAX_DATAGRAM)
+        self.acct[UDP_RX] += len(data)
+        if self.limiter is not None:
+            self.limiter.take(len(data))
+        return data
+
+    def close_far(self) -> None:
+        if self.sock is not None:
+            self.sock.close()

@@ -1,0 +1,401 @@
+"""Test helpers: loopback servers, npgevent processes and in-process runners.
+
+Everything here uses gevent's APIs explicitly (no monkey-patching in the test
+process), so an in-process core and the test's own clients share one hub.
+Ports come from binding port 0; every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gevent
+from gevent import socket
+from gevent import subprocess as gsubprocess
+from gevent.server import DatagramServer, StreamServer
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free for both TCP and UDP on *host* right now."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(50):
+        t = socket.socket(family, socket.SOCK_STREAM)
+        t.bind((host, 0))
+        port = t.getsockname()[1]
+        u = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            u.bind((host, port))
+        except OSError:
+            continue
+        finally:
+            u.close()
+            t.close()
+        return int(port)
+    raise RuntimeError("no free port")
+
+
+# -- loopback servers ----------------------------------------------------------------
+
+
+class TcpEcho:
+    """Echo server; ``prefix`` bytes are sent before echoing; records PROXY lines."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, first_line: bool = False) -> None:
+        self.first_lines: list[bytes] = []
+        self.first_line = first_line
+        self.accepted = 0
+        self.server = StreamServer((host, port), self._handle)
+        self.server.start()
+
+    @property
+    def port(self) -> int:
+        return int(self.server.address[1])
+
+    def _handle(self, sock: socket.socket, addr: Any) -> None:
+        self.accepted += 1
+        buf = b""
+        if self.first_line:
+            while b"\r\n" not in buf:
+                chunk = sock.recv(256)
+                if not chunk:
+                    return
+                buf += chunk
+            line, _, buf = buf.partition(b"\r\n")
+            self.first_lines.append(line + b"\r\n")
+        if buf:
+            sock.sendall(buf)
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.server.stop(timeout=1)
+
+    def __enter__(self) -> TcpEcho:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class UdpEcho:
+    """UDP echo server (handles datagrams up to 64 KiB)."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.count = 0
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        sock.bind((host, port))
+        self.server = _BigDatagramServer(sock, self._handle)
+        self.server.start()
+
+    @property
+    def port(self) -> int:
+        return int(self.server.address[1])
+
+    def _handle(self, data: bytes, addr: Any) -> None:
+        self.count += 1
+        self.server.sendto(data, addr)
+
+    def close(self) -> None:
+        self.server.close()
+
+    def __enter__(self) -> UdpEcho:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _BigDatagramServer(DatagramServer):  # type: ignore[misc]
+    def do_read(self) -> Any:
+        try:
+            return self._socket.recvfrom(65535)
+        except BlockingIOError:
+            return None
+
+
+# -- clients -------------------------------------------------------------------------
+
+
+def connect(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> socket.socket:
+    sock = socket.create_connection((host, port), timeout=timeout)
+    sock.settimeout(timeout)
+    return sock
+
+
+def connect_retry(port: int, host: str = "127.0.0.1", deadline: float = 10.0) -> socket.socket:
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            return connect(port, host)
+        except OSError:
+            if time.monotonic() > end:
+                raise
+            gevent.sleep(0.05)
+
+
+def recv_all(sock: socket.socket, limit: int | None = None) -> bytes:
+    chunks = []
+    total = 0
+    while True:
+        data = sock.recv(1 << 20)
+        if not data:
+            break
+        chunks.append(data)
+        total += len(data)
+        if limit is not None and total >= limit:
+            break
+    return b"".join(chunks)
+
+
+def echo_roundtrip(port: int, payload: bytes, host: str = "127.0.0.1") -> bytes:
+    """Send *payload*, half-close, read everything back."""
+    sock = connect_retry(port, host)
+    try:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        return recv_all(sock)
+    finally:
+        sock.close()
+
+
+def sha_transfer(port: int, size: int, host: str = "127.0.0.1", chunk: int = 1 << 20) -> tuple[str, str]:
+    """Stream *size* pseudo-random bytes through an echo path; return (sent sha, received sha)."""
+    sock = connect_retry(port, host)
+    sock.settimeout(60)
+    sent = hashlib.sha256()
+    got = hashlib.sha256()
+    block = os.urandom(chunk)
+
+    def writer() -> None:
+        left = size
+        i = 0
+        while left:
+            piece = block[: min(chunk, left)]
+            # vary the content so a reordering would change the digest
+            piece = bytes([i & 0xFF]) + piece[1:]
+            sock.sendall(piece)
+            sent.update(piece)
+            left -= len(piece)
+            i += 1
+        sock.shutdown(socket.SHUT_WR)
+
+    w = gevent.spawn(writer)
+    received = 0
+    try:
+        while True:
+            data = sock.recv(1 << 20)
+            if not data:
+                break
+            got.update(data)
+            received += len(data)
+        w.get(timeout=60)
+    finally:
+        w.kill()
+        sock.close()
+    assert received == size, "received %d of %d bytes" % (received, size)
+    return sent.hexdigest(), got.hexdigest()
+
+
+def udp_socket(host: str = "127.0.0.1", timeout: float = 5.0) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sock.bind((host, 0))
+    sock.settimeout(timeout)
+    return sock
+
+
+def udp_roundtrip(port: int, payload: bytes, host: str = "127.0.0.1", tries: int = 20) -> bytes:
+    """Send until an answer comes back (the listener may still be starting)."""
+    sock = udp_socket(host, timeout=0.5)
+    try:
+        for _ in range(tries):
+            sock.sendto(payload, (host, port))
+            try:
+                return bytes(sock.recv(65535))
+            except socket.timeout:
+                continue
+        raise AssertionError("no UDP answer on port %d" % port)
+    finally:
+        sock.close()
+
+
+# -- npgevent as a real process --------------------------------------------------------
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class NpProcess:
+    """``python -m npgevent URL`` with its output collected line by line."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None, cwd: str | None = None) -> None:
+        full_env = dict(os.environ)
+        full_env.pop("NP_URL", None)
+        full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
+        full_env.setdefault("NP_REPORT_INTERVAL", "1s")
+        full_env.setdefault("NP_SERVICE_COOLDOWN", "1s")
+        if env:
+            full_env.update(env)
+        self.args = [sys.executable, "-m", "npgevent", *args]
+        self.proc = gsubprocess.Popen(self.args, stdout=gsubprocess.PIPE, stderr=gsubprocess.STDOUT,
+                                      env=full_env, cwd=cwd or str(ROOT))
+        self.lines: list[str] = []
+        self._reader = gevent.spawn(self._read)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            self.lines.append(ANSI.sub("", raw.decode("utf-8", "replace").rstrip("\n")))
+
+    @property
+    def pid(self) -> int:
+        return int(self.proc.pid)
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 15.0, start: int = 0) -> re.Match[str]:
+        rx = re.compile(pattern)
+        end = time.monotonic() + timeout
+        seen = start
+        while time.monotonic() < end:
+            while seen < len(self.lines):
+                m = rx.search(self.lines[seen])
+                seen += 1
+                if m:
+                    return m
+            if self.proc.poll() is not None and self._reader.dead and seen >= len(self.lines):
+                break
+            gevent.sleep(0.02)
+        raise AssertionError("no line matching %r within %ss; output:\n%s" % (pattern, timeout, self.output))
+
+    def count(self, pattern: str) -> int:
+        rx = re.compile(pattern)
+        return sum(1 for line in self.lines if rx.search(line))
+
+    def signal(self, signum: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signum)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 15.0) -> int:
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except gsubprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait(timeout=5)
+            raise AssertionError("npgevent did not exit in %ss; output:\n%s" % (timeout, self.output)) from None
+        self._reader.join(timeout=5)
+        return int(rc)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        self._reader.kill()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def __enter__(self) -> NpProcess:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 20.0) -> tuple[int, str, str]:
+    """Run the CLI to completion; return (exit status, stdout, stderr)."""
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
+    if env:
+        full_env.update(env)
+    proc = gsubprocess.run([sys.executable, "-m", "npgevent", *args], capture_output=True,
+                           env=full_env, timeout=timeout, cwd=str(ROOT))
+    return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+
+
+# -- npgevent in-process -------------------------------------------------------------
+
+
+class LogCapture(logging.Handler):
+    """Collects npgevent's formatted log lines (in-process tests)."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        from npgevent.log import NodePassFormatter
+
+        self.setFormatter(NodePassFormatter(colour=False))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+    def wait_for(self, pattern: str, timeout: float = 15.0) -> re.Match[str]:
+        rx = re.compile(pattern)
+        end = time.monotonic() + timeout
+        seen = 0
+        while time.monotonic() < end:
+            while seen < len(self.lines):
+                m = rx.search(self.lines[seen])
+                seen += 1
+                if m:
+                    return m
+            gevent.sleep(0.02)
+        raise AssertionError("no log line matching %r; log:\n%s" % (pattern, "\n".join(self.lines)))
+
+    def count(self, pattern: str) -> int:
+        rx = re.compile(pattern)
+        return sum(1 for line in self.lines if rx.search(line))
+
+
+@contextlib.contextmanager
+def in_process(url: str, **env_like: str) -> Iterator[Any]:
+    """Run an instance in this process's hub; yields the Runner (with ``.capture``)."""
+    from npgevent.cores import build_runner
+    from npgevent.log import ROOT as LOGROOT
+    from npgevent.log import InstanceLog
+    from npgevent.settings import resolve
+    from npgevent.url import parse_url
+
+    spec = parse_url(url)
+    base = {"report_interval": "1s", "service_cooldown": "1s"}
+    base.update(env_like)
+    opts, warnings = resolve(spec.scheme, spec.query_map, base)
+    logger = logging.getLogger(LOGROOT)
+    capture = LogCapture()
+    logger.addHandler(capture)
+    logger.setLevel(logging.DEBUG)
+    ilog = InstanceLog(opts.log)
+    for w in warnings:
+        ilog.warn(w)
+    runner = build_runner(spec, opts, ilog)
+    runner.capture = capture
+    runner.start()
+    try:
+        if not runner.running.wait(timeout=10):
+            raise AssertionError("instance did not start:\n" + "\n".join(capture.lines))
+        yield runner
+    finally:
+        runner.stop(1)
+        logger.removeHandler(capture)
