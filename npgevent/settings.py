@@ -210,7 +210,8 @@ class Options:
                      query=True, fmt=_fmt_bool, roles=_SRV_MASTER)
     dial: str = opt("dial", "auto", _dial, "source IP for outbound dials to targets, or auto",
                     query=True, roles=_TUN)
-    read: float = opt("read", 0.0, _duration, "idle read timeout per direction (0 = none)",
+    read: float = opt("read", 0.0, _duration,
+                      "idle timeout: a session idle this long in both directions is closed (0 = none)",
                       query=True, fmt=format_go_duration, in_range=_not_negative,
                       range_help="must be >= 0", roles=_TUN)
     rate: int = opt("rate", 0, _int, "bandwidth limit in Mbit/s shared by the instance (0 = none)",

@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from helpers import TcpEcho, UdpEcho, free_port  # noqa: E402
+from helpers import TcpEcho, UdpEcho, free_port
 
 
 @pytest.fixture
