@@ -28,9 +28,10 @@ class ListenError(OSError):
         super().__init__(message)
         self.errno = code
         self.strerror = message
+        self.message = message
 
     def __str__(self) -> str:
-        return self.strerror
+        return self.message
 
 
 def tune_tcp(sock: socket.socket, keepalive: float = 15.0) -> None:
