@@ -20,7 +20,7 @@ from gevent.server import StreamServer
 
 from ..log import checkpoint_line
 from ..net.dial import Dialer, DialError
-from ..net.sockopt import format_addr, listen_tcp, listen_udp, tune_tcp
+from ..net.sockopt import format_addr, listen_tcp, listen_udp
 from ..protocol.proxyproto import proxy_v1
 from ..relay.stats import TCP_RX, TCP_TX
 from ..relay.tcp import relay
@@ -80,7 +80,6 @@ class ForwardCore(Core):
                 log.error("Dial target failed for %s: %s", format_addr(addr), exc)
                 return
             try:
-                tune_tcp(conn)
                 if log.enabled(10):
                     log.debug("Target connection: %s <-> %s", format_addr(addr), where)
                 if self.opts.proxy:

@@ -1,0 +1,322 @@
+#!/usr/bin/env python3
+"""npgevent benchmark: direct loopback vs. through npgevent.
+
+    python bench/bench.py [--size-mib 1024] [--seconds 5] [--json out.json] [--only forward]
+
+Measures, on 127.0.0.1 with helper servers in their own processes:
+
+* throughput: one TCP stream of --size-mib MiB from a sender to a sink
+  (``sendall`` of 1 MiB blocks / ``recv_into`` 1 MiB), direct and through the path;
+* CPS: connect, send 64 bytes, read the 64-byte echo, close; 1 and 16 concurrent
+  workers (gevent greenlets) for --seconds each, with p50/p99 latency;
+* idle RSS of the npgevent process(es).
+
+Paths: ``forward`` (single-end client), and the tunnel paths added by later
+issues.  Prints a table and writes JSON.  Goals (issue 4): single-end
+throughput >= 0.9x direct, CPS at 16 workers >= 0.7x direct, idle RSS <= 40 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BLOCK = 1 << 20
+
+
+# -- helper servers (run as subprocesses: python bench.py sink|echo PORT) ---------------
+
+
+def run_sink(port: int) -> None:
+    """Accept connections; count bytes until EOF; answer with the count (8 bytes)."""
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", port))
+    srv.listen(16)
+    buf = bytearray(BLOCK)
+    while True:
+        conn, _ = srv.accept()
+        total = 0
+        while True:
+            n = conn.recv_into(buf)
+            if not n:
+                break
+            total += n
+        conn.sendall(total.to_bytes(8, "big"))
+        conn.close()
+
+
+def run_echo(port: int) -> None:
+    """gevent echo server for the CPS test."""
+    from gevent.server import StreamServer
+
+    def handle(sock, _addr):
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return
+            sock.sendall(data)
+
+    server = StreamServer(("127.0.0.1", port), handle, backlog=4096)
+    server.serve_forever()
+
+
+# -- utilities ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    for _ in range(50):
+        t = socket.socket()
+        t.bind(("127.0.0.1", 0))
+        port = t.getsockname()[1]
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            u.bind(("127.0.0.1", port))
+            return int(port)
+        except OSError:
+            continue
+        finally:
+            u.close()
+            t.close()
+    raise RuntimeError("no free port")
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("port %d did not open" % port)
+
+
+def spawn(*args: str, env: dict[str, str] | None = None, quiet: bool = True) -> subprocess.Popen:
+    full = dict(os.environ)
+    full["PYTHONPATH"] = str(ROOT) + os.pathsep + full.get("PYTHONPATH", "")
+    full.setdefault("NP_REPORT_INTERVAL", "5s")
+    if env:
+        full.update(env)
+    out = subprocess.DEVNULL if quiet else None
+    return subprocess.Popen([sys.executable, *args], env=full, stdout=out, stderr=out)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def rss_kb(pid: int) -> int:
+    with open("/proc/%d/status" % pid) as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def throughput(port: int, size: int) -> float:
+    """Send *size* bytes to *port*; return Gbit/s measured until the sink confirmed them."""
+    payload = memoryview(os.urandom(BLOCK))
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    start = time.perf_counter()
+    left = size
+    while left:
+        n = min(left, BLOCK)
+        sock.sendall(payload[:n])
+        left -= n
+    sock.shutdown(socket.SHUT_WR)
+    got = b""
+    while len(got) < 8:
+        chunk = sock.recv(8 - len(got))
+        if not chunk:
+            break
+        got += chunk
+    elapsed = time.perf_counter() - start
+    sock.close()
+    if int.from_bytes(got, "big") != size:
+        raise RuntimeError("sink received %r of %d bytes" % (got, size))
+    return size * 8 / elapsed / 1e9
+
+
+def cps(port: int, workers: int, seconds: float) -> dict[str, float]:
+    """Run the CPS client in a fresh process (gevent); return its measurements."""
+    out = subprocess.run([sys.executable, __file__, "cps-client", str(port), str(workers), str(seconds)],
+                         capture_output=True, text=True, timeout=seconds + 60)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr)
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def run_cps_client(port: int, workers: int, seconds: float) -> None:
+    from gevent import monkey
+
+    monkey.patch_all()
+    import gevent
+
+    payload = b"x" * 64
+    lat: list[float] = []
+    errors = [0]
+    stop_at = [0.0]
+
+    def worker() -> None:
+        while time.perf_counter() < stop_at[0]:
+            t0 = time.perf_counter()
+            try:
+                s = socket.create_connection(("127.0.0.1", port), timeout=5)
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                s.sendall(payload)
+                got = b""
+                while len(got) < 64:
+                    chunk = s.recv(64 - len(got))
+                    if not chunk:
+                        break
+                    got += chunk
+                s.close()
+                if got != payload:
+                    errors[0] += 1
+                    continue
+            except OSError:
+                errors[0] += 1
+                continue
+            lat.append(time.perf_counter() - t0)
+
+    # warm-up (fills caches, starts pools) then the measured run
+    stop_at[0] = time.perf_counter() + 0.5
+    gevent.joinall([gevent.spawn(worker) for _ in range(workers)])
+    lat.clear()
+    errors[0] = 0
+    start = time.perf_counter()
+    stop_at[0] = start + seconds
+    gevent.joinall([gevent.spawn(worker) for _ in range(workers)])
+    elapsed = time.perf_counter() - start
+    lat.sort()
+
+    def pct(p: float) -> float:
+        return lat[min(len(lat) - 1, int(len(lat) * p))] * 1000 if lat else 0.0
+
+    print(json.dumps({"cps": len(lat) / elapsed, "p50_ms": pct(0.50), "p99_ms": pct(0.99),
+                      "errors": errors[0], "count": len(lat)}))
+
+
+# -- paths ---------------------------------------------------------------------------------
+
+
+class Path_:
+    """A way from the client to a server port: direct, or through npgevent processes."""
+
+    name = "direct"
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def open(self, target_port: int) -> int:
+        return target_port
+
+    def close(self) -> None:
+        for p in self.procs:
+            stop(p)
+        self.procs.clear()
+
+    def rss_kb(self) -> int:
+        return sum(rss_kb(p.pid) for p in self.procs if p.poll() is None)
+
+
+class ForwardPath(Path_):
+    name = "forward"
+
+    def open(self, target_port: int) -> int:
+        port = free_port()
+        self.procs.append(spawn("-m", "npgevent", "client://127.0.0.1:%d/127.0.0.1:%d?mode=1&log=warn"
+                                % (port, target_port)))
+        wait_port(port)
+        return port
+
+
+PATHS: dict[str, type[Path_]] = {"forward": ForwardPath}
+
+
+def measure(path: Path_, size: int, seconds: float, skip_cps: bool) -> dict:
+    result: dict = {"path": path.name}
+    sink_port = free_port()
+    sink = spawn(__file__, "sink", str(sink_port))
+    echo_port = free_port()
+    echo = spawn(__file__, "echo", str(echo_port))
+    try:
+        wait_port(sink_port)
+        wait_port(echo_port)
+        port = path.open(sink_port)
+        time.sleep(1.0)
+        if path.procs:
+            result["idle_rss_mb"] = round(path.rss_kb() / 1024, 1)
+        throughput(port, min(size, 64 << 20))  # warm-up
+        result["gbit_s"] = round(throughput(port, size), 2)
+        path.close()
+        if not skip_cps:
+            port = path.open(echo_port)
+            time.sleep(0.5)
+            for workers in (1, 16):
+                r = cps(port, workers, seconds)
+                result["cps_%d" % workers] = round(r["cps"])
+                result["p50_ms_%d" % workers] = round(r["p50_ms"], 2)
+                result["p99_ms_%d" % workers] = round(r["p99_ms"], 2)
+                result["errors_%d" % workers] = r["errors"]
+            path.close()
+    finally:
+        path.close()
+        stop(sink)
+        stop(echo)
+    return result
+
+
+def main() -> int:
+    if len(sys.argv) > 2 and sys.argv[1] in ("sink", "echo"):
+        (run_sink if sys.argv[1] == "sink" else run_echo)(int(sys.argv[2]))
+        return 0
+    if len(sys.argv) > 1 and sys.argv[1] == "cps-client":
+        run_cps_client(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--only", action="append", choices=sorted(PATHS), help="paths to run (default all)")
+    ap.add_argument("--no-cps", action="store_true")
+    ap.add_argument("--json", default=str(ROOT / "bench" / "results.json"))
+    args = ap.parse_args()
+    names = args.only or list(PATHS)
+    results = [measure(Path_(), args.size_mib << 20, args.seconds, args.no_cps)]
+    for name in names:
+        results.append(measure(PATHS[name](), args.size_mib << 20, args.seconds, args.no_cps))
+    direct = results[0]
+    for r in results:
+        r["gbit_ratio"] = round(r["gbit_s"] / direct["gbit_s"], 2)
+        if "cps_16" in r:
+            r["cps16_ratio"] = round(r["cps_16"] / direct["cps_16"], 2)
+    cols = ["path", "gbit_s", "gbit_ratio", "cps_1", "p50_ms_1", "p99_ms_1", "cps_16", "cps16_ratio",
+            "p50_ms_16", "p99_ms_16", "idle_rss_mb"]
+    print("  ".join("%12s" % c for c in cols))
+    for r in results:
+        print("  ".join("%12s" % r.get(c, "-") for c in cols))
+    meta = {"nproc": os.cpu_count(), "python": sys.version.split()[0], "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "size_mib": args.size_mib, "seconds": args.seconds}
+    Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    print("wrote", args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
