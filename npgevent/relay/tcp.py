@@ -187,7 +187,7 @@ def _pump(
     chunk = bufsize if limiter is None else min(bufsize, limiter.chunk)
     try:
         if type(src) is _GeventSocket:
-            _copy_socket(src, dst, acct, idx, limiter, sess, chunk, can_splice)  # type: ignore[arg-type]
+            _copy_socket(src, dst, acct, idx, limiter, sess, chunk, can_splice)
         else:
             _copy_stream(src, dst, acct, idx, limiter, sess, chunk)
     except (OSError, IdleTimeout) as exc:
@@ -244,7 +244,7 @@ def _copy_socket(
         if limiter is not None:
             limiter.take(n)
         if can_splice and n == chunk:
-            _splice_loop(src, dst, acct, idx, limiter, sess)  # type: ignore[arg-type]
+            _splice_loop(src, dst, acct, idx, limiter, sess)
             return
 
 
