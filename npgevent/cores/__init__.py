@@ -16,4 +16,8 @@ def build_runner(spec: TunnelSpec, opts: Options, log: InstanceLog) -> Runner:
         from .client import client_core
 
         return Runner(inst, client_core)
+    if spec.scheme == "server":
+        from .server import ServerCore
+
+        return Runner(inst, ServerCore)
     raise ConfigError("%s:// is not supported yet" % spec.scheme)

@@ -174,9 +174,14 @@ class Runner:
         inst = self.inst
         while not self._stopping:
             verb = "started" if self.starts == 0 else "restart"
-            self.log.info("%s %s: %s", inst.title, verb, inst.start_url(self.mode))
             self.starts += 1
-            core = self.core = self.factory(inst)
+            try:
+                core = self.core = self.factory(inst)
+            except (CoreError, OSError) as exc:
+                self.log.error("%s error: %s", inst.title, _one_line(exc))
+                self._wake.wait(inst.opts.service_cooldown)
+                continue
+            self.log.info("%s %s: %s", inst.title, verb, inst.start_url(self.mode))
             try:
                 core.start()
                 self.mode = core.mode or self.mode

@@ -1,0 +1,482 @@
+"""What the tunnel server and client share: control channel, launches, relays.
+
+After the handshake both ends run the same machinery:
+
+* **control loop** (reader greenlet): framed lines from the peer through the
+  sans-IO :class:`~npgevent.protocol.signals.LineDecoder`; a line that does not
+  decode is logged and skipped (50 ms pause, as Go); ping -> pong; pong ->
+  the ``CHECK_POINT`` EVENT line with the round trip; flush -> drop idle pool
+  connections; launch/verify -> a session greenlet.  3 x
+  ``NP_REPORT_INTERVAL`` of silence, EOF, or a failed control write fails the
+  core, and the runner restarts it after the cooldown;
+* **ticker**: a ping every ``NP_REPORT_INTERVAL`` (the first at once), the flush
+  rule (pool errors > half the idle count), a sweep of dead idle connections
+  and, on the server, the one-off TLS verify signal;
+* **receiving side** (server in reverse flow ``-``, client in forward flow
+  ``+``): user listeners on the first target address; each TCP connection or
+  UDP source address takes any idle pool connection, sends a launch signal
+  naming it, and relays;
+* **dialling side**: a launch signal takes the named pool connection, dials a
+  target (round robin + failover, ``dial=``), writes the PROXY line for
+  ``proxy=1`` from the user address in the signal, and relays.
+
+UDP rides one pool connection per user address: raw (every read is one
+datagram) with a Go peer, length-framed between npgevent peers (extension
+level 1, see :mod:`npgevent.protocol.handshake`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import gevent
+from gevent import socket
+from gevent.lock import Semaphore
+from gevent.server import StreamServer
+
+from ..errors import ConfigError, CoreError, RemoteProtocolError
+from ..log import checkpoint_line
+from ..net.dial import Dialer, DialError
+from ..net.sockopt import format_addr, listen_tcp, listen_udp
+from ..pool.tcp import IdlePool, PoolConn
+from ..protocol.proxyproto import proxy_v1
+from ..protocol.signals import Flush, Launch, LineDecoder, Ping, Pong, Signal, Unknown, Verify, encode_line
+from ..protocol.udpframe import Deframer, frame
+from ..relay.stats import TCP_RX, TCP_TX, UDP_RX, UDP_TX
+from ..relay.tcp import relay
+from ..relay.udp import MAX_DATAGRAM, SessionTable, UdpListener, UdpSession
+from ..url import HostPort, parse_hostport
+from .common import Core, Instance
+
+
+class KeepingStreamServer(StreamServer):
+    """A StreamServer whose handler may keep the accepted socket open (pool connections)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._kept: set[int] = set()
+
+    def keep(self, sock: socket.socket) -> None:
+        self._kept.add(id(sock))
+
+    def do_close(self, sock: socket.socket, *args: Any) -> None:
+        if id(sock) in self._kept:
+            self._kept.discard(id(sock))
+            return
+        sock.close()
+
+
+def parse_user_addr(text: str) -> tuple[str, int] | None:
+    try:
+        hp = parse_hostport(text, "user address")
+    except ConfigError:
+        return None
+    return hp.host, hp.port
+
+
+class TunnelCore(Core):
+    """Base of the dual-end server and client cores (see module docstring)."""
+
+    pool: IdlePool
+
+    def __init__(self, inst: Instance) -> None:
+        super().__init__(inst)
+        self.key = inst.spec.key.encode()
+        self.dialer = Dialer(inst.spec.targets, inst.resolver, source_ip=self.opts.dial,
+                             tcp_timeout=self.opts.tcp_dial_timeout, log=self.log)
+        self.control: socket.socket | None = None
+        self.peer = ""  # the peer's control address, as text
+        self.flow = "-"
+        self.tls_code = "0"
+        self.npg = 0  # agreed extension level (0 with a Go peer)
+        self.leftover = b""  # bytes read past the handshake line
+        self._wlock = Semaphore()
+        self._ping_sent = 0.0
+        self.ticks = 0
+        self.user_tcp: StreamServer | None = None
+        self.user_udp: UdpListener | None = None
+        self.udp_table: SessionTable | None = None
+
+    @property
+    def receives(self) -> bool:
+        """True on the side that accepts user traffic."""
+        return (self.flow == "-") == (self.inst.spec.scheme == "server")
+
+    # -- control channel -----------------------------------------------------------
+    def send_signal(self, sig: Signal) -> None:
+        if self.control is None:
+            raise CoreError("no control connection")
+        line = encode_line(sig.encode(), self.key)
+        with self._wlock:
+            self.control.sendall(line)
+
+    def start_control(self) -> None:
+        """Start the control reader and the ticker (after the handshake)."""
+        self.spawn_task(self._control_loop)
+        self.spawn_task(self._ticker)
+
+    def _control_loop(self) -> None:
+        assert self.control is not None
+        sock = self.control
+        limit = 3 * self.opts.report_interval
+        sock.settimeout(limit)
+        decoder = LineDecoder(self.key)
+        pending = decoder.feed(self.leftover) if self.leftover else []
+        while True:
+            for item in pending:
+                if isinstance(item, RemoteProtocolError):
+                    self.log.error("Control signal skipped: %s", item)
+                    gevent.sleep(0.05)
+                else:
+                    self._dispatch(item)
+            try:
+                data = sock.recv(65536)
+            except socket.timeout:
+                raise CoreError("control connection silent for %ss" % _num(limit)) from None
+            except OSError as exc:
+                raise CoreError("control connection: %s" % (exc.strerror or exc)) from None
+            if not data:
+                raise CoreError("control connection closed by the peer (EOF)")
+            pending = decoder.feed(data)
+
+    def _dispatch(self, sig: Signal) -> None:
+        if isinstance(sig, Ping):
+            self._write_or_fail(Pong())
+        elif isinstance(sig, Pong):
+            self._checkpoint()
+        elif isinstance(sig, Launch):
+            if (self.opts.noudp if sig.udp else self.opts.notcp) or self.receives:
+                self.log.debug("%s launch signal ignored: cid %s", "UDP" if sig.udp else "TCP", sig.cid)
+                return
+            if len(self.sessions) >= self.opts.semaphore_limit:
+                self.log.error("Signal queue full (%d): launch %s dropped",
+                               self.opts.semaphore_limit, sig.cid)
+                return
+            self.sessions.spawn(self._launch_udp if sig.udp else self._launch_tcp, sig)
+        elif isinstance(sig, Flush):
+            self.pool.flush()
+            self.log.debug("Tunnel pool flushed by the peer")
+        elif isinstance(sig, Verify):
+            self.sessions.spawn(self._on_verify, sig)
+        elif isinstance(sig, Unknown):
+            self.log.debug("Unknown signal ignored: %s", sig.text[:80])
+
+    def _write_or_fail(self, sig: Signal) -> None:
+        try:
+            self.send_signal(sig)
+        except OSError as exc:
+            raise CoreError("control write failed: %s" % (exc.strerror or exc)) from None
+
+    def _ticker(self) -> None:
+        while True:
+            self.ticks += 1
+            self._ping_sent = time.monotonic()
+            self._write_or_fail(Ping())
+            self._maintain()
+            gevent.sleep(self.opts.report_interval)
+
+    def _maintain(self) -> None:
+        pool = self.pool
+        if pool.errors and pool.errors > pool.active / 2:
+            self.log.debug("Tunnel pool flush: %d errors, %d idle", pool.errors, pool.active)
+            self._write_or_fail(Flush())
+            pool.flush()
+        pool.sweep(strict=self.receives)
+
+    def _checkpoint(self) -> None:
+        inst = self.inst
+        ping = int((time.monotonic() - self._ping_sent) * 1000) if self._ping_sent else 0
+        t = inst.traffic
+        self.log.event(checkpoint_line(self.mode, ping, self.pool.active, inst.slots.tcp, inst.slots.udp,
+                                       t.tcp_rx, t.tcp_tx, t.udp_rx, t.udp_tx))
+
+    # -- receiving side ----------------------------------------------------------------
+    def open_user_listeners(self, where: HostPort, tcp: socket.socket | None = None,
+                            udp: socket.socket | None = None) -> None:
+        opts = self.opts
+        if not opts.notcp:
+            self.user_tcp = StreamServer(tcp or listen_tcp(where), self._user_tcp,
+                                         spawn=self.sessions.spawn)
+            self.user_tcp.start()
+        elif tcp is not None:
+            tcp.close()
+        if not opts.noudp:
+            self.udp_table = SessionTable(self._new_udp_session, self.inst.slots,
+                                          opts.udp_read_timeout, self.log)
+            self.user_udp = self.udp_table.attach(udp or listen_udp(where))
+            self.user_udp.start()
+        elif udp is not None:
+            udp.close()
+
+    def _user_tcp(self, sock: socket.socket, addr: Any) -> None:
+        inst, log = self.inst, self.log
+        if not inst.slots.acquire_tcp():
+            log.error("TCP slot limit reached (%d): connection from %s refused",
+                      inst.slots.limit, format_addr(addr))
+            return
+        try:
+            conn = self.pool.take_any(self.opts.pool_get_timeout)
+            if conn is None:
+                log.warn("Tunnel connection: request timeout for %s (no idle pool connection)",
+                         format_addr(addr))
+                return
+            try:
+                log.debug("Tunnel connection: get %s <- pool active %d", conn.cid, self.pool.active)
+                try:
+                    self.send_signal(Launch(False, format_addr(addr), conn.cid))
+                except OSError as exc:
+                    self.fail(CoreError("control write failed: %s" % (exc.strerror or exc)))
+                    return
+                log.debug("TCP launch signal: cid %s -> %s", conn.cid, self.peer)
+                reason = relay(conn.stream, sock, inst.traffic.bytes, TCP_RX, TCP_TX,
+                               limiter=inst.limiter, idle=self.opts.read,
+                               bufsize=self.opts.tcp_data_buf_size)
+                log.debug("Exchange complete: %s: %s", conn.cid, reason)
+            finally:
+                conn.close()
+                log.debug("Tunnel connection: closed %s", conn.cid)
+        finally:
+            inst.slots.release_tcp()
+
+    def _new_udp_session(self, table: SessionTable, addr: Any) -> UdpSession:
+        return TunnelUdpSession(table, addr, self)
+
+    # -- dialling side ------------------------------------------------------------------
+    def _take_named(self, sig: Launch | Verify, what: str) -> PoolConn | None:
+        conn = self.pool.take(sig.cid, self.opts.pool_get_timeout)
+        if conn is None:
+            self.log.error("%s: pool connection %s not found within %ss", what, sig.cid,
+                           _num(self.opts.pool_get_timeout))
+        return conn
+
+    def _launch_tcp(self, sig: Launch) -> None:
+        inst, log = self.inst, self.log
+        log.debug("TCP launch signal: cid %s <- %s", sig.cid, self.peer)
+        conn = self._take_named(sig, "TCP launch")
+        if conn is None:
+            return
+        try:
+            if not inst.slots.acquire_tcp():
+                log.error("TCP slot limit reached (%d): launch %s refused", inst.slots.limit, sig.cid)
+                return
+            try:
+                try:
+                    target, where = self.dialer.dial_tcp()
+                except (DialError, OSError) as exc:
+                    log.error("Dial target failed for %s: %s", sig.addr, exc)
+                    return
+                try:
+                    log.debug("Target connection: %s <-> %s", sig.addr, where)
+                    if self.opts.proxy:
+                        self._send_proxy(target, sig.addr)
+                    reason = relay(conn.stream, target, inst.traffic.bytes, TCP_RX, TCP_TX,
+                                   limiter=inst.limiter, idle=self.opts.read,
+                                   bufsize=self.opts.tcp_data_buf_size)
+                    log.debug("Exchange complete: %s: %s", sig.cid, reason)
+                finally:
+                    target.close()
+            finally:
+                inst.slots.release_tcp()
+        finally:
+            conn.close()
+
+    def _send_proxy(self, target: socket.socket, user: str) -> None:
+        src = parse_user_addr(user)
+        if src is None:
+            self.log.error("PROXY line skipped: bad user address %r in launch signal", user[:80])
+            return
+        target.sendall(proxy_v1(src, target.getpeername()))
+
+    def _launch_udp(self, sig: Launch) -> None:
+        inst, log = self.inst, self.log
+        log.debug("UDP launch signal: cid %s <- %s", sig.cid, self.peer)
+        conn = self._take_named(sig, "UDP launch")
+        if conn is None:
+            return
+        try:
+            if not inst.slots.acquire_udp():
+                log.error("UDP slot limit reached (%d): launch %s refused", inst.slots.limit, sig.cid)
+                return
+            try:
+                try:
+                    usock, where = self.dialer.dial_udp()
+                except (DialError, OSError) as exc:
+                    log.error("Dial target failed for %s: %s", sig.addr, exc)
+                    return
+                try:
+                    log.debug("Starting transfer: %s <-> %s", sig.addr, where)
+                    self._udp_exchange(conn, usock)
+                    log.debug("Transfer complete: %s <-> %s", sig.addr, where)
+                finally:
+                    usock.close()
+            finally:
+                inst.slots.release_udp()
+        finally:
+            conn.close()
+
+    def _udp_exchange(self, conn: PoolConn, usock: socket.socket) -> None:
+        """Pool connection <-> connected UDP socket until idle for NP_UDP_READ_TIMEOUT."""
+        acct, limiter = self.inst.traffic.bytes, self.inst.limiter
+        idle = self.opts.udp_read_timeout
+        framed = self.npg >= 1
+        bufsize = MAX_DATAGRAM if framed else self.opts.udp_data_buf_size
+        last = [time.monotonic()]
+        stream = conn.stream
+        stream.settimeout(idle)
+        usock.settimeout(idle)
+
+        def down() -> None:  # target -> pool
+            while True:
+                try:
+                    data = usock.recv(MAX_DATAGRAM)
+                except socket.timeout:
+                    if time.monotonic() - last[0] >= idle:
+                        return
+                    continue
+                except ConnectionRefusedError:
+                    continue
+                last[0] = time.monotonic()
+                acct[UDP_RX] += len(data)
+                stream.sendall(frame(data) if framed else data)
+                if limiter is not None:
+                    limiter.take(len(data))
+
+        back = gevent.spawn(down)
+        try:
+            deframer = Deframer() if framed else None
+            while not back.dead:
+                try:
+                    data = stream.recv(bufsize)
+                except socket.timeout:
+                    if time.monotonic() - last[0] >= idle:
+                        return
+                    continue
+                if not data:
+                    return
+                last[0] = time.monotonic()
+                for datagram in deframer.feed(data) if deframer is not None else (data,):
+                    try:
+                        usock.send(datagram)
+                    except ConnectionRefusedError:
+                        continue
+                    acct[UDP_TX] += len(datagram)
+                    if limiter is not None:
+                        limiter.take(len(datagram))
+        except OSError as exc:
+            self.log.debug("UDP exchange ended: %s", exc)
+        finally:
+            back.kill(block=True)
+
+    def _on_verify(self, sig: Verify) -> None:
+        """Client side of ``#v``: log the fingerprint of the certificate seen on *cid*."""
+        self.log.debug("TLS verify signal: cid %s <- %s", sig.cid, self.peer)
+        conn = self._take_named(sig, "TLS verify")
+        if conn is None:
+            return
+        try:
+            fp = getattr(conn.stream, "peer_fingerprint", lambda: "")()
+            if fp:
+                self.log.info("TLS cert verified: %s", fp)
+            else:
+                self.log.warn("TLS verify signal for %s, but that connection has no TLS", sig.cid)
+        finally:
+            conn.close()
+
+    def send_verify(self, fingerprint: str) -> bool:
+        """Server side of ``#v``: name an idle connection and log our certificate. True if sent."""
+        conn = self.pool.take_any(0)
+        if conn is None:
+            return False
+        try:
+            self.send_signal(Verify(self.peer, conn.cid))
+        except BaseException:
+            conn.close()
+            raise
+        self.log.info("TLS cert verified: %s", fingerprint)
+        self.log.debug("TLS verify signal: cid %s -> %s", conn.cid, self.peer)
+        # keep it open until the peer has taken and closed it, so the peer's pool
+        # sweep cannot drop it as dead before the signal arrives
+        self.sessions.spawn(self._close_after_peer, conn)
+        return True
+
+    def _close_after_peer(self, conn: PoolConn) -> None:
+        try:
+            conn.stream.settimeout(self.opts.pool_get_timeout)
+            while conn.stream.recv(4096):
+                pass
+        except (OSError, socket.timeout):
+            pass
+        finally:
+            conn.close()
+
+    # -- teardown ------------------------------------------------------------------------
+    def _stop_accepting(self) -> None:
+        if self.user_tcp is not None:
+            self.user_tcp.close()
+        if self.user_udp is not None:
+            self.user_udp.close()
+
+    def _close(self) -> None:
+        if self.udp_table is not None:
+            self.udp_table.close()
+        if getattr(self, "pool", None) is not None:
+            self.pool.close()
+        if self.control is not None:
+            self.control.close()
+
+
+class TunnelUdpSession(UdpSession):
+    """Receiving side: one pool connection per user address, launched with ``#2``."""
+
+    def __init__(self, table: SessionTable, addr: Any, core: TunnelCore) -> None:
+        super().__init__(table, addr)
+        self.core = core
+        self.conn: PoolConn | None = None
+        self.framed = core.npg >= 1
+        self.deframer = Deframer() if self.framed else None
+        self.queue: list[bytes] = []
+
+    def open(self) -> None:
+        core = self.core
+        conn = core.pool.take_any(core.opts.pool_get_timeout)
+        if conn is None:
+            raise OSError("request timeout: no idle pool connection")
+        self.conn = conn
+        conn.stream.settimeout(self.table.idle)
+        core.log.debug("Tunnel connection: get %s <- pool active %d", conn.cid, core.pool.active)
+        core.send_signal(Launch(True, format_addr(self.addr), conn.cid))
+        core.log.debug("UDP launch signal: cid %s -> %s", conn.cid, core.peer)
+
+    def send(self, data: bytes) -> None:
+        assert self.conn is not None
+        core = self.core
+        core.inst.traffic.bytes[UDP_RX] += len(data)
+        self.conn.stream.sendall(frame(data) if self.framed else data)
+        if core.inst.limiter is not None:
+            core.inst.limiter.take(len(data))
+
+    def recv(self) -> bytes | None:
+        assert self.conn is not None
+        core = self.core
+        if self.deframer is not None:
+            while not self.queue:
+                data = self.conn.stream.recv(65536)
+                if not data:
+                    return None
+                self.queue.extend(self.deframer.feed(data))
+            datagram = self.queue.pop(0)
+        else:
+            datagram = self.conn.stream.recv(core.opts.udp_data_buf_size)
+            if not datagram:
+                return None
+        core.inst.traffic.bytes[UDP_TX] += len(datagram)
+        return datagram
+
+    def close_far(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+
+def _num(seconds: float) -> str:
+    return ("%d" % seconds) if seconds == int(seconds) else ("%g" % seconds)

@@ -1,0 +1,367 @@
+"""TLS for pool connections (and the master API) with pyOpenSSL on gevent sockets.
+
+* :func:`self_signed` makes the in-memory certificate of ``tls=1`` (ECDSA P-256,
+  one year, Organization = the NodePass version, as Go does) with
+  ``cryptography``'s builder.
+* :class:`ServerTLS` holds the server side: code 1 (self-signed) or 2 (the
+  ``crt``/``key`` PEM files, re-read every ``NP_RELOAD_INTERVAL`` when a new
+  connection arrives; live connections keep the context they started with; a
+  file that cannot be loaded at start falls back to code 1 with an error log).
+* :func:`client_context` builds the client side: code 1 without verification,
+  code 2 verifying against the system roots (``SSL_CERT_FILE`` is honoured, as
+  Go does) and the URL's host name or IP.
+* :class:`TLSStream` wraps a connected gevent socket in an
+  ``OpenSSL.SSL.Connection`` and offers the socket methods the relay uses
+  (``recv_into``, ``sendall``, ``shutdown``, ``close``, ``settimeout``).  The
+  OS socket stays non-blocking; ``WantRead``/``WantWrite`` wait on the gevent
+  socket's own watchers, so closing the socket wakes any waiter.
+  ``shutdown(SHUT_WR)`` sends close_notify and leaves reading open (TLS 1.3
+  half-close).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import time
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from gevent import socket
+from gevent.socket import wait_read, wait_write
+from OpenSSL import SSL
+
+from .. import NODEPASS_VERSION
+from ..log import InstanceLog
+
+_DER = serialization.Encoding.DER
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    """``sha256:AA:BB:...`` of the DER certificate (NodePass's verify log format)."""
+    digest = hashlib.sha256(cert.public_bytes(_DER)).hexdigest().upper()
+    return "sha256:" + ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
+
+
+def self_signed(common_name: str = "") -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, NODEPASS_VERSION)]
+    if common_name:
+        attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
+    name = x509.Name(attrs)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _base_context() -> SSL.Context:
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)  # an idle pool connection keeps no record buffers
+    return ctx
+
+
+def server_context(cert: x509.Certificate, key: Any) -> SSL.Context:
+    ctx = _base_context()
+    ctx.use_certificate(cert)
+    ctx.use_privatekey(key)
+    ctx.check_privatekey()
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    return ctx
+
+
+def load_pem_pair(crt: str, key: str) -> tuple[x509.Certificate, Any]:
+    with open(crt, "rb") as fh:
+        cert = x509.load_pem_x509_certificate(fh.read())
+    with open(key, "rb") as fh:
+        pkey = serialization.load_pem_private_key(fh.read(), password=None)
+    return cert, pkey
+
+
+def common_name(cert: x509.Certificate) -> str:
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else ""
+
+
+class ServerTLS:
+    """The server's TLS certificate and context for codes 1 and 2 (see module doc)."""
+
+    def __init__(self, code: str, crt: str, key: str, reload_interval: float, log: InstanceLog) -> None:
+        self.log = log
+        self.crt, self.key = crt, key
+        self.cert: x509.Certificate
+        self.pkey: Any
+        self.context: SSL.Context
+        self.reload_interval = reload_interval
+        self.code = code
+        self._loaded_at = 0.0
+        self._mtimes: tuple[float, float] = (0.0, 0.0)
+        if code == "2":
+            try:
+                self._load_files()
+                log.info("TLS code-2: %s with TLS 1.3", common_name(self.cert) or crt)
+                return
+            except (OSError, ValueError, SSL.Error) as exc:
+                log.error("TLS code-2: cannot load crt=%s key=%s (%s): falling back to code-1",
+                          crt, key, _reason(exc))
+                self.code = "1"
+        self.cert, self.pkey = self_signed()
+        self.context = server_context(self.cert, self.pkey)
+        log.info("TLS code-1: RAM cert with TLS 1.3")
+
+    def _load_files(self) -> None:
+        cert, pkey = load_pem_pair(self.crt, self.key)
+        ctx = server_context(cert, pkey)
+        self.cert, self.pkey, self.context = cert, pkey, ctx
+        self._loaded_at = time.monotonic()
+        self._mtimes = (os.path.getmtime(self.crt), os.path.getmtime(self.key))
+
+    def current(self) -> SSL.Context:
+        """The context for a new connection (reloading code-2 files when due)."""
+        if self.code == "2" and time.monotonic() - self._loaded_at >= self.reload_interval:
+            self._loaded_at = time.monotonic()
+            try:
+                mtimes = (os.path.getmtime(self.crt), os.path.getmtime(self.key))
+                if mtimes != self._mtimes:
+                    old = fingerprint(self.cert)
+                    self._load_files()
+                    self.log.info("TLS cert reloaded: %s %s (was %s)", common_name(self.cert) or self.crt,
+                                  fingerprint(self.cert), old)
+            except (OSError, ValueError, SSL.Error) as exc:
+                self.log.error("TLS cert reload failed (%s): keeping the current certificate", _reason(exc))
+        return self.context
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.cert)
+
+
+def client_context(code: str) -> SSL.Context:
+    """Client side: code 1 trusts anything, code 2 verifies against the system roots."""
+    ctx = _base_context()
+    if code == "2":
+        ctx.set_verify(SSL.VERIFY_PEER, lambda _c, _x, _e, _d, ok: bool(ok))
+        ctx.set_default_verify_paths()
+        cafile = os.environ.get("SSL_CERT_FILE")
+        if cafile and os.path.exists(cafile):
+            ctx.load_verify_locations(cafile)
+    else:
+        ctx.set_verify(SSL.VERIFY_NONE, lambda *_a: True)
+    return ctx
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return "%s: %s" % (exc.strerror, exc.filename or "")
+    if isinstance(exc, SSL.Error) and exc.args and exc.args[0]:
+        try:
+            return "; ".join(str(e[2]) for e in exc.args[0])
+        except (TypeError, IndexError):
+            pass
+    return str(exc) or type(exc).__name__
+
+
+class TLSError(OSError):
+    """A TLS handshake or record failure, as one readable line."""
+
+
+class TLSStream:
+    """A TLS connection over a gevent socket with the socket methods the relay needs."""
+
+    __slots__ = ("_pending", "conn", "sock")
+
+    def __init__(self, sock: socket.socket, conn: SSL.Connection) -> None:
+        self.sock = sock
+        self.conn = conn
+        self._pending = b""
+
+    @classmethod
+    def server(cls, sock: socket.socket, ctx: SSL.Context) -> TLSStream:
+        conn = SSL.Connection(ctx, sock)
+        conn.set_accept_state()
+        return cls(sock, conn)
+
+    @classmethod
+    def client(cls, sock: socket.socket, ctx: SSL.Context, server_name: str = "") -> TLSStream:
+        conn = SSL.Connection(ctx, sock)
+        if server_name and not _is_ip(server_name):
+            conn.set_tlsext_host_name(server_name.encode("idna"))
+        conn.set_connect_state()
+        return cls(sock, conn)
+
+    # -- handshake --------------------------------------------------------------------
+    def handshake(self, timeout: float, verify_name: str = "") -> None:
+        """Complete the handshake within *timeout*; with *verify_name*, check the peer's name."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TLSError("TLS handshake timeout")
+            try:
+                self.conn.do_handshake()
+                break
+            except SSL.WantReadError:
+                wait_read(self.sock.fileno(), timeout=left, timeout_exc=TLSError("TLS handshake timeout"))
+            except SSL.WantWriteError:
+                wait_write(self.sock.fileno(), timeout=left, timeout_exc=TLSError("TLS handshake timeout"))
+            except SSL.SysCallError as exc:
+                detail = exc.args[1] if len(exc.args) > 1 else exc
+                raise TLSError("TLS handshake failed: %s" % detail) from None
+            except SSL.Error as exc:
+                raise TLSError("TLS handshake failed: %s" % _reason(exc)) from None
+        if verify_name:
+            self._verify_name(verify_name)
+
+    def _verify_name(self, name: str) -> None:
+        from service_identity import VerificationError
+        from service_identity.pyopenssl import verify_hostname, verify_ip_address
+
+        try:
+            if _is_ip(name):
+                verify_ip_address(self.conn, name)
+            else:
+                verify_hostname(self.conn, name)
+        except VerificationError as exc:
+            raise TLSError("TLS certificate does not match %s: %s" % (name, exc)) from None
+
+    # -- socket-like API ----------------------------------------------------------------
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        data = self.recv(nbytes or len(buffer))
+        n = len(data)
+        if n:
+            buffer[:n] = data
+        return n
+
+    def recv(self, n: int) -> bytes:
+        if self._pending:
+            data, self._pending = self._pending[:n], self._pending[n:]
+            return data
+        conn, sock = self.conn, self.sock
+        while True:
+            try:
+                return conn.recv(n)
+            except SSL.WantReadError:
+                sock._wait(sock._read_event)
+            except SSL.WantWriteError:
+                wait_write(sock.fileno(), timeout=sock.timeout)
+            except SSL.ZeroReturnError:
+                return b""
+            except SSL.SysCallError as exc:
+                if exc.args and exc.args[0] == -1:
+                    return b""  # peer closed without close_notify: treat as EOF
+                raise _oserror(exc) from None
+            except SSL.Error as exc:
+                raise TLSError("TLS error: %s" % _reason(exc)) from None
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        view = memoryview(data).cast("B")
+        conn, sock = self.conn, self.sock
+        total = len(view)
+        off = 0
+        while off < total:
+            try:
+                off += conn.send(view[off : off + 65536])
+            except SSL.WantWriteError:
+                sock._wait(sock._write_event)
+            except SSL.WantReadError:
+                wait_read(sock.fileno(), timeout=sock.timeout)
+            except SSL.SysCallError as exc:
+                raise _oserror(exc) from None
+            except SSL.Error as exc:
+                raise TLSError("TLS error: %s" % _reason(exc)) from None
+
+    def shutdown(self, how: int) -> None:
+        """SHUT_WR sends close_notify (reading stays open); SHUT_RDWR also shuts the socket."""
+        for _ in range(8):
+            try:
+                self.conn.shutdown()
+                break
+            except SSL.WantWriteError:
+                self.sock._wait(self.sock._write_event)
+            except SSL.WantReadError:
+                break  # close_notify is out; we do not wait for the peer's
+            except SSL.Error:
+                break
+        if how != socket.SHUT_WR:
+            self.sock.shutdown(how)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def settimeout(self, value: float | None) -> None:
+        self.sock.settimeout(value)
+
+    def fileno(self) -> int:
+        return int(self.sock.fileno())
+
+    def getpeername(self) -> Any:
+        return self.sock.getpeername()
+
+    def getsockname(self) -> Any:
+        return self.sock.getsockname()
+
+    # -- pool support -------------------------------------------------------------------
+    def probe(self) -> bool:
+        """Non-blocking liveness check of an idle connection (False = closed by the peer).
+
+        Processes post-handshake messages (session tickets); application data
+        that arrives is kept and returned by the next ``recv``.
+        """
+        try:
+            peek = self.sock._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        if not peek:
+            return False
+        try:
+            data = self.conn.recv(65536)
+        except SSL.WantReadError:
+            return True
+        except (SSL.ZeroReturnError, SSL.SysCallError):
+            return False
+        except SSL.Error:
+            return False
+        self._pending += data
+        return True
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
+    def peer_fingerprint(self) -> str:
+        cert = self.conn.get_peer_certificate(as_cryptography=True)
+        return fingerprint(cert) if cert is not None else ""
+
+    def local_fingerprint(self) -> str:
+        cert = self.conn.get_certificate(as_cryptography=True)
+        return fingerprint(cert) if cert is not None else ""
+
+
+def _oserror(exc: SSL.SysCallError) -> OSError:
+    code = exc.args[0] if exc.args and isinstance(exc.args[0], int) and exc.args[0] > 0 else 0
+    return OSError(code, os.strerror(code) if code else str(exc))
+
+
+def _is_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return False

@@ -1,0 +1,1 @@
+"""Pre-warmed pool connections: adaptive sizing (pure), TCP/TLS pool, QUIC pool."""

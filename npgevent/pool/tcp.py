@@ -1,0 +1,249 @@
+"""Idle pool connections and the client's refill manager.
+
+:class:`PoolConn` is one pre-established connection (plain TCP, TLS, or a QUIC
+stream) with the 8-hex-digit id the server gave it.  :class:`IdlePool` keeps
+the idle ones:
+
+* ``take_any(timeout)`` for the side that receives user traffic: the oldest
+  idle connection that is still alive (a dead one, or one with data nobody
+  should have sent yet, is dropped);
+* ``take(cid, timeout)`` for the side that got a launch signal naming *cid*:
+  waits for that id to arrive (no polling: ``add`` hands it over directly); a
+  miss counts a pool error, which drives NodePass's flush rule.
+
+No greenlet is parked per idle connection (an idle connection costs a socket
+and a small object); liveness is checked when a connection is handed out and
+by a periodic sweep.
+
+:class:`ClientPool` adds the refill manager: every ``interval`` it opens
+``capacity - idle - in_flight`` connections concurrently through a gevent
+greenlet pool, then adapts capacity and interval (:mod:`npgevent.pool.base`).
+Pool connections are single-use: whoever takes one closes it after its session.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+from gevent import socket
+from gevent.event import AsyncResult
+from gevent.pool import Pool
+
+from ..log import InstanceLog
+from .base import Adaptive
+
+
+class PoolConn:
+    """One idle (then used) pool connection."""
+
+    __slots__ = ("cid", "sock", "stream")
+
+    def __init__(self, cid: str, stream: Any, sock: Any) -> None:
+        self.cid = cid
+        self.stream = stream  # what the relay reads and writes
+        self.sock = sock  # the transport (gevent socket, or the QUIC stream itself)
+
+    def alive(self, strict: bool) -> bool:
+        """Non-blocking check; with *strict*, pending data also disqualifies the connection."""
+        probe = getattr(self.stream, "probe", None)
+        if probe is not None:  # TLS and QUIC streams know best
+            ok = bool(probe())
+            return ok and not (strict and getattr(self.stream, "has_pending", False))
+        try:
+            data = self.sock._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        return bool(data) and not strict
+
+    def close(self) -> None:
+        try:
+            self.stream.close()
+        except OSError:
+            pass
+
+
+def new_cid() -> str:
+    return os.urandom(4).hex()
+
+
+class IdlePool:
+    """Idle pool connections by id (see module docstring)."""
+
+    def __init__(self, log: InstanceLog) -> None:
+        self.log = log
+        self.idle: dict[str, PoolConn] = {}
+        self.errors = 0
+        self.closed = False
+        self._wanted: dict[str, AsyncResult] = {}
+        self._any: deque[AsyncResult] = deque()
+
+    @property
+    def active(self) -> int:
+        return len(self.idle)
+
+    def add(self, conn: PoolConn) -> bool:
+        if self.closed:
+            conn.close()
+            return False
+        waiter = self._wanted.pop(conn.cid, None)
+        if waiter is not None and not waiter.ready():
+            waiter.set(conn)
+            return True
+        while self._any:
+            waiter = self._any.popleft()
+            if not waiter.ready():
+                waiter.set(conn)
+                return True
+        if conn.cid in self.idle:
+            self.log.debug("Tunnel connection: duplicate id %s dropped", conn.cid)
+            conn.close()
+            return False
+        self.idle[conn.cid] = conn
+        return True
+
+    def discard(self, cid: str) -> None:
+        conn = self.idle.pop(cid, None)
+        if conn is not None:
+            conn.close()
+
+    def take_any(self, timeout: float) -> PoolConn | None:
+        deadline = time.monotonic() + timeout
+        while not self.closed:
+            while self.idle:
+                cid = next(iter(self.idle))
+                conn = self.idle.pop(cid)
+                if conn.alive(strict=True):
+                    return conn
+                self.log.debug("Tunnel connection: %s dead or unclean, dropped", cid)
+                conn.close()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            waiter: AsyncResult = AsyncResult()
+            self._any.append(waiter)
+            got = waiter.wait(left)
+            if not waiter.ready():
+                waiter.set(None)  # mark abandoned so add() skips it
+                return None
+            conn = got
+            if conn is None:
+                return None
+            if conn.alive(strict=True):
+                return conn
+            conn.close()
+        return None
+
+    def take(self, cid: str, timeout: float) -> PoolConn | None:
+        conn = self.idle.pop(cid, None)
+        if conn is not None:
+            return conn
+        if self.closed:
+            return None
+        waiter: AsyncResult = AsyncResult()
+        self._wanted[cid] = waiter
+        conn = waiter.wait(timeout)
+        if not waiter.ready():
+            if self._wanted.get(cid) is waiter:
+                del self._wanted[cid]
+            waiter.set(None)
+            self.errors += 1
+            return None
+        if conn is None:
+            self.errors += 1
+        return conn
+
+    def sweep(self, strict: bool) -> int:
+        """Drop idle connections the peer closed; return how many."""
+        dead = [cid for cid, conn in self.idle.items() if not conn.alive(strict)]
+        for cid in dead:
+            self.discard(cid)
+        return len(dead)
+
+    def flush(self) -> None:
+        conns, self.idle = list(self.idle.values()), {}
+        for conn in conns:
+            conn.close()
+        self.errors = 0
+
+    def close(self) -> None:
+        self.closed = True
+        self.flush()
+        for waiter in list(self._wanted.values()) + list(self._any):
+            if not waiter.ready():
+                waiter.set(None)
+        self._wanted.clear()
+        self._any.clear()
+
+
+class ClientPool(IdlePool):
+    """The client's pool: keeps ``capacity`` idle connections, refilled adaptively."""
+
+    def __init__(
+        self,
+        log: InstanceLog,
+        connector: Callable[[], PoolConn],
+        adaptive: Adaptive,
+        concurrency: int = 64,
+        report_every: float = 5.0,
+    ) -> None:
+        super().__init__(log)
+        self.connector = connector
+        self.adaptive = adaptive
+        self.in_flight = 0
+        self.dialers = Pool(concurrency)
+        self.report_every = report_every
+        self._last_fail_log = 0.0
+        self._fails = 0
+
+    def run(self) -> None:
+        """The refill loop (run it as a background task)."""
+        ad = self.adaptive
+        while not self.closed:
+            need = ad.need(len(self.idle), self.in_flight)
+            for _ in range(need):
+                self.in_flight += 1
+                self.dialers.spawn(self._dial_one)
+            gevent.sleep(ad.interval)
+            ad.update(len(self.idle), need)
+
+    def _dial_one(self) -> None:
+        try:
+            conn = self.connector()
+        except (OSError, gevent.Timeout) as exc:
+            self._failed(exc)
+            return
+        finally:
+            self.in_flight -= 1
+        self._fails = 0
+        self.add(conn)
+
+    def _failed(self, exc: BaseException) -> None:
+        self._fails += 1
+        now = time.monotonic()
+        if now - self._last_fail_log >= self.report_every:
+            self._last_fail_log = now
+            self.log.error("Tunnel pool: cannot open pool connections (%d failed): %s",
+                           self._fails, exc)
+        else:
+            self.log.debug("Tunnel pool: dial failed: %s", exc)
+
+    def close(self) -> None:
+        super().close()
+        self.dialers.kill(block=False)
+
+
+def read_exact(stream: Any, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = stream.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionResetError("connection closed after %d of %d bytes" % (len(buf), n))
+        buf += chunk
+    return buf
