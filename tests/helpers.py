@@ -370,7 +370,7 @@ class LogCapture(logging.Handler):
 
 
 @contextlib.contextmanager
-def in_process(url: str, **env_like: str) -> Iterator[Any]:
+def in_process(url: str, wait_running: bool = True, **env_like: str) -> Iterator[Any]:
     """Run an instance in this process's hub; yields the Runner (with ``.capture``)."""
     from npgevent.cores import build_runner
     from npgevent.log import ROOT as LOGROOT
@@ -393,9 +393,105 @@ def in_process(url: str, **env_like: str) -> Iterator[Any]:
     runner.capture = capture
     runner.start()
     try:
-        if not runner.running.wait(timeout=10):
+        if wait_running and not runner.running.wait(timeout=10):
             raise AssertionError("instance did not start:\n" + "\n".join(capture.lines))
         yield runner
     finally:
         runner.stop(1)
         logger.removeHandler(capture)
+
+
+# -- certificates ------------------------------------------------------------------------
+
+
+def make_ca_and_cert(directory: Path, names: tuple[str, ...] = ("localhost",),
+                     ips: tuple[str, ...] = ("127.0.0.1", "::1"), cn: str = "npgevent-test") -> dict[str, Path]:
+    """A throw-away CA and a server certificate signed by it (PEM files in *directory*)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "npgevent test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans = [x509.DNSName(n) for n in names] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    directory.mkdir(parents=True, exist_ok=True)
+    out = {"ca": directory / "ca.pem", "crt": directory / "server.crt", "key": directory / "server.key"}
+    out["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    out["crt"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    out["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                             serialization.NoEncryption()))
+    out["ca_key"] = directory / "ca.key"
+    out["ca_key"].write_bytes(ca_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()))
+    return out
+
+
+# -- tunnels ---------------------------------------------------------------------------------
+
+
+class EchoPair:
+    """TCP and UDP echo servers on the same port (a tunnel target serves both)."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        for _ in range(20):
+            port = free_port(host)
+            try:
+                self.tcp = TcpEcho(host, port)
+            except OSError:
+                continue
+            try:
+                self.udp = UdpEcho(host, port)
+            except OSError:
+                self.tcp.close()
+                continue
+            self.port = port
+            return
+        raise RuntimeError("no port for the echo pair")
+
+    def close(self) -> None:
+        self.tcp.close()
+        self.udp.close()
+
+
+def tunnel_urls(flow: str, tls: str, tunnel_port: int, user_port: int, target_port: int,
+                certs: dict[str, Path] | None = None, key: str = "secret", extra_server: str = "",
+                extra_client: str = "") -> tuple[str, str]:
+    """(server URL, client URL) for a loopback tunnel; users connect to *user_port*."""
+    q = "tls=%s" % tls
+    if tls == "2":
+        assert certs is not None
+        q += "&crt=%s&key=%s" % (certs["crt"], certs["key"])
+    user = key + "@" if key else ""
+    if flow == "rev":
+        server = "server://%s127.0.0.1:%d/127.0.0.1:%d?mode=1&%s%s" % (user, tunnel_port, user_port, q, extra_server)
+        client = "client://%s127.0.0.1:%d/127.0.0.1:%d?mode=2%s" % (user, tunnel_port, target_port, extra_client)
+    else:
+        server = "server://%s127.0.0.1:%d/127.0.0.1:%d?mode=2&%s%s" % (user, tunnel_port, target_port, q, extra_server)
+        client = "client://%s127.0.0.1:%d/127.0.0.1:%d?mode=2%s" % (user, tunnel_port, user_port, extra_client)
+    return server, client
+
+
+def wait_pool(get_active: Any, minimum: int = 1, timeout: float = 15.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if get_active() >= minimum:
+            return
+        gevent.sleep(0.05)
+    raise AssertionError("pool did not fill")

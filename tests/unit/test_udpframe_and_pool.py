@@ -1,0 +1,103 @@
+"""UDP framing, the adaptive pool rules and the idle pool (with real socketpairs)."""
+
+from __future__ import annotations
+
+import gevent
+import pytest
+from gevent import socket
+
+from npgevent.errors import LocalProtocolError
+from npgevent.log import InstanceLog
+from npgevent.pool.base import Adaptive
+from npgevent.pool.tcp import IdlePool, PoolConn
+from npgevent.protocol.udpframe import Deframer, frame
+
+
+def test_frames_survive_any_chunking():
+    datagrams = [b"", b"a", b"x" * 65535, b"\x00\x01" * 100]
+    wire = b"".join(frame(d) for d in datagrams)
+    for step in (1, 2, 3, 1000, len(wire)):
+        d = Deframer()
+        out = []
+        for i in range(0, len(wire), step):
+            out += d.feed(wire[i:i + step])
+        assert out == datagrams and d.pending == 0
+    with pytest.raises(LocalProtocolError):
+        frame(b"x" * 65536)
+
+
+def test_adaptive_rules():
+    a = Adaptive(min_capacity=4, max_capacity=6, min_interval=0.1, max_interval=1.0)
+    assert (a.capacity, a.interval) == (4, 0.1)
+    assert a.need(idle=1, pending=1) == 2
+    a.update(idle=4, created=4)  # all idle (>80%): slower; created 100%: grow
+    assert (a.capacity, a.interval) == (5, 0.2)
+    a.update(idle=5, created=5)
+    a.update(idle=6, created=6)
+    assert a.capacity == 6  # not above max
+    a.update(idle=0, created=0)  # starved (<20% idle): faster; created nothing: shrink
+    assert (a.capacity, round(a.interval, 3)) == (5, 0.3)
+    for _ in range(20):
+        a.update(idle=0, created=0)
+    assert (a.capacity, a.interval) == (4, 0.1)  # not below min / floor
+    assert Adaptive(64, 4, 0.1, 1.0).capacity == 4  # min above the server's max
+
+
+def _conn(cid):
+    a, b = socket.socketpair()
+    return PoolConn(cid, a, a), b
+
+
+def test_take_any_skips_dead_and_unclean():
+    pool = IdlePool(InstanceLog("none"))
+    dead, dead_peer = _conn("00000001")
+    unclean, unclean_peer = _conn("00000002")
+    good, good_peer = _conn("00000003")
+    for c in (dead, unclean, good):
+        pool.add(c)
+    dead_peer.close()
+    unclean_peer.sendall(b"early")
+    assert pool.take_any(1) is good
+    assert pool.active == 0
+    good.close()
+    good_peer.close()
+    unclean_peer.close()
+
+
+def test_take_by_id_waits_for_arrival_and_counts_misses():
+    pool = IdlePool(InstanceLog("none"))
+    conn, peer = _conn("0000abcd")
+    waiter = gevent.spawn(pool.take, "0000abcd", 2)
+    gevent.sleep(0.05)
+    pool.add(conn)
+    assert waiter.get(timeout=2) is conn
+    assert pool.take("ffffffff", 0.05) is None
+    assert pool.errors == 1
+    conn.close()
+    peer.close()
+
+
+def test_take_any_waits_then_times_out_and_close_wakes_waiters():
+    pool = IdlePool(InstanceLog("none"))
+    assert pool.take_any(0.05) is None
+    waiter = gevent.spawn(pool.take_any, 5)
+    gevent.sleep(0.05)
+    pool.close()
+    assert waiter.get(timeout=1) is None
+
+
+def test_flush_and_sweep():
+    pool = IdlePool(InstanceLog("none"))
+    pairs = [_conn("%08x" % i) for i in range(4)]
+    for c, _ in pairs:
+        pool.add(c)
+    pairs[0][1].close()
+    assert pool.sweep(strict=False) == 1
+    assert pool.active == 3
+    pool.errors = 5
+    pool.flush()
+    assert pool.active == 0 and pool.errors == 0
+    for _, peer in pairs[1:]:
+        peer.settimeout(1)
+        assert peer.recv(1) == b""
+        peer.close()
