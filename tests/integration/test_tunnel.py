@@ -229,3 +229,145 @@ def test_start_lines_and_handshake_log(certs):
         c.wait_for(r"INFO  Tunnel signal <- : np://0@1024/-\?npg=1#0 <- 127\.0\.0\.1:\d+$")
         line = c.wait_for(r"INFO  Client started: (.*)$").group(1)
         assert re.search(r"&min=64&mode=2&quic=0&", line)
+
+
+def test_server_mode0_reverse_when_target_free_and_client_mode0_dual_end(monkeypatch, certs):
+    echo = EchoPair()
+    tport, uport = free_port(), free_port()
+    try:
+        with in_process("server://k@127.0.0.1:%d/127.0.0.1:%d" % (tport, uport)) as s, \
+                in_process("client://k@127.0.0.1:%d/127.0.0.1:%d" % (tport, echo.port)) as c:
+            assert (s.core.mode, s.core.flow) == (1, "-")  # listening on the target worked: reverse
+            assert c.core.mode == 2  # the tunnel port is taken (by the server): dual-end
+            wait_pool(lambda: s.core.pool.active, 1)
+            from helpers import echo_roundtrip
+
+            assert echo_roundtrip(uport, b"auto modes") == b"auto modes"
+            c.capture.wait_for(r"CHECK_POINT\|MODE=2\|")
+            s.capture.wait_for(r"CHECK_POINT\|MODE=1\|")
+    finally:
+        echo.close()
+
+
+def test_server_mode0_forward_when_target_taken():
+    echo = EchoPair()  # the server's target is busy (it is the echo service itself)
+    tport, uport = free_port(), free_port()
+    try:
+        with in_process("server://k@127.0.0.1:%d/127.0.0.1:%d" % (tport, echo.port)) as s, \
+                in_process("client://k@127.0.0.1:%d/127.0.0.1:%d" % (tport, uport)) as c:
+            assert (s.core.mode, s.core.flow) == (2, "+")
+            assert c.core.receives
+            wait_pool(lambda: c.core.pool.active, 1)
+            from helpers import echo_roundtrip, udp_roundtrip
+
+            assert echo_roundtrip(uport, b"forward auto") == b"forward auto"
+            assert udp_roundtrip(uport, b"udp forward auto") == b"udp forward auto"
+    finally:
+        echo.close()
+
+
+def test_notcp_noudp_across_the_tunnel(certs, monkeypatch):
+    from helpers import echo_roundtrip, udp_roundtrip
+
+    with inproc_tunnel("rev", "0", certs, monkeypatch, extra_server="&notcp=1") as (_s, _c, uport, _e):
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", uport), timeout=1)
+        assert udp_roundtrip(uport, b"udp only") == b"udp only"
+    with inproc_tunnel("rev", "0", certs, monkeypatch, extra_server="&noudp=1") as (_s, _c, uport, _e):
+        assert echo_roundtrip(uport, b"tcp only") == b"tcp only"
+        u = udp_socket(timeout=0.5)
+        u.sendto(b"x", ("127.0.0.1", uport))
+        with pytest.raises(OSError):
+            u.recv(10)
+        u.close()
+
+
+def test_failover_read_timeout_and_rate_on_the_dialling_side(certs, monkeypatch):
+    import time as _time
+
+    from helpers import echo_roundtrip
+
+    echo = EchoPair()
+    dead = free_port()
+    tport, uport = free_port(), free_port()
+    server_url = "server://k@127.0.0.1:%d/127.0.0.1:%d?mode=1" % (tport, uport)
+    client_url = "client://k@127.0.0.1:%d/127.0.0.1:%d,127.0.0.1:%d?mode=2&read=400ms&log=debug" % (
+        tport, dead, echo.port)
+    try:
+        with in_process(server_url) as s, in_process(client_url) as c:
+            wait_pool(lambda: s.core.pool.active, 2)
+            for i in range(4):  # round robin starts at the dead target every other time
+                assert echo_roundtrip(uport, b"f%d" % i) == b"f%d" % i
+            sock = connect_retry(uport)
+            sock.sendall(b"x")
+            assert sock.recv(1) == b"x"
+            start = _time.monotonic()
+            assert recv_all(sock) == b""  # idle 400 ms: the client side closed the session
+            assert _time.monotonic() - start < 3
+            sock.close()
+            c.capture.wait_for(r"Exchange complete: \w+: idle timeout")
+    finally:
+        echo.close()
+
+
+def test_rate_limit_across_the_tunnel(certs, monkeypatch):
+    import time as _time
+
+    from gevent.server import StreamServer
+
+    block = b"r" * 65536
+
+    def source(sock, _addr):
+        try:
+            while True:
+                sock.sendall(block)
+        except OSError:
+            pass
+
+    target = StreamServer(("127.0.0.1", 0), source)
+    target.start()
+    tport, uport = free_port(), free_port()
+    try:
+        with in_process("server://k@127.0.0.1:%d/127.0.0.1:%d?mode=1&rate=8" % (tport, uport)) as s, \
+                in_process("client://k@127.0.0.1:%d/127.0.0.1:%d?mode=2" % (tport, target.address[1])):
+            wait_pool(lambda: s.core.pool.active, 1)
+            sock = connect_retry(uport)
+            sock.recv(65536)
+            start = _time.monotonic()
+            total = 0
+            while _time.monotonic() - start < 3.0:
+                total += len(sock.recv(1 << 20))
+            rate = total / (_time.monotonic() - start)
+            sock.close()
+        assert 0.8e6 <= rate <= 1.2e6, rate
+    finally:
+        target.stop()
+
+
+def test_tls2_by_host_name_with_sni(certs, monkeypatch):
+    """tls=2 verifies the server against the client URL's host name (SNI = that name)."""
+    from helpers import echo_roundtrip
+
+    echo = EchoPair()
+    tport, uport = free_port(), free_port()
+    monkeypatch.setenv("SSL_CERT_FILE", str(certs["ca"]))
+    seen_sni = []
+    from npgevent.net import tls as tlsmod
+
+    real = tlsmod.server_context
+
+    def spying_context(cert, key):
+        ctx = real(cert, key)
+        ctx.set_tlsext_servername_callback(lambda conn: seen_sni.append(conn.get_servername()))
+        return ctx
+
+    monkeypatch.setattr(tlsmod, "server_context", spying_context)
+    try:
+        with in_process("server://k@127.0.0.1:%d/127.0.0.1:%d?mode=1&tls=2&crt=%s&key=%s"
+                        % (tport, uport, certs["crt"], certs["key"])) as s, \
+                in_process("client://k@localhost:%d/127.0.0.1:%d?mode=2" % (tport, echo.port)):
+            wait_pool(lambda: s.core.pool.active, 1)
+            assert echo_roundtrip(uport, b"by name") == b"by name"
+        assert b"localhost" in seen_sni
+    finally:
+        echo.close()
