@@ -54,6 +54,63 @@ def run_sink(port: int) -> None:
         conn.close()
 
 
+def run_bulk_echo(port: int) -> None:
+    """Plain echo for the echo-throughput test (1 MiB reads, one thread per connection)."""
+    import threading
+
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", port))
+    srv.listen(16)
+
+    def serve(conn: socket.socket) -> None:
+        buf = bytearray(BLOCK)
+        view = memoryview(buf)
+        while True:
+            n = conn.recv_into(buf)
+            if not n:
+                break
+            conn.sendall(view[:n])
+        conn.close()
+
+    while True:
+        conn, _ = srv.accept()
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+def echo_throughput(port: int, size: int) -> float:
+    """Send *size* bytes and read them back concurrently; Gbit/s of the one-way volume."""
+    import threading
+
+    payload = memoryview(os.urandom(BLOCK))
+    sock = socket.create_connection(("127.0.0.1", port))
+    start = time.perf_counter()
+
+    def writer() -> None:
+        left = size
+        while left:
+            n = min(left, BLOCK)
+            sock.sendall(payload[:n])
+            left -= n
+        sock.shutdown(socket.SHUT_WR)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    buf = bytearray(BLOCK)
+    got = 0
+    while got < size:
+        n = sock.recv_into(buf)
+        if not n:
+            break
+        got += n
+    elapsed = time.perf_counter() - start
+    t.join()
+    sock.close()
+    if got != size:
+        raise RuntimeError("echo returned %d of %d bytes" % (got, size))
+    return size * 8 / elapsed / 1e9
+
+
 def run_echo(port: int) -> None:
     """gevent echo server for the CPS test."""
     from gevent.server import StreamServer
@@ -247,7 +304,80 @@ class ForwardPath(Path_):
         return port
 
 
+class TunnelPath(Path_):
+    """A server and a client process; users enter at the receiving side."""
+
+    flow = "rev"
+    tls = "0"
+    quic = False
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return "tunnel-%s-%s%s" % (self.flow, "quic" if self.quic else "tls", self.tls)
+
+    def open(self, target_port: int) -> int:
+        tport, uport = free_port(), free_port()
+        q = "tls=%s%s&log=warn" % (self.tls, "&quic=1" if self.quic else "")
+        if self.flow == "rev":
+            server = "server://bench@127.0.0.1:%d/127.0.0.1:%d?mode=1&%s" % (tport, uport, q)
+            client = "client://bench@127.0.0.1:%d/127.0.0.1:%d?mode=2&log=warn" % (tport, target_port)
+        else:
+            server = "server://bench@127.0.0.1:%d/127.0.0.1:%d?mode=2&%s" % (tport, target_port, q)
+            client = "client://bench@127.0.0.1:%d/127.0.0.1:%d?mode=2&log=warn" % (tport, uport)
+        self.procs.append(spawn("-m", "npgevent", server))
+        wait_port(tport)
+        self.procs.append(spawn("-m", "npgevent", client))
+        wait_port(uport)
+        time.sleep(2.0)  # let the pool fill
+        return uport
+
+
+def tunnel_path(flow: str, tls: str, quic: bool = False) -> type[Path_]:
+    return type("Tunnel_%s_%s%s" % (flow, tls, "q" if quic else ""), (TunnelPath,),
+                {"flow": flow, "tls": tls, "quic": quic})
+
+
 PATHS: dict[str, type[Path_]] = {"forward": ForwardPath}
+for _flow in ("rev", "fwd"):
+    for _tls in ("0", "1"):
+        PATHS["tunnel-%s-tls%s" % (_flow, _tls)] = tunnel_path(_flow, _tls)
+
+
+def pool_memory(n: int, tls: str) -> dict:
+    """RSS per idle pool connection: a tunnel holding *n* idle connections vs. one holding 1."""
+    out: dict = {"tls": tls, "connections": n}
+    sizes = {}
+    for count in (1, n):
+        tport, uport = free_port(), free_port()
+        server = spawn("-m", "npgevent", "server://m@127.0.0.1:%d/127.0.0.1:%d?mode=1&tls=%s&max=%d&log=warn"
+                       % (tport, uport, tls, count))
+        wait_port(tport)
+        client = spawn("-m", "npgevent", "client://m@127.0.0.1:%d/127.0.0.1:1?mode=2&min=%d&log=warn"
+                       % (tport, count))
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if _open_sockets(server.pid) >= count + 2 and _open_sockets(client.pid) >= count + 1:
+                    break
+                time.sleep(0.2)
+            time.sleep(2.0)
+            sizes[count] = (rss_kb(server.pid), rss_kb(client.pid))
+        finally:
+            stop(client)
+            stop(server)
+    out["server_kb_per_conn"] = round((sizes[n][0] - sizes[1][0]) / (n - 1), 2)
+    out["client_kb_per_conn"] = round((sizes[n][1] - sizes[1][1]) / (n - 1), 2)
+    out["server_rss_mb"] = round(sizes[n][0] / 1024, 1)
+    out["client_rss_mb"] = round(sizes[n][1] / 1024, 1)
+    return out
+
+
+def _open_sockets(pid: int) -> int:
+    try:
+        return sum(1 for fd in os.listdir("/proc/%d/fd" % pid)
+                   if os.readlink("/proc/%d/fd/%s" % (pid, fd)).startswith("socket:"))
+    except OSError:
+        return 0
 
 
 def measure(path: Path_, size: int, seconds: float, skip_cps: bool) -> dict:
@@ -256,15 +386,22 @@ def measure(path: Path_, size: int, seconds: float, skip_cps: bool) -> dict:
     sink = spawn(__file__, "sink", str(sink_port))
     echo_port = free_port()
     echo = spawn(__file__, "echo", str(echo_port))
+    bulk_port = free_port()
+    bulk = spawn(__file__, "bulk-echo", str(bulk_port))
     try:
         wait_port(sink_port)
         wait_port(echo_port)
+        wait_port(bulk_port)
         port = path.open(sink_port)
         time.sleep(1.0)
         if path.procs:
             result["idle_rss_mb"] = round(path.rss_kb() / 1024, 1)
         throughput(port, min(size, 64 << 20))  # warm-up
         result["gbit_s"] = round(throughput(port, size), 2)
+        path.close()
+        port = path.open(bulk_port)
+        echo_throughput(port, min(size, 64 << 20))
+        result["echo_gbit_s"] = round(echo_throughput(port, size), 2)
         path.close()
         if not skip_cps:
             port = path.open(echo_port)
@@ -280,12 +417,13 @@ def measure(path: Path_, size: int, seconds: float, skip_cps: bool) -> dict:
         path.close()
         stop(sink)
         stop(echo)
+        stop(bulk)
     return result
 
 
 def main() -> int:
-    if len(sys.argv) > 2 and sys.argv[1] in ("sink", "echo"):
-        (run_sink if sys.argv[1] == "sink" else run_echo)(int(sys.argv[2]))
+    if len(sys.argv) > 2 and sys.argv[1] in ("sink", "echo", "bulk-echo"):
+        {"sink": run_sink, "echo": run_echo, "bulk-echo": run_bulk_echo}[sys.argv[1]](int(sys.argv[2]))
         return 0
     if len(sys.argv) > 1 and sys.argv[1] == "cps-client":
         run_cps_client(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
@@ -295,6 +433,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--only", action="append", choices=sorted(PATHS), help="paths to run (default all)")
     ap.add_argument("--no-cps", action="store_true")
+    ap.add_argument("--pool-memory", type=int, default=1000, metavar="N",
+                    help="idle pool connections for the memory measurement (0 = skip)")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results.json"))
     args = ap.parse_args()
     names = args.only or list(PATHS)
@@ -304,16 +444,23 @@ def main() -> int:
     direct = results[0]
     for r in results:
         r["gbit_ratio"] = round(r["gbit_s"] / direct["gbit_s"], 2)
+        r["echo_ratio"] = round(r["echo_gbit_s"] / direct["echo_gbit_s"], 2)
         if "cps_16" in r:
             r["cps16_ratio"] = round(r["cps_16"] / direct["cps_16"], 2)
-    cols = ["path", "gbit_s", "gbit_ratio", "cps_1", "p50_ms_1", "p99_ms_1", "cps_16", "cps16_ratio",
+    cols = ["path", "gbit_s", "gbit_ratio", "echo_gbit_s", "echo_ratio", "cps_1", "p50_ms_1", "p99_ms_1", "cps_16", "cps16_ratio",
             "p50_ms_16", "p99_ms_16", "idle_rss_mb"]
     print("  ".join("%12s" % c for c in cols))
     for r in results:
         print("  ".join("%12s" % r.get(c, "-") for c in cols))
+    memory = []
+    if args.pool_memory and any(n.startswith("tunnel") for n in names):
+        for tls in ("0", "1"):
+            memory.append(pool_memory(args.pool_memory, tls))
+            print("idle pool memory:", memory[-1])
     meta = {"nproc": os.cpu_count(), "python": sys.version.split()[0], "time": time.strftime("%Y-%m-%d %H:%M:%S"),
             "size_mib": args.size_mib, "seconds": args.seconds}
-    Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    Path(args.json).write_text(json.dumps({"meta": meta, "results": results, "pool_memory": memory},
+                                          indent=2) + "\n")
     print("wrote", args.json)
     return 0
 

@@ -91,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     logmod.setup()
     ilog = logmod.InstanceLog(options.log)
+    raise_fd_limit(ilog)
     ilog.debug("Init log level: %s", options.log.upper())
     for warning in warnings:
         ilog.warn(warning)
@@ -103,6 +104,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write("npgevent: error: %s\n" % exc)
         return EXIT_USAGE
     return serve(runner)
+
+
+def raise_fd_limit(log: logmod.InstanceLog, want: int = 1 << 20) -> None:
+    """Lift the soft open-files limit towards the hard one: every session and idle
+    pool connection is a file descriptor, and 1024 is a common soft default."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = want if hard == resource.RLIM_INFINITY else min(hard, want)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            log.debug("Open files limit raised: %d -> %d", soft, target)
+    except (ImportError, OSError, ValueError) as exc:
+        log.debug("Open files limit unchanged: %s", exc)
 
 
 def serve(runner: Any) -> int:

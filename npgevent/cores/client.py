@@ -22,7 +22,6 @@ from gevent import socket
 from ..errors import CoreError, RemoteProtocolError
 from ..net.dial import family_of
 from ..net.sockopt import ListenError, format_addr, listen_tcp, tune_tcp
-from ..net.tls import TLSStream, client_context
 from ..pool.base import Adaptive
 from ..pool.tcp import ClientPool, PoolConn, read_exact
 from ..protocol.handshake import client_hello, read_reply
@@ -110,6 +109,8 @@ class DualClientCore(TunnelCore):
         if reply.quic:
             raise CoreError("the server asks for a QUIC pool, which is not available yet")
         if self.tls_code != "0":
+            from ..net.tls import client_context  # pyOpenSSL costs ~12 MB: load it only when used
+
             self.ctx = client_context(self.tls_code)
         adaptive = Adaptive(opts.min, reply.max, opts.min_pool_interval, opts.max_pool_interval)
         self.pool = ClientPool(log, self._dial_pool, adaptive, report_every=opts.report_interval)
@@ -129,6 +130,8 @@ class DualClientCore(TunnelCore):
             tune_tcp(sock, opts.report_interval)
             stream: Any = sock
             if self.ctx is not None:
+                from ..net.tls import TLSStream
+
                 stream = TLSStream.client(sock, self.ctx, host)
                 stream.handshake(opts.handshake_timeout, verify_name=host if self.tls_code == "2" else "")
             sock.settimeout(POOL_ID_TIMEOUT)

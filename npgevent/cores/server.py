@@ -23,19 +23,21 @@ included) and restarted after the cooldown.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gevent
 from gevent import socket
 
 from ..errors import CoreError
 from ..net.sockopt import ListenError, format_addr, listen_tcp, listen_udp, unmap
-from ..net.tls import ServerTLS, TLSError, TLSStream
 from ..pool.tcp import IdlePool, PoolConn, new_cid
 from ..protocol.handshake import EXTENSION_LEVEL, Reply, check_hello, server_reply
 from ..protocol.signals import MAX_LINE
 from .common import Instance
 from .tunnel import KeepingStreamServer, TunnelCore
+
+if TYPE_CHECKING:
+    from ..net.tls import ServerTLS
 
 
 def server_tls(inst: Instance) -> ServerTLS | None:
@@ -47,6 +49,8 @@ def server_tls(inst: Instance) -> ServerTLS | None:
         if code == "0":
             inst.log.warn("TLS code-0: unencrypted")
         else:
+            from ..net.tls import ServerTLS  # pyOpenSSL costs ~12 MB: load it only when used
+
             tls = ServerTLS(code, opts.crt, opts.key, opts.reload_interval, inst.log)
         inst.server_tls = tls  # type: ignore[attr-defined]
         inst.tls_logged = True  # type: ignore[attr-defined]
@@ -165,6 +169,8 @@ class ServerCore(TunnelCore):
             return
         stream: Any = sock
         if self.tls is not None:
+            from ..net.tls import TLSError, TLSStream
+
             stream = TLSStream.server(sock, self.tls.current())
             try:
                 stream.handshake(opts.handshake_timeout)

@@ -239,10 +239,25 @@ class TLSStream:
 
     # -- socket-like API ----------------------------------------------------------------
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        data = self.recv(nbytes or len(buffer))
+        """Fill *buffer* with as many decrypted records as are ready (at least one byte)."""
+        want = nbytes or len(buffer)
+        data = self.recv(want)
         n = len(data)
-        if n:
-            buffer[:n] = data
+        if not n:
+            return 0
+        buffer[:n] = data
+        conn = self.conn
+        # a TLS record carries at most 16 KiB: take what is already here without blocking,
+        # so the relay writes one large chunk instead of one per record
+        while n < want:
+            try:
+                more = conn.recv(want - n)
+            except SSL.Error:
+                break  # WantRead (nothing more now) or an error the next recv will report
+            if not more:
+                break
+            buffer[n : n + len(more)] = more
+            n += len(more)
         return n
 
     def recv(self, n: int) -> bytes:

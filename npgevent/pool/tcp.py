@@ -31,7 +31,7 @@ from typing import Any
 
 import gevent
 from gevent import socket
-from gevent.event import AsyncResult
+from gevent.event import AsyncResult, Event
 from gevent.pool import Pool
 
 from ..log import InstanceLog
@@ -83,6 +83,11 @@ class IdlePool:
         self.closed = False
         self._wanted: dict[str, AsyncResult] = {}
         self._any: deque[AsyncResult] = deque()
+        self.on_take: Callable[[], None] | None = None  # the client's refill manager listens
+
+    def _taken(self) -> None:
+        if self.on_take is not None:
+            self.on_take()
 
     @property
     def active(self) -> int:
@@ -119,6 +124,7 @@ class IdlePool:
             while self.idle:
                 cid = next(iter(self.idle))
                 conn = self.idle.pop(cid)
+                self._taken()
                 if conn.alive(strict=True):
                     return conn
                 self.log.debug("Tunnel connection: %s dead or unclean, dropped", cid)
@@ -143,6 +149,7 @@ class IdlePool:
     def take(self, cid: str, timeout: float) -> PoolConn | None:
         conn = self.idle.pop(cid, None)
         if conn is not None:
+            self._taken()
             return conn
         if self.closed:
             return None
@@ -183,7 +190,13 @@ class IdlePool:
 
 
 class ClientPool(IdlePool):
-    """The client's pool: keeps ``capacity`` idle connections, refilled adaptively."""
+    """The client's pool: keeps ``capacity`` idle connections, refilled adaptively.
+
+    Capacity and interval follow NodePass's rules, evaluated once per interval.
+    Beyond Go, refilling is also reactive: taking a connection wakes the manager,
+    which tops the pool up at once instead of at the next tick, so a burst of
+    sessions does not drain the pool for a whole interval.
+    """
 
     def __init__(
         self,
@@ -201,17 +214,29 @@ class ClientPool(IdlePool):
         self.report_every = report_every
         self._last_fail_log = 0.0
         self._fails = 0
+        self._wake = Event()
+        self.on_take = self._wake.set
 
     def run(self) -> None:
         """The refill loop (run it as a background task)."""
         ad = self.adaptive
+        created = 0
+        tick = time.monotonic() + ad.interval
         while not self.closed:
-            need = ad.need(len(self.idle), self.in_flight)
+            need = ad.need(len(self.idle), self.in_flight) if self._fails < 3 else 0
             for _ in range(need):
                 self.in_flight += 1
                 self.dialers.spawn(self._dial_one)
-            gevent.sleep(ad.interval)
-            ad.update(len(self.idle), need)
+            created += need
+            left = tick - time.monotonic()
+            if left <= 0:
+                ad.update(len(self.idle), created)
+                created = 0
+                tick = time.monotonic() + ad.interval
+                self._fails = min(self._fails, 2)  # after failures, retry once per interval
+                continue
+            self._wake.clear()
+            self._wake.wait(left)
 
     def _dial_one(self) -> None:
         try:

@@ -40,6 +40,7 @@ _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK
 _F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1 << 20
 SPLICE_CHUNK = 1 << 20
+STREAM_CHUNK = 1 << 16
 _GeventSocket = socket.socket
 
 
@@ -185,6 +186,8 @@ def _pump(
 ) -> BaseException | None:
     """Copy src -> dst until EOF (then half-close dst). Return the error, or None."""
     chunk = bufsize if limiter is None else min(bufsize, limiter.chunk)
+    if not can_splice and limiter is None:
+        chunk = max(chunk, STREAM_CHUNK)  # into TLS/QUIC: fewer, larger writes (buffers are pooled)
     try:
         if type(src) is _GeventSocket:
             _copy_socket(src, dst, acct, idx, limiter, sess, chunk, can_splice)
@@ -258,6 +261,7 @@ def _copy_stream(
     chunk: int,
 ) -> None:
     """Any other stream (TLS, QUIC): its own blocking recv_into with a private buffer."""
+    chunk = max(chunk, STREAM_CHUNK)  # TLS/QUIC reads gather several records per call
     buf = bytearray(chunk)
     view = memoryview(buf)
     while True:
