@@ -61,6 +61,8 @@ class DualClientCore(TunnelCore):
         super().__init__(inst)
         self.server_ip = ""
         self.ctx: Any = None
+        self.engine: Any = None  # QuicEngine when the server asks for QUIC
+        self.quic: Any = None
 
     def _start(self) -> None:
         opts, spec, log = self.opts, self.inst.spec, self.log
@@ -106,18 +108,44 @@ class DualClientCore(TunnelCore):
         self.flow, self.tls_code, self.npg = reply.flow, reply.tls, reply.npg
         log.info("Tunnel signal <- : %s <- %s", reply.encode(), self.peer)
         log.info("Tunnel handshaked: %s <-> %s", format_addr(sock.getsockname()), self.peer)
+        connector = self._dial_pool
         if reply.quic:
-            raise CoreError("the server asks for a QUIC pool, which is not available yet")
-        if self.tls_code != "0":
+            connector = self._start_quic(reply.max)
+        elif self.tls_code != "0":
             from ..net.tls import client_context  # pyOpenSSL costs ~12 MB: load it only when used
 
             self.ctx = client_context(self.tls_code)
         adaptive = Adaptive(opts.min, reply.max, opts.min_pool_interval, opts.max_pool_interval)
-        self.pool = ClientPool(log, self._dial_pool, adaptive, report_every=opts.report_interval)
+        self.pool = ClientPool(log, connector, adaptive, report_every=opts.report_interval)
         self.spawn_task(self.pool.run)
         if self.flow == "+":
             self.open_user_listeners(spec.targets[0])
         self.start_control()
+
+    def _start_quic(self, server_max: int) -> Any:
+        """Start the QUIC thread and its connections; return the pool connector."""
+        from ..pool.quic import QuicConnector, connection_count
+        from ..quic.stream import QuicEngine
+        from ..quic.thread import make_configuration
+
+        opts = self.opts
+        self.engine = QuicEngine(self.log, opts.report_interval)
+        self.engine.on_failure = lambda why: self.fail(CoreError("QUIC: %s" % why))
+        self.engine.start()
+        config = make_configuration(True, 3 * opts.report_interval, self.tls_code,
+                                    server_name=self.inst.spec.tunnel.host)
+        self.quic = QuicConnector(self.engine, self.server_ip, self.inst.spec.tunnel.port, config,
+                                  connection_count(server_max), opts.tcp_dial_timeout, POOL_ID_TIMEOUT,
+                                  self.log)
+        self.quic.start()
+        return self.quic.connect
+
+    def _close(self) -> None:
+        super()._close()
+        if self.quic is not None:
+            self.quic.close()
+        if self.engine is not None:
+            self.engine.stop()
 
     def _dial_pool(self) -> PoolConn:
         """One pool connection: TCP, TLS for codes 1/2, then the server's 4-byte id."""

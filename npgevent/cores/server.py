@@ -68,11 +68,12 @@ class ServerCore(TunnelCore):
         self._user_socks: tuple[Any, Any] = (None, None)
         self._verified = False
         self.pool = IdlePool(self.log)
+        self.engine: Any = None  # QuicEngine when quic=1
+        self._quic_config: Any = None
+        self._quic_cert: Any = None
 
     def _start(self) -> None:
         opts, spec = self.opts, self.inst.spec
-        if opts.quic:
-            raise CoreError("QUIC pool (quic=1) is not available yet")
         first = spec.targets[0]
         if opts.mode in ("0", "1"):
             try:
@@ -93,7 +94,26 @@ class ServerCore(TunnelCore):
         else:
             self.flow, self.mode = "+", 2
         self.listener = listen_tcp(spec.tunnel, self._tunnel_ip())
+        if opts.quic:
+            self._start_quic()
         self.spawn_task(self._serve)
+
+    def _start_quic(self) -> None:
+        """Bind the QUIC endpoint now, so it is up when the client dials after the handshake;
+        it admits nobody until the control connection's IP is known."""
+        from ..quic.stream import QuicEngine
+        from ..quic.thread import make_configuration
+
+        assert self.tls is not None  # quic=1 always has TLS (code 1 at least)
+        opts = self.opts
+        self.engine = QuicEngine(self.log, opts.report_interval)
+        self.engine.on_failure = lambda why: self.fail(CoreError("QUIC: %s" % why))
+        self.engine.start()
+        self._quic_cert = self.tls.cert
+        self._quic_config = make_configuration(False, 3 * opts.report_interval,
+                                               cert=self.tls.cert, key=self.tls.pkey)
+        host = self._tunnel_ip() or self.inst.spec.tunnel.host
+        self.engine.listen(host, self.inst.spec.tunnel.port, self._quic_config, allowed_ip="")
 
     def _tunnel_ip(self) -> str | None:
         host = self.inst.spec.tunnel
@@ -111,6 +131,13 @@ class ServerCore(TunnelCore):
         self.tunnel_server = KeepingStreamServer(self.listener, self._pool_accept,
                                                  spawn=self.tasks.spawn)
         self.tunnel_server.start()
+        if self.engine is not None:
+            from ..pool.quic import QuicServerPool
+
+            thread = self.engine.thread
+            thread.call(thread.set_allowed_ip, self.peer_ip)
+            QuicServerPool(self.engine, self.pool, self.opts.max, self.opts.handshake_timeout,
+                           self.log, self.tasks)
         if self.flow == "-":
             tcp, udp = self._user_socks
             self._user_socks = (None, None)
@@ -161,6 +188,9 @@ class ServerCore(TunnelCore):
 
     def _pool_accept(self, sock: socket.socket, addr: Any) -> None:
         log, opts = self.log, self.opts
+        if self.engine is not None:
+            log.debug("Tunnel connection: %s refused: the pool is QUIC", format_addr(addr))
+            return
         if unmap(addr[0]) != self.peer_ip:
             log.debug("Tunnel connection: %s refused: not the tunnel client", format_addr(addr))
             return
@@ -191,6 +221,12 @@ class ServerCore(TunnelCore):
 
     def _maintain(self) -> None:
         super()._maintain()
+        if self.engine is not None and self.tls is not None and self.tls.code == "2":
+            self.tls.current()  # reloads the files when due
+            if self.tls.cert is not self._quic_cert:
+                self._quic_cert = self.tls.cert
+                thread = self.engine.thread
+                thread.call(thread.set_certificate, self._quic_config, self.tls.cert, self.tls.pkey)
         # the TLS verify signal, once, from the second report tick on (Go: 5-15 s after start)
         if self.tls is not None and not self._verified and self.ticks >= 2:
             self._verified = self.send_verify(self.tls.fingerprint)
@@ -204,6 +240,8 @@ class ServerCore(TunnelCore):
 
     def _close(self) -> None:
         super()._close()
+        if self.engine is not None:
+            self.engine.stop()
         for s in self._user_socks:
             if s is not None:
                 s.close()

@@ -1,0 +1,338 @@
+"""The gevent side of QUIC: :class:`QuicEngine` and socket-like :class:`QuicStream`.
+
+:class:`QuicEngine` owns the native :class:`~npgevent.quic.thread.QuicThread`
+and the :class:`~npgevent.quic.bridge.Bridge`.  Greenlets call ``listen``,
+``dial`` and ``open_stream``, which post work to the thread and wait on gevent
+events for the answer.  The thread's batches arrive in the hub and are applied
+to the streams (append data, mark FIN/reset, update write credit); those
+callbacks never block.
+
+:class:`QuicStream` looks to the relay like a socket: ``recv``/``recv_into``
+(blocking the calling greenlet, honouring ``settimeout``), ``sendall`` (blocking
+while more than the send window is in flight), ``shutdown(SHUT_WR)`` (FIN, so
+half-close works), ``close`` (reset/stop-sending if not finished both ways),
+``probe`` for the pool.  Every byte consumed is reported back in steps so the
+thread can widen the peer's window: a stream never buffers more than
+``WINDOW`` bytes.
+
+Shutdown: ``stop()`` asks the thread to close every connection and stop its
+loop, waits (in gevent) for the thread to report its exit, closes the bridge
+and fails any stream still open.  A crash in the thread is reported to
+``on_failure`` so the tunnel core fails and restarts.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+from gevent import socket
+from gevent.event import AsyncResult, Event
+
+from ..errors import CoreError
+from ..log import InstanceLog
+from .bridge import Bridge
+from .thread import CREDIT_STEP, WINDOW, QuicThread
+
+CHUNK = 65536
+
+
+class QuicStream:
+    """One bidirectional QUIC stream, used by greenlets like a socket."""
+
+    def __init__(self, engine: QuicEngine, conn: int, sid: int) -> None:
+        self.engine = engine
+        self.conn = conn
+        self.sid = sid
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._fin = False  # the peer finished sending
+        self._broken = ""  # reset / connection closed
+        self._wfin = False  # we finished sending
+        self.closed = False
+        self._readable = Event()
+        self._writable = Event()
+        self.consumed = 0
+        self._granted = 0
+        self.written = 0
+        self.sent = 0
+        self.timeout: float | None = None
+
+    # -- fed by the engine (in the hub; never blocks) -----------------------------------
+    def _feed(self, chunks: list[bytes], fin: bool) -> None:
+        self._chunks.extend(c for c in chunks if c)
+        if fin:
+            self._fin = True
+        self._readable.set()
+
+    def _break(self, why: str) -> None:
+        if not self._broken:
+            self._broken = why
+        self._readable.set()
+        self._writable.set()
+
+    def _credit(self, sent: int) -> None:
+        if sent > self.sent:
+            self.sent = sent
+            self._writable.set()
+
+    # -- reading ------------------------------------------------------------------------
+    def _wait_readable(self) -> bool:
+        """Block until data, FIN or an error; False at a clean end of stream."""
+        while not self._chunks:
+            if self._fin:
+                return False
+            if self._broken or self.closed:
+                raise ConnectionResetError(self._broken or "stream closed")
+            self._readable.clear()
+            if not self._readable.wait(self.timeout):
+                raise socket.timeout("timed out")
+        return True
+
+    def recv(self, n: int) -> bytes:
+        if not self._wait_readable():
+            return b""
+        first = self._chunks[0]
+        if len(first) <= n:
+            self._chunks.popleft()
+            data = first
+        else:
+            data, self._chunks[0] = first[:n], first[n:]
+        self._consume(len(data))
+        return data
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        want = nbytes or len(buffer)
+        if not self._wait_readable():
+            return 0
+        view = memoryview(buffer)
+        got = 0
+        chunks = self._chunks
+        while chunks and got < want:
+            first = chunks[0]
+            take = min(len(first), want - got)
+            view[got : got + take] = first[:take]
+            if take == len(first):
+                chunks.popleft()
+            else:
+                chunks[0] = first[take:]
+            got += take
+        self._consume(got)
+        return got
+
+    def _consume(self, n: int) -> None:
+        self.consumed += n
+        if self.consumed - self._granted >= CREDIT_STEP:
+            self._granted = self.consumed
+            self.engine.thread.call(self.engine.thread.grant, self.conn, self.sid, self.consumed)
+
+    # -- writing ------------------------------------------------------------------------
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        view = memoryview(data).cast("B")
+        total = len(view)
+        off = 0
+        thread = self.engine.thread
+        while off < total:
+            if self._broken or self.closed or self._wfin:
+                raise BrokenPipeError(self._broken or "stream closed for writing")
+            room = WINDOW - (self.written - self.sent)
+            if room <= 0:
+                self._writable.clear()
+                if not self._writable.wait(self.timeout):
+                    raise socket.timeout("timed out")
+                continue
+            n = min(room, total - off, CHUNK)
+            chunk = bytes(view[off : off + n])
+            off += n
+            self.written += n
+            if not thread.call(thread.send, self.conn, self.sid, chunk, False):
+                raise BrokenPipeError("QUIC engine stopped")
+
+    def shutdown(self, how: int) -> None:
+        if how in (socket.SHUT_WR, socket.SHUT_RDWR) and not self._wfin and not self.closed:
+            self._wfin = True
+            thread = self.engine.thread
+            thread.call(thread.send, self.conn, self.sid, b"", True)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        engine = self.engine
+        if engine.streams.pop((self.conn, self.sid), None) is not None and engine.stream_count[self.conn] > 0:
+            engine.stream_count[self.conn] -= 1
+        thread = engine.thread
+        # abort what is not finished: reset our direction, ask the peer to stop its own
+        thread.call(thread.close_stream, self.conn, self.sid, not self._wfin, not self._fin)
+        self._readable.set()
+        self._writable.set()
+
+    def settimeout(self, value: float | None) -> None:
+        self.timeout = value
+
+    # -- pool support -------------------------------------------------------------------
+    def probe(self) -> bool:
+        return not (self.closed or self._broken or self._fin) and self.engine.conn_alive(self.conn)
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._chunks)
+
+    def peer_fingerprint(self) -> str:
+        return self.engine.fingerprints.get(self.conn, "")
+
+
+class QuicEngine:
+    """The gevent-side facade of one QUIC thread."""
+
+    def __init__(self, log: InstanceLog, keepalive: float) -> None:
+        self.log = log
+        self.bridge = Bridge()
+        self.thread = QuicThread(self.bridge, self, keepalive)
+        self.streams: dict[tuple[int, int], QuicStream] = {}
+        self.alive: set[int] = set()
+        self.fingerprints: dict[int, str] = {}
+        self.stream_count: collections.Counter[int] = collections.Counter()
+        self.on_new_stream: Callable[[QuicStream], None] | None = None
+        self.on_conn_closed: Callable[[int, str], None] | None = None
+        self.on_failure: Callable[[str], None] | None = None
+        self.failure = ""
+        self._ready_event = Event()
+        self._exit_event = Event()
+        self._tokens = itertools.count(1)
+        self._waiting: dict[int, AsyncResult] = {}
+        self._listen_result: AsyncResult | None = None
+        self.started = False
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self, timeout: float = 5.0) -> None:
+        self.thread.start()
+        self.started = True
+        if not self._ready_event.wait(timeout):
+            raise CoreError("QUIC thread did not start")
+
+    def stop(self, timeout: float = 3.0) -> None:
+        if not self.started:
+            self.bridge.close()
+            return
+        self.started = False
+        asked = not self.thread.exited and self.thread.call(self.thread.shutdown)
+        if asked and not self._exit_event.wait(timeout):
+            self.log.error("QUIC thread did not stop within %ss", timeout)
+        self.bridge.close()
+        for stream in list(self.streams.values()):
+            stream._break("QUIC engine stopped")
+        for waiter in self._waiting.values():
+            if not waiter.ready():
+                waiter.set((None, None, "QUIC engine stopped"))
+
+    def conn_alive(self, conn: int) -> bool:
+        return conn in self.alive
+
+    # -- requests (greenlets) -----------------------------------------------------------
+    def listen(self, host: str, port: int, config: Any, allowed_ip: str | None, timeout: float = 5.0) -> None:
+        self._listen_result = AsyncResult()
+        self.thread.call(self.thread.listen, host, port, config, allowed_ip)
+        err = self._listen_result.get(timeout=timeout)
+        if err:
+            from ..net.sockopt import ListenError
+
+            raise ListenError(None, err)
+
+    def dial(self, ip: str, port: int, config: Any, timeout: float) -> int:
+        token = next(self._tokens)
+        waiter = self._waiting[token] = AsyncResult()
+        self.thread.call(self.thread.dial, token, ip, port, config, timeout)
+        conn, _fp, err = waiter.get(timeout=timeout + 2)
+        if conn is None:
+            raise ConnectionError("QUIC dial %s:%d: %s" % (ip, port, err))
+        return int(conn)
+
+    def open_stream(self, conn: int, timeout: float) -> QuicStream:
+        token = next(self._tokens)
+        waiter = self._waiting[token] = AsyncResult()
+        self.thread.call(self.thread.open_stream, token, conn)
+        got_conn, sid, err = waiter.get(timeout=timeout)
+        if sid is None:
+            raise ConnectionError("QUIC stream: %s" % err)
+        stream = self.streams[(got_conn, sid)] = QuicStream(self, got_conn, sid)
+        self.stream_count[got_conn] += 1
+        return stream
+
+    def close_conn(self, conn: int) -> None:
+        self.thread.call(self.thread.close_conn, conn)
+
+    # -- callbacks from the thread (in the hub: must not block) -------------------------
+    def _ready(self) -> None:
+        self._ready_event.set()
+
+    def _exited(self) -> None:
+        self._exit_event.set()
+
+    def _log(self, level: str, text: str) -> None:
+        getattr(self.log, level)("QUIC: %s", text)
+
+    def _crashed(self, text: str) -> None:
+        last = text.strip().splitlines()[-1] if text.strip() else "unknown error"
+        self.log.error("QUIC thread error: %s", last)
+        self.log.debug("QUIC thread error details:\n%s", text)
+        self.failure = last
+        if self.on_failure is not None:
+            self.on_failure(last)
+
+    def _listening(self, err: str | None) -> None:
+        if self._listen_result is not None:
+            self._listen_result.set(err)
+
+    def _dialled(self, token: int, conn: int | None, fp: str, err: str) -> None:
+        if conn is not None:
+            self.alive.add(conn)
+            self.fingerprints[conn] = fp
+        waiter = self._waiting.pop(token, None)
+        if waiter is not None:
+            waiter.set((conn, fp, err))
+        elif conn is not None:
+            self.close_conn(conn)  # nobody waits any more
+
+    def _opened(self, token: int, conn: int, sid: int | None, err: str) -> None:
+        waiter = self._waiting.pop(token, None)
+        if waiter is not None:
+            waiter.set((conn, sid, err))
+        elif sid is not None:
+            self.thread.call(self.thread.close_stream, conn, sid, True, True)
+
+    def _batch(self, items: list[tuple[Any, ...]]) -> None:
+        streams = self.streams
+        for item in items:
+            kind = item[0]
+            if kind == "data":
+                stream = streams.get((item[1], item[2]))
+                if stream is not None:
+                    stream._feed(item[3], item[4])
+            elif kind == "credit":
+                stream = streams.get((item[1], item[2]))
+                if stream is not None:
+                    stream._credit(item[3])
+            elif kind == "new":
+                conn, sid = item[1], item[2]
+                self.alive.add(conn)
+                stream = streams[(conn, sid)] = QuicStream(self, conn, sid)
+                self.stream_count[conn] += 1
+                if self.on_new_stream is not None:
+                    self.on_new_stream(stream)
+                else:
+                    stream.close()
+            elif kind in ("reset", "stop"):
+                stream = streams.get((item[1], item[2]))
+                if stream is not None:
+                    stream._break("stream reset by the peer")
+            elif kind == "closed":
+                conn = item[1]
+                self.alive.discard(conn)
+                self.fingerprints.pop(conn, None)
+                self.stream_count.pop(conn, None)
+                for key in [k for k in streams if k[0] == conn]:
+                    streams[key]._break("QUIC connection closed: %s" % item[2])
+                if self.on_conn_closed is not None:
+                    self.on_conn_closed(conn, item[2])

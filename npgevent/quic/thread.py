@@ -1,0 +1,495 @@
+"""The QUIC thread: one native OS thread running an asyncio loop with aioquic.
+
+The thread is started with the *original* ``_thread.start_new_thread`` (after
+``monkey.patch_all()`` ``threading.Thread`` would be a greenlet), and its
+asyncio loop is built from original pieces too: an ``EpollSelector``, real
+sockets for the UDP endpoints and for the loop's self-pipe.  Nothing in this
+thread uses a gevent object or a patched lock; it never logs directly (records
+are sent to the hub through the :class:`~npgevent.quic.bridge.Bridge`).
+
+Everything here runs in the thread, driven by calls from gevent
+(:meth:`QuicThread.call`), and reports back in batches: per loop iteration,
+stream data, new streams, resets, write credit and closed connections are
+collected and handed to the gevent side in one message.
+
+Flow control and back-pressure:
+
+* receive: aioquic raises a stream's window as soon as data *arrives*; here
+  :class:`WindowedConnection` raises it only as the gevent side *consumes* data
+  (``grant``), so a slow reader holds at most :data:`WINDOW` bytes per stream
+  and its peer waits, while other streams keep flowing (the connection-level
+  window still follows aioquic's rule);
+* send: the gevent side may have at most :data:`WINDOW` bytes handed over but
+  not yet sent on the wire; :meth:`QuicThread._after_transmit` reports the
+  sent offset of streams with pending data ("credit"), which releases blocked
+  writers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ssl
+import traceback
+from collections.abc import Callable
+from typing import Any, cast
+
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.asyncio.server import QuicServer
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from gevent import monkey
+
+from .bridge import Bridge
+
+_start_new_thread = monkey.get_original("_thread", "start_new_thread")
+_RealSocket = monkey.get_original("socket", "socket")
+_real_socketpair = monkey.get_original("socket", "socketpair")
+_RealSelector = monkey.get_original("selectors", "DefaultSelector")
+
+#: per-stream receive window and send allowance (bytes)
+WINDOW = 1 << 20
+CREDIT_STEP = WINDOW // 4
+ALPN = "np-quic"
+DATAGRAM_SIZE = 1452  # quic-go's maximum: larger datagrams would be dropped by a Go peer
+UDP_BUFFER = 4 << 20
+_STOP_SENDING: Any = getattr(events, "StopSendingReceived", None)
+
+
+class WindowedConnection(QuicConnection):
+    """A QuicConnection whose stream receive windows follow the application.
+
+    aioquic doubles ``max_stream_data_local`` when the peer has sent half of it;
+    here only :meth:`grant` raises it, to what was consumed plus :data:`WINDOW`.
+    Instances are created by aioquic's server as plain ``QuicConnection``; the
+    protocol switches their class (this subclass adds methods, no state).
+    """
+
+    def _write_stream_limits(self, builder: Any, space: Any, stream: Any) -> None:
+        receiver = stream.receiver
+        saved = receiver.highest_offset
+        receiver.highest_offset = 0  # keeps aioquic's grow-on-receipt condition false
+        try:
+            super()._write_stream_limits(builder, space, stream)
+        finally:
+            receiver.highest_offset = saved
+
+    def grant(self, stream_id: int, consumed: int) -> bool:
+        stream = self._streams.get(stream_id)
+        if stream is None or not stream.max_stream_data_local:
+            return False
+        want = consumed + WINDOW
+        if want > stream.max_stream_data_local:
+            stream.max_stream_data_local = want
+            return True
+        return False
+
+    def stream_sent(self, stream_id: int) -> int | None:
+        stream = self._streams.get(stream_id)
+        return None if stream is None else int(stream.sender.highest_offset)
+
+
+class _NativeLoop(asyncio.SelectorEventLoop):
+    """An asyncio loop whose self-pipe is a real socketpair (not a gevent one)."""
+
+    def _make_self_pipe(self) -> None:
+        self._ssock, self._csock = _real_socketpair()
+        self._ssock.setblocking(False)
+        self._csock.setblocking(False)
+        # the same bookkeeping as asyncio's own _make_self_pipe (private asyncio API)
+        self._internal_fds += 1  # type: ignore[attr-defined]
+        self._add_reader(self._ssock.fileno(), self._read_from_self)  # type: ignore[attr-defined]
+
+
+class NpProtocol(QuicConnectionProtocol):
+    """One QUIC connection as seen by the thread."""
+
+    def __init__(self, quic: QuicConnection, owner: QuicThread, role: str, **kw: Any) -> None:
+        if type(quic) is QuicConnection:
+            quic.__class__ = WindowedConnection
+        super().__init__(quic, **kw)
+        self.owner = owner
+        self.role = role
+        self.key = owner.new_conn_key()
+        self.peer_ok: bool | None = None
+        self.known: set[int] = set()
+        self.terminated = False
+        owner.protocols[self.key] = self
+
+    @property
+    def wquic(self) -> WindowedConnection:
+        return cast(WindowedConnection, self._quic)
+
+    def datagram_received(self, data: Any, addr: Any) -> None:
+        owner = self.owner
+        if self.peer_ok is None:
+            ip = addr[0][7:] if str(addr[0]).startswith("::ffff:") else addr[0]
+            self.peer_ok = owner.allowed_ip is None or ip == owner.allowed_ip
+            if not self.peer_ok:
+                owner.log("debug", "QUIC connection from %s refused: not the tunnel client" % (ip,))
+                self._quic.close(error_code=0x0, reason_phrase="not the tunnel client")
+                self.transmit()
+                return
+        if not self.peer_ok:
+            return
+        super().datagram_received(data, addr)
+
+    def transmit(self) -> None:
+        super().transmit()
+        self.owner._after_transmit(self)
+
+    def quic_event_received(self, event: Any) -> None:
+        self.owner._on_event(self, event)
+
+
+class QuicThread:
+    """The thread side of the QUIC engine (see module docstring).
+
+    *sink* is the gevent-side object: the thread calls its ``_batch``,
+    ``_listening``, ``_dialled``, ``_opened``, ``_log`` and ``_crashed`` methods
+    through the bridge.
+    """
+
+    def __init__(self, bridge: Bridge, sink: Any, keepalive: float) -> None:
+        self.bridge = bridge
+        self.sink = sink
+        self.keepalive = keepalive
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.protocols: dict[int, NpProtocol] = {}
+        self.servers: list[tuple[Any, QuicServer]] = []
+        self.allowed_ip: str | None = None
+        self._conn_seq = 0
+        self._batch: list[tuple[Any, ...]] = []
+        self._batch_scheduled = False
+        self._writing: dict[tuple[int, int], int] = {}  # (conn, sid) -> last reported sent offset
+        self._written: dict[tuple[int, int], int] = {}  # (conn, sid) -> bytes handed over
+        self.exited = False
+
+    # -- lifecycle --------------------------------------------------------------------
+    def start(self) -> None:
+        _start_new_thread(self._main, ())
+
+    def _main(self) -> None:
+        loop: asyncio.AbstractEventLoop | None = None
+        try:
+            loop = _NativeLoop(_RealSelector())
+            loop.set_exception_handler(self._loop_error)
+            self.loop = loop
+            self.bridge.loop = loop
+            loop.call_soon(self.bridge.to_gevent, self.sink._ready)
+            loop.call_later(self.keepalive, self._keepalive)
+            loop.run_forever()
+        except BaseException:
+            self.bridge.to_gevent(self.sink._crashed, traceback.format_exc(limit=8))
+        finally:
+            try:
+                if loop is not None:
+                    loop.close()
+            except BaseException:
+                pass
+            self.exited = True
+            self.bridge.to_gevent(self.sink._exited)
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> bool:
+        """From gevent: run ``fn(*args)`` in this thread."""
+        return self.bridge.to_thread(self._guard, fn, args)
+
+    def _guard(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            self._loop_error(None, {"message": "QUIC thread error", "exception": None,
+                                    "traceback": traceback.format_exc(limit=8)})
+
+    def _loop_error(self, _loop: Any, context: dict[str, Any]) -> None:
+        text = context.get("traceback") or "%s: %r" % (context.get("message"), context.get("exception"))
+        self.bridge.to_gevent(self.sink._crashed, text)
+
+    def shutdown(self) -> None:
+        """Close every connection and endpoint, then stop the loop (runs in the thread)."""
+        for protocol in list(self.protocols.values()):
+            try:
+                protocol.close()
+            except Exception:
+                pass
+        for transport, server in self.servers:
+            try:
+                server.close()
+            except Exception:
+                transport.close()
+        self.servers.clear()
+        assert self.loop is not None
+        self.loop.call_later(0.05, self.loop.stop)
+
+    def log(self, level: str, text: str) -> None:
+        self.bridge.to_gevent(self.sink._log, level, text)
+
+    def new_conn_key(self) -> int:
+        self._conn_seq += 1
+        return self._conn_seq
+
+    # -- endpoints --------------------------------------------------------------------
+    def listen(self, host: str, port: int, config: QuicConfiguration, allowed_ip: str | None) -> None:
+        self.allowed_ip = allowed_ip
+        assert self.loop is not None
+        self.loop.create_task(self._listen(host, port, config))
+
+    async def _listen(self, host: str, port: int, config: QuicConfiguration) -> None:
+        import socket as std
+
+        family = std.AF_INET6 if ":" in host or host == "" else std.AF_INET
+        sock = _RealSocket(family, std.SOCK_DGRAM)
+        try:
+            if family == std.AF_INET6:
+                sock.setsockopt(std.IPPROTO_IPV6, std.IPV6_V6ONLY, 0)
+            _tune(sock)
+            sock.bind((host or "::", port))
+            sock.setblocking(False)
+            assert self.loop is not None
+            transport, server = await self.loop.create_datagram_endpoint(
+                lambda: QuicServer(configuration=config, create_protocol=self._server_protocol), sock=sock)
+        except OSError as exc:
+            sock.close()
+            reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+            self.bridge.to_gevent(self.sink._listening, "listen udp %s:%d: %s" % (host, port, reason))
+            return
+        self.servers.append((transport, server))
+        self.bridge.to_gevent(self.sink._listening, None)
+
+    def set_allowed_ip(self, ip: str | None) -> None:
+        self.allowed_ip = ip
+
+    def _server_protocol(self, connection: QuicConnection, stream_handler: Any = None) -> NpProtocol:
+        return NpProtocol(connection, self, "server")
+
+    def set_certificate(self, config: QuicConfiguration, cert: Any, key: Any) -> None:
+        config.certificate = cert
+        config.private_key = key
+
+    def dial(self, token: int, ip: str, port: int, config: QuicConfiguration, timeout: float) -> None:
+        assert self.loop is not None
+        self.loop.create_task(self._dial(token, ip, port, config, timeout))
+
+    async def _dial(self, token: int, ip: str, port: int, config: QuicConfiguration, timeout: float) -> None:
+        import socket as std
+
+        family = std.AF_INET6 if ":" in ip else std.AF_INET
+        sock = _RealSocket(family, std.SOCK_DGRAM)
+        protocol: NpProtocol | None = None
+        try:
+            _tune(sock)
+            sock.bind(("::" if family == std.AF_INET6 else "0.0.0.0", 0))
+            sock.setblocking(False)
+            assert self.loop is not None
+            _transport, protocol = await self.loop.create_datagram_endpoint(
+                lambda: NpProtocol(WindowedConnection(configuration=config), self, "client"), sock=sock)
+            protocol.connect((ip, port))
+            await asyncio.wait_for(protocol.wait_connected(), timeout)
+        except Exception as exc:
+            timed_out = isinstance(exc, asyncio.TimeoutError)
+            reason = "timed out" if timed_out else (str(exc) or type(exc).__name__)
+            if protocol is not None:
+                self.protocols.pop(protocol.key, None)
+                protocol.close()
+            else:
+                sock.close()
+            self.bridge.to_gevent(self.sink._dialled, token, None, "", reason)
+            return
+        self.bridge.to_gevent(self.sink._dialled, token, protocol.key, _peer_fingerprint(protocol), "")
+
+    # -- streams ----------------------------------------------------------------------
+    def open_stream(self, token: int, conn: int) -> None:
+        protocol = self.protocols.get(conn)
+        if protocol is None or protocol.terminated:
+            self.bridge.to_gevent(self.sink._opened, token, conn, None, "connection closed")
+            return
+        quic = protocol._quic
+        try:
+            sid = quic.get_next_available_stream_id()
+            quic.send_stream_data(sid, b"\x00")  # NodePass's stream hello
+        except Exception as exc:  # StreamLimitReached and the like
+            self.bridge.to_gevent(self.sink._opened, token, conn, None, str(exc) or type(exc).__name__)
+            return
+        protocol.known.add(sid)
+        self._written[(conn, sid)] = 0
+        protocol.transmit()
+        self.bridge.to_gevent(self.sink._opened, token, conn, sid, "")
+
+    def send(self, conn: int, sid: int, data: bytes, fin: bool) -> None:
+        protocol = self.protocols.get(conn)
+        if protocol is None or protocol.terminated:
+            self._push(("reset", conn, sid))
+            return
+        try:
+            protocol._quic.send_stream_data(sid, data, end_stream=fin)
+        except Exception:
+            self._push(("reset", conn, sid))
+            return
+        key = (conn, sid)
+        self._written[key] = self._written.get(key, 0) + len(data)
+        self._writing.setdefault(key, 0)
+        protocol._transmit_soon()
+
+    def grant(self, conn: int, sid: int, consumed: int) -> None:
+        protocol = self.protocols.get(conn)
+        if protocol is not None and not protocol.terminated and protocol.wquic.grant(sid, consumed):
+            protocol._transmit_soon()
+
+    def close_stream(self, conn: int, sid: int, reset: bool, stop: bool) -> None:
+        key = (conn, sid)
+        self._writing.pop(key, None)
+        self._written.pop(key, None)
+        protocol = self.protocols.get(conn)
+        if protocol is None or protocol.terminated:
+            return
+        quic = protocol._quic
+        try:
+            if reset:
+                quic.reset_stream(sid, 0)
+            if stop:
+                quic.stop_stream(sid, 0)
+        except Exception:
+            pass
+        protocol._transmit_soon()
+
+    def close_conn(self, conn: int) -> None:
+        protocol = self.protocols.get(conn)
+        if protocol is not None:
+            protocol.close()
+
+    # -- events from aioquic ------------------------------------------------------------
+    def _on_event(self, protocol: NpProtocol, event: Any) -> None:
+        conn = protocol.key
+        if isinstance(event, events.StreamDataReceived):
+            sid = event.stream_id
+            if sid not in protocol.known:
+                if protocol.role != "server":
+                    return  # a stream we did not open: ignore
+                protocol.known.add(sid)
+                self._written[(conn, sid)] = 0
+                self._push(("new", conn, sid))
+            self._push_data(conn, sid, event.data, event.end_stream)
+        elif isinstance(event, events.StreamReset):
+            self._push(("reset", conn, event.stream_id))
+        elif _STOP_SENDING is not None and isinstance(event, _STOP_SENDING):
+            self._push(("stop", conn, cast(Any, event).stream_id))
+        elif isinstance(event, events.ConnectionTerminated):
+            protocol.terminated = True
+            self.protocols.pop(conn, None)
+            for key in [k for k in self._written if k[0] == conn]:
+                self._written.pop(key, None)
+                self._writing.pop(key, None)
+            code = event.error_code
+            reason = event.reason_phrase or ("error 0x%x" % code if code else "closed")
+            self._push(("closed", conn, reason))
+
+    def _push_data(self, conn: int, sid: int, data: bytes, fin: bool) -> None:
+        batch = self._batch
+        last = batch[-1] if batch else None
+        if last is not None and last[0] == "data" and last[1] == conn and last[2] == sid and not last[4]:
+            last[3].append(data)
+            batch[-1] = ("data", conn, sid, last[3], fin)
+        else:
+            self._push(("data", conn, sid, [data], fin))
+
+    def _push(self, item: tuple[Any, ...]) -> None:
+        self._batch.append(item)
+        if not self._batch_scheduled:
+            self._batch_scheduled = True
+            assert self.loop is not None
+            self.loop.call_soon(self._flush_batch)
+
+    def _flush_batch(self) -> None:
+        self._batch_scheduled = False
+        batch, self._batch = self._batch, []
+        if batch:
+            self.bridge.to_gevent(self.sink._batch, batch)
+
+    def _after_transmit(self, protocol: NpProtocol) -> None:
+        if not self._writing:
+            return
+        quic = protocol.wquic
+        conn = protocol.key
+        for key in [k for k in self._writing if k[0] == conn]:
+            sent = quic.stream_sent(key[1])
+            if sent is None:
+                self._writing.pop(key, None)
+                continue
+            reported = self._writing[key]
+            written = self._written.get(key, 0)
+            if sent - reported >= CREDIT_STEP or sent >= written:
+                self._writing[key] = sent
+                self._push(("credit", conn, key[1], sent))
+                if sent >= written:
+                    self._writing.pop(key, None)
+
+    def _keepalive(self) -> None:
+        assert self.loop is not None
+        for protocol in list(self.protocols.values()):
+            if not protocol.terminated:
+                try:
+                    protocol._quic.send_ping(0)
+                    protocol.transmit()
+                except Exception:
+                    pass
+        self.loop.call_later(self.keepalive, self._keepalive)
+
+
+def _tune(sock: Any) -> None:
+    import socket as std
+
+    for opt in (std.SO_RCVBUF, std.SO_SNDBUF):
+        try:
+            sock.setsockopt(std.SOL_SOCKET, opt, UDP_BUFFER)
+        except OSError:
+            pass
+
+
+def _peer_fingerprint(protocol: NpProtocol) -> str:
+    cert = getattr(protocol._quic.tls, "_peer_certificate", None)
+    if cert is None:
+        return ""
+    from ..net.tls import fingerprint
+
+    return fingerprint(cert)
+
+
+def make_configuration(is_client: bool, idle_timeout: float, tls_code: str = "1",
+                       server_name: str = "", cert: Any = None, key: Any = None) -> QuicConfiguration:
+    """QUIC settings as NodePass uses them: TLS 1.3, ALPN np-quic, idle timeout."""
+    config = QuicConfiguration(
+        is_client=is_client,
+        alpn_protocols=[ALPN],
+        idle_timeout=idle_timeout,
+        max_datagram_size=DATAGRAM_SIZE,
+        max_stream_data=WINDOW,
+        max_data=16 * WINDOW,
+    )
+    if is_client:
+        if server_name and not _is_ip(server_name):
+            config.server_name = server_name
+        if tls_code == "2":
+            import os
+
+            config.verify_mode = ssl.CERT_REQUIRED
+            paths = ssl.get_default_verify_paths()
+            config.cafile = os.environ.get("SSL_CERT_FILE") or paths.cafile
+            config.capath = os.environ.get("SSL_CERT_DIR") or paths.capath
+            config.server_name = server_name
+        else:
+            config.verify_mode = ssl.CERT_NONE
+    else:
+        config.certificate = cert
+        config.private_key = key
+    return config
+
+
+def _is_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
