@@ -333,8 +333,11 @@ class TLSStream:
         """Non-blocking liveness check of an idle connection (False = closed by the peer).
 
         Processes post-handshake messages (session tickets); application data
-        that arrives is kept and returned by the next ``recv``.
+        that arrives is kept and returned by the next ``recv``; a connection holding such
+        data counts as alive even if the peer's close_notify followed it.
         """
+        if self._pending:
+            return True
         try:
             peek = self.sock._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:

@@ -120,7 +120,9 @@ class QuicConnector:
         conn = min(live, key=lambda c: counts[c])
         if counts[conn] >= MAX_STREAMS:
             raise ConnectionError("QUIC stream limit reached on every connection")
-        stream = self.engine.open_stream(conn, self.dial_timeout)
+        # wait as long as for the id itself: a stream given up early would still be opened by
+        # the thread and pooled by the server, which could then name it in a launch signal
+        stream = self.engine.open_stream(conn, self.id_timeout)
         stream.settimeout(self.id_timeout)
         try:
             cid = read_exact(stream, 4).hex()

@@ -173,11 +173,16 @@ class QuicStream:
 
     # -- pool support -------------------------------------------------------------------
     def probe(self) -> bool:
-        return not (self.closed or self._broken or self._fin) and self.engine.conn_alive(self.conn)
+        """False if the stream is unusable: closed, reset, its connection gone, or finished by
+        the peer without any data.  Data followed by FIN is a live session whose launch signal
+        has not been handled yet (the user sent its request and half-closed at once)."""
+        if self.closed or self._broken or not self.engine.conn_alive(self.conn):
+            return False
+        return not (self._fin and not self._chunks)
 
     @property
     def has_pending(self) -> bool:
-        return bool(self._chunks)
+        return bool(self._chunks) or self._fin
 
     def peer_fingerprint(self) -> str:
         return self.engine.fingerprints.get(self.conn, "")
@@ -202,6 +207,7 @@ class QuicEngine:
         self._exit_event = Event()
         self._tokens = itertools.count(1)
         self._waiting: dict[int, AsyncResult] = {}
+        self._dial_tokens: set[int] = set()
         self._listen_result: AsyncResult | None = None
         self.started = False
 
@@ -223,9 +229,10 @@ class QuicEngine:
         self.bridge.close()
         for stream in list(self.streams.values()):
             stream._break("QUIC engine stopped")
-        for waiter in self._waiting.values():
+        for token, waiter in list(self._waiting.items()):
             if not waiter.ready():
-                waiter.set((None, None, "QUIC engine stopped"))
+                waiter.set((None, None, "QUIC engine stopped") if token in self._dial_tokens
+                           else (None, "QUIC engine stopped"))
 
     def conn_alive(self, conn: int) -> bool:
         return conn in self.alive
@@ -243,8 +250,13 @@ class QuicEngine:
     def dial(self, ip: str, port: int, config: Any, timeout: float) -> int:
         token = next(self._tokens)
         waiter = self._waiting[token] = AsyncResult()
+        self._dial_tokens.add(token)
         self.thread.call(self.thread.dial, token, ip, port, config, timeout)
-        conn, _fp, err = waiter.get(timeout=timeout + 2)
+        try:
+            conn, _fp, err = waiter.get(timeout=timeout + 2)
+        finally:
+            self._waiting.pop(token, None)
+            self._dial_tokens.discard(token)
         if conn is None:
             raise ConnectionError("QUIC dial %s:%d: %s" % (ip, port, err))
         return int(conn)
@@ -253,11 +265,13 @@ class QuicEngine:
         token = next(self._tokens)
         waiter = self._waiting[token] = AsyncResult()
         self.thread.call(self.thread.open_stream, token, conn)
-        got_conn, sid, err = waiter.get(timeout=timeout)
-        if sid is None:
+        try:
+            stream, err = waiter.get(timeout=timeout)
+        except BaseException:
+            self._waiting.pop(token, None)
+            raise
+        if stream is None:
             raise ConnectionError("QUIC stream: %s" % err)
-        stream = self.streams[(got_conn, sid)] = QuicStream(self, got_conn, sid)
-        self.stream_count[got_conn] += 1
         return stream
 
     def close_conn(self, conn: int) -> None:
@@ -297,10 +311,18 @@ class QuicEngine:
 
     def _opened(self, token: int, conn: int, sid: int | None, err: str) -> None:
         waiter = self._waiting.pop(token, None)
-        if waiter is not None:
-            waiter.set((conn, sid, err))
-        elif sid is not None:
+        if sid is None:
+            if waiter is not None:
+                waiter.set((None, err))
+            return
+        if waiter is None:  # the opener gave up: nobody will use this stream
             self.thread.call(self.thread.close_stream, conn, sid, True, True)
+            return
+        # register it here, in the hub, before the thread's next batch (which may already
+        # carry the server's answer) is applied; the opener may resume only later
+        stream = self.streams[(conn, sid)] = QuicStream(self, conn, sid)
+        self.stream_count[conn] += 1
+        waiter.set((stream, ""))
 
     def _batch(self, items: list[tuple[Any, ...]]) -> None:
         streams = self.streams

@@ -44,6 +44,7 @@ from gevent import monkey
 from .bridge import Bridge
 
 _start_new_thread = monkey.get_original("_thread", "start_new_thread")
+_get_native_id = monkey.get_original("_thread", "get_native_id")
 _RealSocket = monkey.get_original("socket", "socket")
 _real_socketpair = monkey.get_original("socket", "socketpair")
 _RealSelector = monkey.get_original("selectors", "DefaultSelector")
@@ -165,6 +166,7 @@ class QuicThread:
         self._writing: dict[tuple[int, int], int] = {}  # (conn, sid) -> last reported sent offset
         self._written: dict[tuple[int, int], int] = {}  # (conn, sid) -> bytes handed over
         self.exited = False
+        self.native_id = 0  # the OS thread id, once running (shows in /proc/<pid>/task)
 
     # -- lifecycle --------------------------------------------------------------------
     def start(self) -> None:
@@ -172,6 +174,7 @@ class QuicThread:
 
     def _main(self) -> None:
         loop: asyncio.AbstractEventLoop | None = None
+        self.native_id = _get_native_id()
         try:
             loop = _NativeLoop(_RealSelector())
             loop.set_exception_handler(self._loop_error)

@@ -1,0 +1,290 @@
+"""QUIC pool (quic=1): npgevent <-> npgevent tunnels, back-pressure, failures, shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import gevent
+import pytest
+from gevent import socket
+from gevent.server import StreamServer
+from helpers import (
+    EchoPair,
+    NpProcess,
+    connect_retry,
+    echo_roundtrip,
+    free_port,
+    in_process,
+    make_ca_and_cert,
+    tunnel_urls,
+    udp_roundtrip,
+    udp_socket,
+    wait_pool,
+)
+from test_tunnel import exercise_tcp_concurrent, exercise_tcp_sha, exercise_udp
+
+MiB = 1 << 20
+COMBOS = [(flow, tls) for flow in ("rev", "fwd") for tls in ("1", "2")]
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return make_ca_and_cert(tmp_path_factory.mktemp("qcerts"))
+
+
+def _thread_running(native_id: int) -> bool:
+    return os.path.exists("/proc/self/task/%d" % native_id)
+
+
+@pytest.mark.parametrize(("flow", "tls"), COMBOS)
+def test_quic_tunnel_in_process(flow, tls, certs, monkeypatch):
+    monkeypatch.setenv("SSL_CERT_FILE", str(certs["ca"]))
+    echo = EchoPair()
+    tport, uport = free_port(), free_port()
+    server_url, client_url = tunnel_urls(flow, tls, tport, uport, echo.port, certs, extra_server="&quic=1")
+    try:
+        with in_process(server_url) as s, in_process(client_url) as c:
+            ids = [s.core.engine.thread.native_id, c.core.engine.thread.native_id]
+            assert all(ids) and ids[0] != ids[1] and all(map(_thread_running, ids))  # one OS thread each
+            receiver = s if flow == "rev" else c
+            wait_pool(lambda: receiver.core.pool.active, 8)
+            exercise_tcp_sha(uport, 32 * MiB)
+            exercise_tcp_concurrent(uport, 100)
+            exercise_udp(uport)
+            fp = c.capture.wait_for(r"INFO  TLS cert verified: (sha256:\S+)", timeout=15).group(1)
+            assert s.capture.wait_for(r"INFO  TLS cert verified: (sha256:\S+)", timeout=15).group(1) == fp
+        gevent.sleep(0.2)
+        assert not any(map(_thread_running, ids))  # both QUIC threads are gone
+    finally:
+        echo.close()
+
+
+@pytest.mark.parametrize(("flow", "tls"), COMBOS)
+def test_quic_tunnel_cli(flow, tls, certs):
+    echo = EchoPair()
+    tport, uport = free_port(), free_port()
+    server_url, client_url = tunnel_urls(flow, tls, tport, uport, echo.port, certs, extra_server="&quic=1")
+    env = {"SSL_CERT_FILE": str(certs["ca"])}
+    try:
+        with NpProcess(server_url, env=env) as s, NpProcess(client_url, env=env) as c:
+            s.wait_for(r"INFO  Tunnel signal -> : np://1@1024/[-+]\?npg=1#%s " % tls)
+            receiver = s if flow == "rev" else c
+            receiver.wait_for(r"CHECK_POINT\|MODE=\d\|PING=\d+ms\|POOL=([1-9]\d)")
+            exercise_tcp_sha(uport, 32 * MiB)
+            exercise_tcp_concurrent(uport, 100)
+            exercise_udp(uport)
+            assert s.stop() == 0 and c.stop() == 0
+            for proc in (s, c):
+                assert "Traceback" not in proc.output
+                assert "Exception in thread" not in proc.output
+                assert "QUIC thread did not stop" not in proc.output
+    finally:
+        echo.close()
+
+
+def test_quic_slow_reader_is_bounded():
+    """A target that never reads: the sender stalls after a bounded amount and the receiving
+    side of the QUIC stream never buffers more than its window."""
+    stalled = []
+
+    def never_read(sock, _addr):
+        stalled.append(sock)
+        gevent.sleep(60)
+
+    sink = StreamServer(("127.0.0.1", 0), never_read)
+    sink.start()
+    tport, uport = free_port(), free_port()
+    try:
+        server_url = "server://k@127.0.0.1:%d/127.0.0.1:%d?mode=1&quic=1&max=128" % (tport, uport)
+        client_url = "client://k@127.0.0.1:%d/127.0.0.1:%d?mode=2&min=8" % (tport, sink.address[1])
+        with in_process(server_url) as s, in_process(client_url) as c:
+            wait_pool(lambda: s.core.pool.active, 4)
+            user = connect_retry(uport)
+            sent = [0]
+            block = b"w" * (256 * 1024)
+
+            def writer():
+                try:
+                    while sent[0] < 256 * MiB:
+                        user.sendall(block)
+                        sent[0] += len(block)
+                except OSError:
+                    pass
+
+            w = gevent.spawn(writer)
+            gevent.sleep(3.0)
+            stuck_at = sent[0]
+            gevent.sleep(1.0)
+            assert sent[0] == stuck_at  # the writer is blocked: back-pressure reached the user
+            assert stuck_at < 64 * MiB  # socket buffers plus bounded QUIC windows, not 256 MiB
+            from npgevent.quic.thread import WINDOW
+
+            buffered = [sum(len(ch) for ch in st._chunks) for st in c.core.engine.streams.values()]
+            assert max(buffered) <= WINDOW
+            w.kill()
+            user.close()
+    finally:
+        sink.stop()
+
+
+def test_quic_other_stream_flows_while_one_is_stalled():
+    stalled = []
+
+    def maybe_stall(sock, _addr):
+        first = sock.recv(1)
+        if first == b"S":
+            stalled.append(sock)
+            gevent.sleep(60)
+            return
+        sock.sendall(first)
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+
+    target = StreamServer(("127.0.0.1", 0), maybe_stall)
+    target.start()
+    tport, uport = free_port(), free_port()
+    try:
+        server_url = "server://k@127.0.0.1:%d/127.0.0.1:%d?mode=1&quic=1&max=128" % (tport, uport)
+        client_url = "client://k@127.0.0.1:%d/127.0.0.1:%d?mode=2&min=8" % (tport, target.address[1])
+        with in_process(server_url) as s, in_process(client_url) as c:
+            wait_pool(lambda: s.core.pool.active, 4)
+            assert len(c.core.engine.alive) == 1  # max=128: one QUIC connection carries every stream
+            slow = connect_retry(uport)
+            payload = b"S" + b"s" * (64 * MiB)  # more than every buffer on the way can hold
+            g = gevent.spawn(lambda: slow.sendall(payload))
+            gevent.sleep(1.0)
+            assert not g.ready()  # stalled
+            start = time.monotonic()
+            assert echo_roundtrip(uport, b"E" * 100000) == b"E" * 100000
+            assert time.monotonic() - start < 5
+            g.kill()
+            slow.close()
+    finally:
+        target.stop()
+
+
+def test_quic_killed_server_heals():
+    echo = EchoPair()
+    tport, uport = free_port(), free_port()
+    server_url, client_url = tunnel_urls("fwd", "1", tport, uport, echo.port, extra_server="&quic=1")
+    env = {"NP_SERVICE_COOLDOWN": "3s"}
+    server = NpProcess(server_url, env=env)
+    client = NpProcess(client_url, env=env)
+    try:
+        client.wait_for(r"CHECK_POINT\|MODE=2\|PING=\d+ms\|POOL=[1-9]")
+        assert echo_roundtrip(uport, b"before") == b"before"
+        server.signal(signal.SIGKILL)
+        server.wait(5)
+        server.close()
+        server = NpProcess(server_url, env=env)
+        start = time.monotonic()
+        while time.monotonic() - start < 10:
+            try:
+                if echo_roundtrip(uport, b"after") == b"after":
+                    break
+            except OSError:
+                pass
+            gevent.sleep(0.3)
+        else:
+            raise AssertionError("QUIC tunnel did not heal within 10 s:\n" + client.output[-3000:])
+        assert client.proc.poll() is None
+    finally:
+        server.close()
+        client.close()
+        echo.close()
+
+
+def test_quic_garbage_datagrams_survived():
+    echo = EchoPair()
+    tport, uport = free_port(), free_port()
+    server_url, client_url = tunnel_urls("rev", "1", tport, uport, echo.port, extra_server="&quic=1")
+    try:
+        with in_process(server_url) as s, in_process(client_url):
+            wait_pool(lambda: s.core.pool.active, 2)
+            junk = udp_socket()
+            for size in (1, 20, 1200, 1300, 1452, 3000):
+                for _ in range(20):
+                    junk.sendto(os.urandom(size), ("127.0.0.1", tport))
+            # something that parses as a long-header Initial with a bogus version
+            junk.sendto(b"\xc0\xde\xad\xbe\xef" + os.urandom(1300), ("127.0.0.1", tport))
+            junk.close()
+            gevent.sleep(0.5)
+            assert echo_roundtrip(uport, b"still here") == b"still here"
+            assert udp_roundtrip(uport, b"udp still here") == b"udp still here"
+            assert s.capture.count("Server error") == 0
+    finally:
+        echo.close()
+
+
+def test_quic_thread_crash_is_logged_and_restarts_the_tunnel():
+    echo = EchoPair()
+    tport, uport = free_port(), free_port()
+    server_url, client_url = tunnel_urls("rev", "1", tport, uport, echo.port, extra_server="&quic=1")
+    try:
+        with in_process(server_url) as s, in_process(client_url) as c:
+            wait_pool(lambda: s.core.pool.active, 2)
+            engine = s.core.engine
+            engine.thread.call(lambda: 1 / 0)  # a bug inside the QUIC thread
+            s.capture.wait_for(r"ERROR  QUIC thread error: ZeroDivisionError")
+            s.capture.wait_for(r"ERROR  Server error: QUIC: ZeroDivisionError")
+            s.capture.wait_for(r"INFO  Server restart: ", timeout=10)
+            c.capture.wait_for(r"INFO  Client restart: ", timeout=10)
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                try:
+                    if echo_roundtrip(uport, b"healed") == b"healed":
+                        break
+                except OSError:
+                    gevent.sleep(0.3)
+            else:
+                raise AssertionError("tunnel did not come back")
+            assert engine.thread.exited  # the crashed core's thread was stopped
+    finally:
+        echo.close()
+
+
+def test_quic_stream_protocol_from_an_independent_client():
+    """Speak protocol.md section 5 directly with aioquic: ALPN np-quic, 0x00, 4-byte id."""
+    import asyncio
+    import ssl
+    import threading
+
+    from aioquic.asyncio import connect
+    from aioquic.quic.configuration import QuicConfiguration
+
+    from npgevent.protocol.handshake import client_hello, read_reply
+
+    tport, uport = free_port(), free_port()
+    with in_process("server://k@127.0.0.1:%d/127.0.0.1:%d?mode=1&quic=1" % (tport, uport)) as s:
+        ctl = socket.create_connection(("127.0.0.1", tport), timeout=5)
+        ctl.sendall(client_hello(b"k", extensions=False))  # as a Go client would
+        line = b""
+        while not line.endswith(b"\n"):
+            line += ctl.recv(1)
+        reply = read_reply(line, b"k")
+        assert (reply.quic, reply.tls, reply.npg) == (True, "1", 0)  # quic forces TLS code 1
+        result = {}
+
+        async def client():
+            cfg = QuicConfiguration(is_client=True, alpn_protocols=["np-quic"], verify_mode=ssl.CERT_NONE)
+            async with connect("127.0.0.1", tport, configuration=cfg) as conn:
+                reader, writer = await conn.create_stream()
+                writer.write(b"\x00")
+                result["id"] = await asyncio.wait_for(reader.readexactly(4), 5)
+                result["alpn"] = conn._quic.tls.alpn_negotiated
+
+        t = threading.Thread(target=lambda: asyncio.run(client()))
+        t.start()
+        while t.is_alive():
+            gevent.sleep(0.05)
+        t.join()
+        assert len(result["id"]) == 4 and result["alpn"] == "np-quic"
+        wait_pool(lambda: s.core.pool.active, 1)
+        assert result["id"].hex() in s.core.pool.idle
+        ctl.close()
