@@ -177,10 +177,10 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def rss_kb(pid: int) -> int:
+def rss_kb(pid: int, field: str = "VmRSS:") -> int:
     with open("/proc/%d/status" % pid) as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field):
                 return int(line.split()[1])
     return 0
 
@@ -292,6 +292,9 @@ class Path_:
     def rss_kb(self) -> int:
         return sum(rss_kb(p.pid) for p in self.procs if p.poll() is None)
 
+    def peak_rss_kb(self) -> int:
+        return sum(rss_kb(p.pid, "VmHWM:") for p in self.procs if p.poll() is None)
+
 
 class ForwardPath(Path_):
     name = "forward"
@@ -310,10 +313,11 @@ class TunnelPath(Path_):
     flow = "rev"
     tls = "0"
     quic = False
+    env: dict[str, str] | None = None
 
     @property
     def name(self) -> str:  # type: ignore[override]
-        return "tunnel-%s-%s%s" % (self.flow, "quic" if self.quic else "tls", self.tls)
+        return "tunnel-%s-%s" % (self.flow, "quic" if self.quic else "tls" + self.tls)
 
     def open(self, target_port: int) -> int:
         tport, uport = free_port(), free_port()
@@ -324,9 +328,9 @@ class TunnelPath(Path_):
         else:
             server = "server://bench@127.0.0.1:%d/127.0.0.1:%d?mode=2&%s" % (tport, target_port, q)
             client = "client://bench@127.0.0.1:%d/127.0.0.1:%d?mode=2&log=warn" % (tport, uport)
-        self.procs.append(spawn("-m", "npgevent", server))
+        self.procs.append(spawn("-m", "npgevent", server, env=self.env))
         wait_port(tport)
-        self.procs.append(spawn("-m", "npgevent", client))
+        self.procs.append(spawn("-m", "npgevent", client, env=self.env))
         wait_port(uport)
         time.sleep(2.0)  # let the pool fill
         return uport
@@ -341,6 +345,10 @@ PATHS: dict[str, type[Path_]] = {"forward": ForwardPath}
 for _flow in ("rev", "fwd"):
     for _tls in ("0", "1"):
         PATHS["tunnel-%s-tls%s" % (_flow, _tls)] = tunnel_path(_flow, _tls)
+    PATHS["tunnel-%s-quic" % _flow] = tunnel_path(_flow, "1", quic=True)
+    PATHS["tunnel-%s-quic16k" % _flow] = type("Tunnel_%s_q16k" % _flow, (PATHS["tunnel-%s-quic" % _flow],), {
+        "env": {"NP_QUIC_DATAGRAM_SIZE": "16000"},
+        "name": property(lambda self: "tunnel-%s-quic16k" % self.flow)})
 
 
 def pool_memory(n: int, tls: str) -> dict:
@@ -398,6 +406,8 @@ def measure(path: Path_, size: int, seconds: float, skip_cps: bool) -> dict:
             result["idle_rss_mb"] = round(path.rss_kb() / 1024, 1)
         throughput(port, min(size, 64 << 20))  # warm-up
         result["gbit_s"] = round(throughput(port, size), 2)
+        if path.procs:
+            result["peak_rss_mb"] = round(path.peak_rss_kb() / 1024, 1)
         path.close()
         port = path.open(bulk_port)
         echo_throughput(port, min(size, 64 << 20))
@@ -448,12 +458,12 @@ def main() -> int:
         if "cps_16" in r:
             r["cps16_ratio"] = round(r["cps_16"] / direct["cps_16"], 2)
     cols = ["path", "gbit_s", "gbit_ratio", "echo_gbit_s", "echo_ratio", "cps_1", "p50_ms_1", "p99_ms_1", "cps_16", "cps16_ratio",
-            "p50_ms_16", "p99_ms_16", "idle_rss_mb"]
+            "p50_ms_16", "p99_ms_16", "idle_rss_mb", "peak_rss_mb"]
     print("  ".join("%12s" % c for c in cols))
     for r in results:
         print("  ".join("%12s" % r.get(c, "-") for c in cols))
     memory = []
-    if args.pool_memory and any(n.startswith("tunnel") for n in names):
+    if args.pool_memory and any(n.startswith("tunnel") and "quic" not in n for n in names):
         for tls in ("0", "1"):
             memory.append(pool_memory(args.pool_memory, tls))
             print("idle pool memory:", memory[-1])

@@ -257,6 +257,13 @@ class Options:
     reload_interval: float = opt("reload_interval", 3600.0, _duration, "tls=2 certificate reload period",
                                  fmt=format_go_duration, in_range=_positive, range_help="must be > 0")
 
+    # -- npgevent's own tunables (no Go equivalent) ---------------------------
+    quic_datagram_size: int = opt("quic_datagram_size", 1452, _int,
+                                  "QUIC datagram size between npgevent peers (Go peers always get 1452; "
+                                  "larger only pays on loopback or jumbo-frame links)",
+                                  in_range=lambda v: 1200 <= v <= 65000,
+                                  range_help="must be 1200..65000")
+
     def with_(self, **changes: Any) -> Options:
         return replace(self, **changes)
 

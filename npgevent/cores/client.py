@@ -132,8 +132,12 @@ class DualClientCore(TunnelCore):
         self.engine = QuicEngine(self.log, opts.report_interval)
         self.engine.on_failure = lambda why: self.fail(CoreError("QUIC: %s" % why))
         self.engine.start()
+        from ..quic.thread import DATAGRAM_SIZE
+
+        # larger datagrams only towards an npgevent server: quic-go would drop them
+        size = opts.quic_datagram_size if self.npg >= 1 else DATAGRAM_SIZE
         config = make_configuration(True, 3 * opts.report_interval, self.tls_code,
-                                    server_name=self.inst.spec.tunnel.host)
+                                    server_name=self.inst.spec.tunnel.host, datagram_size=size)
         self.quic = QuicConnector(self.engine, self.server_ip, self.inst.spec.tunnel.port, config,
                                   connection_count(server_max), opts.tcp_dial_timeout, POOL_ID_TIMEOUT,
                                   self.log)

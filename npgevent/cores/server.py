@@ -135,7 +135,9 @@ class ServerCore(TunnelCore):
             from ..pool.quic import QuicServerPool
 
             thread = self.engine.thread
-            thread.call(thread.set_allowed_ip, self.peer_ip)
+            # larger datagrams only towards an npgevent peer: quic-go would drop them
+            size = self.opts.quic_datagram_size if self.npg >= 1 else 0
+            thread.call(thread.set_allowed_ip, self.peer_ip, size)
             QuicServerPool(self.engine, self.pool, self.opts.max, self.opts.handshake_timeout,
                            self.log, self.tasks)
         if self.flow == "-":

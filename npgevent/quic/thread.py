@@ -260,8 +260,11 @@ class QuicThread:
         self.servers.append((transport, server))
         self.bridge.to_gevent(self.sink._listening, None)
 
-    def set_allowed_ip(self, ip: str | None) -> None:
+    def set_allowed_ip(self, ip: str | None, datagram_size: int = 0) -> None:
         self.allowed_ip = ip
+        for _transport, server in self.servers:
+            if datagram_size:  # connections created from now on (the client dials after the handshake)
+                server._configuration.max_datagram_size = datagram_size
 
     def _server_protocol(self, connection: QuicConnection, stream_handler: Any = None) -> NpProtocol:
         return NpProtocol(connection, self, "server")
@@ -459,13 +462,14 @@ def _peer_fingerprint(protocol: NpProtocol) -> str:
 
 
 def make_configuration(is_client: bool, idle_timeout: float, tls_code: str = "1",
-                       server_name: str = "", cert: Any = None, key: Any = None) -> QuicConfiguration:
+                       server_name: str = "", cert: Any = None, key: Any = None,
+                       datagram_size: int = DATAGRAM_SIZE) -> QuicConfiguration:
     """QUIC settings as NodePass uses them: TLS 1.3, ALPN np-quic, idle timeout."""
     config = QuicConfiguration(
         is_client=is_client,
         alpn_protocols=[ALPN],
         idle_timeout=idle_timeout,
-        max_datagram_size=DATAGRAM_SIZE,
+        max_datagram_size=datagram_size,
         max_stream_data=WINDOW,
         max_data=16 * WINDOW,
     )

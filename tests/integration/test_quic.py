@@ -288,3 +288,35 @@ def test_quic_stream_protocol_from_an_independent_client():
         wait_pool(lambda: s.core.pool.active, 1)
         assert result["id"].hex() in s.core.pool.idle
         ctl.close()
+
+
+def test_quic_large_datagrams_only_between_npgevent_peers():
+    echo = EchoPair()
+    tport, uport = free_port(), free_port()
+    server_url, client_url = tunnel_urls("fwd", "1", tport, uport, echo.port, extra_server="&quic=1")
+    try:
+        with in_process(server_url, quic_datagram_size="16000") as s, \
+                in_process(client_url, quic_datagram_size="16000") as c:
+            wait_pool(lambda: c.core.pool.active, 2)
+            assert c.core.npg == 1
+            server_config = s.core.engine.thread.servers[0][1]._configuration
+            assert server_config.max_datagram_size == 16000
+            assert all(p._quic._max_datagram_size == 16000 for p in c.core.engine.thread.protocols.values())
+            exercise_tcp_sha(uport, 8 * MiB)
+    finally:
+        echo.close()
+
+
+def test_quic_go_client_keeps_standard_datagrams():
+    from npgevent.protocol.handshake import client_hello
+
+    tport, uport = free_port(), free_port()
+    with in_process("server://k@127.0.0.1:%d/127.0.0.1:%d?mode=1&quic=1" % (tport, uport),
+                    quic_datagram_size="16000") as s:
+        ctl = socket.create_connection(("127.0.0.1", tport), timeout=5)
+        ctl.sendall(client_hello(b"k", extensions=False))  # a Go client: no npgevent marker
+        assert ctl.recv(100).endswith(b"\n")
+        gevent.sleep(0.3)
+        assert s.core.npg == 0
+        assert s.core.engine.thread.servers[0][1]._configuration.max_datagram_size == 1452
+        ctl.close()
