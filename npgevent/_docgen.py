@@ -42,17 +42,19 @@ def settings_markdown() -> str:
         if s.query:
             out.append("| `%s` | `%s` | `%s` / `%s` | `%s` | %s | %s |" % (
                 s.query, s.env, s.flag, s.config_key, s.fmt(s.default), _roles(s), _help(s)))
-    out += [
-        "",
-        "## Tunables (`NP_*` variables of Go NodePass)",
-        "",
-        "| env | CLI flag / config key | default | meaning |",
-        "|---|---|---|---|",
-    ]
-    for s in SETTINGS:
-        if not s.query:
-            out.append("| `%s` | `%s` / `%s` | `%s` | %s |" % (
-                s.env, s.flag, s.config_key, s.fmt(s.default), _help(s)))
+    for title, go in (("Tunables (`NP_*` variables of Go NodePass)", True),
+                      ("npgevent's own options (no Go equivalent)", False)):
+        out += [
+            "",
+            "## " + title,
+            "",
+            "| env | CLI flag / config key | default | meaning |",
+            "|---|---|---|---|",
+        ]
+        for s in SETTINGS:
+            if not s.query and s.go == go:
+                out.append("| `%s` | `%s` / `%s` | `%s` | %s |" % (
+                    s.env, s.flag, s.config_key, s.fmt(s.default) or "", _help(s)))
     out += [
         "",
         "## Other options",

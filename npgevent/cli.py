@@ -24,7 +24,7 @@ import configargparse
 
 from . import NODEPASS_VERSION, __version__
 from . import log as logmod
-from .errors import ConfigError
+from .errors import ConfigError, CoreError
 from .settings import SETTINGS, resolve, tunable_summary
 from .url import TunnelSpec, parse_url
 
@@ -133,7 +133,12 @@ def serve(runner: Any) -> int:
         # they only enqueue, the main greenlet does the work.
         handlers.append(gevent.signal_handler(signum, tokens.put_nowait, signum))
     try:
-        runner.start()
+        try:
+            runner.start()
+        except (CoreError, OSError) as exc:
+            runner.log.error("%s", exc)
+            sys.stdout.flush()
+            return 1
         tokens.get()
         stopper = gevent.spawn(runner.stop)
         # a second signal while draining skips the grace period

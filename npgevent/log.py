@@ -13,6 +13,7 @@ tests do that) keep their levels apart.  The master parses its children's
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import IO, Any
@@ -58,6 +59,12 @@ def setup(stream: IO[str] | None = None, colour: bool | None = None) -> logging.
         try:
             colour = out.isatty()
         except (AttributeError, ValueError):
+            colour = False
+        # FORCE_COLOR / NO_COLOR conventions (the master sets FORCE_COLOR for its children,
+        # whose lines it relays as NodePass does: coloured)
+        if os.environ.get("FORCE_COLOR", "") not in ("", "0"):
+            colour = True
+        if os.environ.get("NO_COLOR"):
             colour = False
     logger = logging.getLogger(ROOT)
     for old in list(logger.handlers):

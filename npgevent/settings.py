@@ -47,6 +47,7 @@ class Setting:
     query: str | None = None
     roles: tuple[str, ...] = ("server", "client", "master")
     default: Any = None
+    go: bool = True  # False: npgevent's own option, no Go NodePass equivalent
 
     @property
     def flag(self) -> str:
@@ -161,6 +162,7 @@ def opt(
     in_range: Callable[[Any], bool] = lambda _v: True,
     range_help: str = "",
     roles: tuple[str, ...] = ("server", "client", "master"),
+    go: bool = True,
 ) -> Any:
     """Declare one option: returns a dataclass field carrying its :class:`Setting`."""
     setting = Setting(
@@ -174,6 +176,7 @@ def opt(
         query=name if query else None,
         roles=roles,
         default=default,
+        go=go,
     )
     return field(default=default, metadata={"setting": setting})
 
@@ -262,7 +265,10 @@ class Options:
                                   "QUIC datagram size between npgevent peers (Go peers always get 1452; "
                                   "larger only pays on loopback or jumbo-frame links)",
                                   in_range=lambda v: 1200 <= v <= 65000,
-                                  range_help="must be 1200..65000")
+                                  range_help="must be 1200..65000", go=False)
+    state_dir: str = opt("state_dir", "", _str,
+                         "master: directory of the state file (default $XDG_STATE_HOME/npgevent, "
+                         "i.e. ~/.local/state/npgevent)", roles=("master",), go=False)
 
     def with_(self, **changes: Any) -> Options:
         return replace(self, **changes)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..errors import ConfigError
 from ..log import InstanceLog
 from ..settings import Options
@@ -9,8 +11,12 @@ from ..url import TunnelSpec
 from .common import Instance, Runner
 
 
-def build_runner(spec: TunnelSpec, opts: Options, log: InstanceLog) -> Runner:
-    """The runner for a parsed server:// or client:// URL."""
+def build_runner(spec: TunnelSpec, opts: Options, log: InstanceLog) -> Any:
+    """The runner for a parsed URL: a :class:`Runner` for tunnels, the Master for master://."""
+    if spec.scheme == "master":
+        from ..master.core import Master
+
+        return Master(spec, opts, log)
     inst = Instance(spec, opts, log)
     if spec.scheme == "client":
         from .client import client_core

@@ -1,0 +1,235 @@
+"""Instance records of the master, and the pure rules around them (no I/O).
+
+* :class:`Record` holds one instance with the JSON keys in NodePass's order
+  (``id, alias, type, status, url, config, restart, meta, mode, ping, pool,
+  tcps, udps, tcprx, tcptx, udprx, udptx``) plus the hidden counter state.
+* :func:`enhance_url` / :func:`config_url` apply master-api.md section 11: the
+  query is rewritten sorted and form-encoded as Go's ``url.Values.Encode``
+  does; the master's ``log`` (and for servers its TLS settings) fill gaps;
+  ``config`` adds every default.
+* Byte counters (section 10): ``C = base + v - reset`` with ``base`` carried
+  over child restarts and ``reset`` the child's own value when the counter was
+  reset.  Unlike Go (which computes ``reset = C - base`` and so over-counts after
+  a second reset without a restart), a reset always makes the counter read 0
+  and grow by the child's increments from there.
+* :func:`go_json` encodes like Go's ``json.Encoder``: compact, UTF-8, HTML
+  characters escaped, trailing newline.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, quote_plus, urlsplit
+
+KEY_ID = "********"
+MAX_VALUE_LEN = 256
+COUNTERS = ("tcprx", "tcptx", "udprx", "udptx")
+
+CHECKPOINT_RE = re.compile(
+    r"CHECK_POINT\|MODE=(\d+)\|PING=(\d+)ms\|POOL=(\d+)\|TCPS=(\d+)\|UDPS=(\d+)\|"
+    r"TCPRX=(\d+)\|TCPTX=(\d+)\|UDPRX=(\d+)\|UDPTX=(\d+)")
+
+DEFAULTS = (("dns", "1.1.1.1,8.8.8.8"), ("mode", "0"), ("quic", "0"), ("dial", "auto"), ("read", "0s"),
+            ("rate", "0"), ("slot", "65536"), ("proxy", "0"), ("notcp", "0"), ("noudp", "0"))
+
+
+class URLFormatError(ValueError):
+    """The URL does not parse (Go's ``url.Parse`` would fail)."""
+
+
+@dataclass
+class Counter:
+    value: int = 0
+    base: int = 0
+    reset: int = 0
+    last: int = 0  # the child's last reported value
+
+
+@dataclass
+class Record:
+    id: str
+    type: str = ""
+    status: str = ""
+    url: str = ""
+    config: str = ""
+    alias: str = ""
+    restart: bool = False
+    peer: dict[str, str] = field(default_factory=lambda: {"sid": "", "type": "", "alias": ""})
+    tags: dict[str, str] = field(default_factory=dict)
+    mode: int = 0
+    ping: int = 0
+    pool: int = 0
+    tcps: int = 0
+    udps: int = 0
+    counters: dict[str, Counter] = field(default_factory=lambda: {k: Counter() for k in COUNTERS})
+
+    def to_api(self) -> dict[str, Any]:
+        """The instance object, keys in NodePass's order."""
+        c = self.counters
+        return {
+            "id": self.id, "alias": self.alias, "type": self.type, "status": self.status,
+            "url": self.url, "config": self.config, "restart": self.restart,
+            "meta": {"peer": {"sid": self.peer.get("sid", ""), "type": self.peer.get("type", ""),
+                              "alias": self.peer.get("alias", "")},
+                     "tags": dict(self.tags)},
+            "mode": self.mode, "ping": self.ping, "pool": self.pool, "tcps": self.tcps, "udps": self.udps,
+            "tcprx": c["tcprx"].value, "tcptx": c["tcptx"].value,
+            "udprx": c["udprx"].value, "udptx": c["udptx"].value,
+        }
+
+    def to_state(self) -> dict[str, Any]:
+        """Everything, hidden counter state included (for the state file)."""
+        out = self.to_api()
+        out["counters"] = {k: [v.value, v.base, v.reset, v.last] for k, v in self.counters.items()}
+        return out
+
+    @classmethod
+    def from_state(cls, data: dict[str, Any]) -> Record:
+        meta = data.get("meta") or {}
+        peer = meta.get("peer") or {}
+        rec = cls(
+            id=str(data["id"]), type=str(data.get("type", "")), status=str(data.get("status", "")),
+            url=str(data.get("url", "")), config=str(data.get("config", "")),
+            alias=str(data.get("alias", "")),
+            restart=bool(data.get("restart", False)),
+            peer={"sid": str(peer.get("sid", "")), "type": str(peer.get("type", "")),
+                  "alias": str(peer.get("alias", ""))},
+            tags={str(k): str(v) for k, v in (meta.get("tags") or {}).items()},
+            mode=int(data.get("mode", 0)), ping=int(data.get("ping", 0)), pool=int(data.get("pool", 0)),
+            tcps=int(data.get("tcps", 0)), udps=int(data.get("udps", 0)),
+        )
+        saved = data.get("counters") or {}
+        for k in COUNTERS:
+            raw = saved.get(k)
+            if isinstance(raw, list) and len(raw) == 4:
+                rec.counters[k] = Counter(*(int(x) for x in raw))
+            else:
+                rec.counters[k] = Counter(value=int(data.get(k, 0)))
+        return rec
+
+    # -- statistics -----------------------------------------------------------------------
+    def zero_live(self) -> None:
+        self.ping = self.pool = self.tcps = self.udps = 0
+
+    def on_start(self) -> None:
+        for c in self.counters.values():
+            c.base = c.value  # carry the total over the child restart
+            c.reset = 0
+            c.last = 0
+
+    def apply_checkpoint(self, m: re.Match[str]) -> None:
+        mode, ping, pool, tcps, udps, *raw = (int(x) for x in m.groups())
+        self.mode, self.ping, self.pool, self.tcps, self.udps = mode, ping, pool, tcps, udps
+        for name, v in zip(COUNTERS, raw, strict=True):
+            c = self.counters[name]
+            if v >= c.reset:
+                c.value = c.base + v - c.reset
+            else:  # the child started over under us
+                c.value = c.base + v
+                c.reset = 0
+            c.last = v
+
+    def reset_counters(self) -> None:
+        for c in self.counters.values():
+            c.reset = c.last
+            c.value = 0
+            c.base = 0
+
+
+# -- URLs (section 11) -----------------------------------------------------------------------
+
+
+def split_url(url: str) -> tuple[str, str, str, list[tuple[str, str]], str]:
+    """(scheme, netloc, path, query pairs, fragment); raise URLFormatError like Go's url.Parse."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        raise URLFormatError("invalid control character in URL")
+    if re.search(r"%(?![0-9A-Fa-f]{2})", url):
+        raise URLFormatError("invalid URL escape")
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises ValueError on a bad port
+    except ValueError as exc:
+        raise URLFormatError(str(exc)) from None
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    return parts.scheme, parts.netloc, parts.path, pairs, parts.fragment
+
+
+def join_url(scheme: str, netloc: str, path: str, pairs: list[tuple[str, str]], fragment: str) -> str:
+    """Re-serialise as Go's URL.String() with Values.Encode(): keys sorted, values form-encoded."""
+    ordered = sorted(pairs, key=lambda kv: kv[0])  # stable: repeated keys keep their order
+    query = "&".join("%s=%s" % (quote_plus(k), quote_plus(v)) for k, v in ordered)
+    out = "%s://%s%s" % (scheme, netloc, path) if netloc or scheme else path
+    if query:
+        out += "?" + query
+    if fragment:
+        out += "#" + fragment
+    return out
+
+
+@dataclass(frozen=True)
+class MasterTLS:
+    log: str = ""  # the raw log value of the master URL
+    tls: str = "0"  # effective API TLS code
+    crt: str = ""
+    key: str = ""
+
+
+def _first(pairs: list[tuple[str, str]], key: str) -> str | None:
+    for k, v in pairs:
+        if k == key:
+            return v
+    return None
+
+
+def _set(pairs: list[tuple[str, str]], key: str, value: str) -> None:
+    for i, (k, _v) in enumerate(pairs):
+        if k == key:
+            pairs[i] = (k, value)
+            return
+    pairs.append((key, value))
+
+
+def _fill(scheme: str, pairs: list[tuple[str, str]], m: MasterTLS) -> None:
+    if m.log and not _first(pairs, "log"):
+        _set(pairs, "log", m.log)
+    if scheme == "server" and m.tls != "0":
+        if _first(pairs, "tls") is None:
+            pairs.append(("tls", m.tls))
+        if m.tls == "2":
+            for k, v in (("crt", m.crt), ("key", m.key)):
+                if v and _first(pairs, k) is None:
+                    pairs.append((k, v))
+
+
+def enhance_url(url: str, m: MasterTLS) -> str:
+    scheme, netloc, path, pairs, frag = split_url(url)
+    _fill(scheme, pairs, m)
+    return join_url(scheme, netloc, path, pairs, frag)
+
+
+def config_url(url: str, m: MasterTLS) -> str:
+    scheme, netloc, path, pairs, frag = split_url(url)
+    defaults = [*DEFAULTS, ("min", "64") if scheme == "client" else ("max", "1024")]
+    for k, v in defaults:
+        if not _first(pairs, k):
+            _set(pairs, k, v)
+    _fill(scheme, pairs, m)
+    return join_url(scheme, netloc, path, pairs, frag)
+
+
+# -- JSON as Go writes it ---------------------------------------------------------------------
+
+_GO_ESCAPES = {"&": "\\u0026", "<": "\\u003c", ">": "\\u003e", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+_GO_RE = re.compile("[&<>\u2028\u2029]")
+
+
+def go_json(obj: Any) -> bytes:
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return (_GO_RE.sub(lambda m: _GO_ESCAPES[m.group(0)], text) + "\n").encode("utf-8")
+
+
+def utf8_len(text: str) -> int:
+    return len(text.encode("utf-8"))
