@@ -495,3 +495,152 @@ def wait_pool(get_active: Any, minimum: int = 1, timeout: float = 15.0) -> None:
             return
         gevent.sleep(0.05)
     raise AssertionError("pool did not fill")
+
+
+# -- master API ----------------------------------------------------------------------------
+
+
+class HttpResult:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status, self.headers, self.body = status, headers, body
+
+    @property
+    def json(self) -> Any:
+        import json
+
+        return json.loads(self.body)
+
+
+def http(method: str, port: int, path: str, body: Any = None, key: str | None = None,
+         headers: dict[str, str] | None = None, tls: bool = False, timeout: float = 15.0) -> HttpResult:
+    """One HTTP request over a gevent socket (cooperative with in-process daemons)."""
+    import http.client
+    import json
+
+    hdrs = dict(headers or {})
+    if key is not None:
+        hdrs["X-API-Key"] = key
+    if body is not None and not isinstance(body, (bytes, str)):
+        body = json.dumps(body)
+    if tls:
+        from gevent import ssl as gssl
+
+        ctx = gssl.SSLContext(gssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = gssl.CERT_NONE
+        conn: Any = http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=ctx)
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn._create_connection = socket.create_connection  # gevent's: the request does not block the hub
+    try:
+        conn.request(method, path, body=body, headers=hdrs)
+        resp = conn.getresponse()
+        return HttpResult(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+    finally:
+        conn.close()
+
+
+class SSEReader:
+    """Reads ``GET <base>/events`` in a greenlet; frames land in ``events`` (dicts) and ``raw``."""
+
+    def __init__(self, port: int, path: str, key: str | None = None, in_query: bool = False) -> None:
+        import json
+
+        self.events: list[dict[str, Any]] = []
+        self.raw = b""
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.closed = False
+        self._json = json
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        target = path + ("?key=%s" % key if in_query and key else "")
+        req = "GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n" % target
+        if key and not in_query:
+            req += "X-API-Key: %s\r\n" % key
+        self.sock.sendall((req + "\r\n").encode())
+        self.reader = gevent.spawn(self._read)
+
+    def _read(self) -> None:
+        buf = b""
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    break
+                buf += data
+                if not self.status and b"\r\n\r\n" in buf:
+                    head, _, buf = buf.partition(b"\r\n\r\n")
+                    lines = head.decode().split("\r\n")
+                    self.status = int(lines[0].split()[1])
+                    self.headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+                if self.status:
+                    buf = self._decode_chunks(buf)
+        except OSError:
+            pass
+        finally:
+            self.closed = True
+
+    def _decode_chunks(self, buf: bytes) -> bytes:
+        if self.headers.get("transfer-encoding") != "chunked":
+            self._frames(buf)
+            return b""
+        while True:
+            size_line, sep, rest = buf.partition(b"\r\n")
+            if not sep:
+                return buf
+            size = int(size_line, 16)
+            if size == 0:  # the last chunk: the response (the stream) is over
+                self.closed = True
+                return b""
+            if len(rest) < size + 2:
+                return buf
+            self._frames(rest[:size])
+            buf = rest[size + 2:]
+
+    def _frames(self, data: bytes) -> None:
+        self.raw += data
+        while b"\n\n" in self.raw:
+            frame, _, self.raw = self.raw.partition(b"\n\n")
+            for line in frame.decode().split("\n"):
+                if line.startswith("data: "):
+                    self.events.append(self._json.loads(line[6:]))
+                elif line.startswith(":"):
+                    self.events.append({"comment": line})
+                elif line.startswith("retry:"):
+                    self.events.append({"retry": line})
+
+    def wait(self, pred: Any, timeout: float = 15.0) -> dict[str, Any]:
+        end = time.monotonic() + timeout
+        seen = 0
+        while time.monotonic() < end:
+            while seen < len(self.events):
+                ev = self.events[seen]
+                seen += 1
+                if pred(ev):
+                    return ev
+            gevent.sleep(0.02)
+        raise AssertionError("no matching SSE event; got %s" % [e.get("type", e) for e in self.events])
+
+    def close(self) -> None:
+        self.reader.kill()
+        self.sock.close()
+
+
+class MasterProcess(NpProcess):
+    """``npgevent master://...`` as a real process with a private state directory."""
+
+    def __init__(self, state_dir: Path, query: str = "log=info", prefix: str = "/api",
+                 env: dict[str, str] | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.state_dir = state_dir
+        full = {"NP_STATE_DIR": str(state_dir), "NP_REPORT_INTERVAL": "1s"}
+        full.update(env or {})
+        super().__init__("master://127.0.0.1:%d%s?%s" % (self.port, prefix, query), env=full)
+        self.key = self.wait_for(r"API Key (?:created|loaded): ([0-9a-f]{32})").group(1)
+        self.wait_for(r"Master started: ")
+        self.base = prefix.rstrip("/") + "/v1"
+        self.tls = "tls=1" in query or "tls=2" in query
+
+    def api(self, method: str, path: str, body: Any = None, key: Any = "default", **kw: Any) -> HttpResult:
+        kw.setdefault("tls", self.tls)
+        return http(method, self.port, self.base + path, body, self.key if key == "default" else key, **kw)

@@ -53,8 +53,10 @@ class Subscriber:
         self.queue: Queue = Queue(QUEUE_SIZE)
         self.dropped = 0
 
-    def stream(self, initial: list[dict[str, Any]], keepalive: float = KEEPALIVE) -> Iterator[bytes]:
+    def stream(self, initial: list[dict[str, Any]], keepalive: float | None = None) -> Iterator[bytes]:
         """The WSGI body: frames until shutdown or the client goes away."""
+        if keepalive is None:
+            keepalive = KEEPALIVE
         try:
             yield b"retry: 3000\n\n"
             for inst in initial:

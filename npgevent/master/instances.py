@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import gevent
 from gevent import subprocess
+from gevent.lock import RLock
 
 from ..log import InstanceLog
 from .events import EventHub
@@ -49,10 +50,11 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 class Managed:
     """A record plus its running child (if any)."""
 
-    __slots__ = ("deleting", "last_checkpoint", "proc", "rec", "stopping")
+    __slots__ = ("deleting", "last_checkpoint", "lock", "proc", "rec", "stopping")
 
     def __init__(self, rec: Record) -> None:
         self.rec = rec
+        self.lock = RLock()  # start/stop/restart of one instance never interleave
         self.proc: subprocess.Popen | None = None
         self.last_checkpoint = 0.0
         self.deleting = False
@@ -130,9 +132,15 @@ class Instances:
     # -- children -----------------------------------------------------------------------
     def start(self, rid: str) -> None:
         m = self.items.get(rid)
-        if m is None or m.proc is not None:
+        if m is None:
             return
-        rec = m.rec
+        with m.lock:
+            self._start(m)
+
+    def _start(self, m: Managed) -> None:
+        if m.proc is not None or m.deleting:
+            return
+        rec, rid = m.rec, m.rec.id
         rec.on_start()
         try:
             proc = subprocess.Popen([sys.executable, "-m", "npgevent", rec.url], stdin=subprocess.DEVNULL,
@@ -196,7 +204,11 @@ class Instances:
         m = self.items.get(rid)
         if m is None:
             return
-        rec = m.rec
+        with m.lock:
+            self._stop(m)
+
+    def _stop(self, m: Managed) -> None:
+        rec, rid = m.rec, m.rec.id
         proc = m.proc
         if proc is None and rec.status == "stopped":
             return
@@ -221,16 +233,21 @@ class Instances:
             self.publish("update", rec)
 
     def restart(self, rid: str) -> None:
-        self.stop(rid)
-        gevent.sleep(0.1)
-        self.start(rid)
+        m = self.items.get(rid)
+        if m is None:
+            return
+        with m.lock:
+            self._stop(m)
+            gevent.sleep(0.1)
+            self._start(m)
 
     def delete(self, rid: str) -> Record | None:
         m = self.items.get(rid)
         if m is None:
             return None
-        m.deleting = True
-        self.stop(rid)
+        with m.lock:
+            m.deleting = True
+            self._stop(m)
         del self.items[rid]
         self.save_now()
         return m.rec
