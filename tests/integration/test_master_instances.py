@@ -289,9 +289,9 @@ def test_master_tls_api(tmp_path):
         m.wait_for(r"INFO  TLS code-1: RAM cert with TLS 1\.3")
         res = m.api("GET", "/info", tls=True)
         assert res.status == 200 and res.json["tls"] == "1"
-        import http.client
+        from http.client import HTTPException
 
-        with pytest.raises((OSError, http.client.HTTPException)):
+        with pytest.raises((OSError, HTTPException)):
             http("GET", m.port, "/api/v1/info", key=m.key)  # plain HTTP is not served
 
 
