@@ -222,13 +222,16 @@ def config_url(url: str, m: MasterTLS) -> str:
 
 # -- JSON as Go writes it ---------------------------------------------------------------------
 
-_GO_ESCAPES = {"&": "\\u0026", "<": "\\u003c", ">": "\\u003e", "\u2028": "\\u2028", "\u2029": "\\u2029"}
-_GO_RE = re.compile("[&<>\u2028\u2029]")
+_GO_ESCAPES = (("&", "\\u0026"), ("<", "\\u003c"), (">", "\\u003e"), ("\u2028", "\\u2028"),
+               ("\u2029", "\\u2029"))
 
 
 def go_json(obj: Any) -> bytes:
     text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-    return (_GO_RE.sub(lambda m: _GO_ESCAPES[m.group(0)], text) + "\n").encode("utf-8")
+    for char, escaped in _GO_ESCAPES:  # str.replace runs in C: far faster than a regex callback
+        if char in text:
+            text = text.replace(char, escaped)
+    return (text + "\n").encode("utf-8")
 
 
 def utf8_len(text: str) -> int:
