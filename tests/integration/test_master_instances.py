@@ -212,6 +212,7 @@ def test_master_restart_reloads_and_autostarts(tmp_path):
     assert {r["id"] for r in saved["records"]} == {"********", auto, manual}
     with MasterProcess(state) as m2:
         assert m2.key == key
+        m2.wait_for(r"INFO  API Key loaded: " + key)
         m2.wait_for(r"Loaded 3 instances from ")
         m2.wait_for(r"Auto-starting instance: .* \[%s\]" % auto)
         _wait(lambda: m2.api("GET", "/instances/" + auto).json["status"] == "running")
@@ -320,3 +321,34 @@ def test_in_process_master_serves_api(tmp_path):
         key = master.instances.key.url
         assert http("GET", port, "/api/v1/instances", key=key).status == 200
         assert http("GET", port, "/api/v1/info", key="bad").status == 401
+
+
+def test_master_tls2_files_and_fallback(tmp_path):
+    from helpers import make_ca_and_cert
+
+    certs = make_ca_and_cert(tmp_path / "certs", cn="master-cert")
+    q = "log=info&tls=2&crt=%s&key=%s" % (certs["crt"], certs["key"])
+    with MasterProcess(tmp_path / "s", query=q) as m:
+        m.wait_for(r"INFO  TLS code-2: master-cert with TLS 1\.3")
+        info = m.api("GET", "/info").json
+        assert (info["tls"], info["crt"], info["key"]) == ("2", str(certs["crt"]), str(certs["key"]))
+        rid = _create(m, "server://:%d/127.0.0.1:9?mode=2" % free_port())
+        url = m.api("GET", "/instances/" + rid).json["url"]
+        assert "tls=2" in url and "crt=" in url and "key=" in url  # code-2 settings passed on to servers
+    q = "log=info&tls=2&crt=%s&key=%s" % (tmp_path / "missing.crt", tmp_path / "missing.key")
+    with MasterProcess(tmp_path / "s2", query=q) as m:
+        m.wait_for(r"ERROR  TLS code-2: cannot load .*falling back to code-1")
+        assert m.api("GET", "/info").json["tls"] == "1"
+
+
+def test_errored_instances_are_restarted_periodically(tmp_path):
+    with MasterProcess(tmp_path / "s", env={"NP_RELOAD_INTERVAL": "2s"}) as m:
+        m.wait_for(r"API Key")
+        rid = _create(m, "client://127.0.0.1:%d/127.0.0.1:9?mode=1" % free_port())
+        pid = _wait(lambda: next(iter(_children(m.pid)), None))
+        os.kill(pid, signal.SIGKILL)
+        _wait(lambda: m.api("GET", "/instances/" + rid).json["status"] == "error")
+        new_pid = _wait(lambda: next(iter(_children(m.pid) - {pid}), None), timeout=10)
+        assert new_pid != pid
+        _wait(lambda: m.api("GET", "/instances/" + rid).json["status"] == "running")
+        m.wait_for(r"State backup saved: ")
