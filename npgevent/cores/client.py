@@ -39,19 +39,12 @@ def client_core(inst: Instance) -> Core:
         return ForwardCore(inst)
     if mode == "0":
         try:
-            sock = listen_tcp(inst.spec.tunnel, _tunnel_ip(inst))
+            sock = listen_tcp(inst.spec.tunnel, inst.resolver.listen_ip(inst.spec.tunnel.host))
         except (ListenError, OSError) as exc:
             inst.log.debug("Single-end listen failed (%s): using dual-end mode", exc)
             return DualClientCore(inst)
         return ForwardCore(inst, tcp_listener=sock)
     return DualClientCore(inst)
-
-
-def _tunnel_ip(inst: Instance) -> str | None:
-    host = inst.spec.tunnel
-    if host.host == "" or host.is_ip or host.host.lower() == "localhost":
-        return None
-    return inst.resolver.resolve(host.host)[0]
 
 
 class DualClientCore(TunnelCore):

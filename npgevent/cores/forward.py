@@ -16,15 +16,15 @@ from typing import Any
 
 import gevent
 from gevent import socket
-from gevent.server import StreamServer
 
 from ..log import checkpoint_line
 from ..net.dial import Dialer, DialError
-from ..net.sockopt import format_addr, listen_tcp, listen_udp
+from ..net.sockopt import format_addr
 from ..protocol.proxyproto import proxy_v1
+from ..relay.listeners import Listeners
 from ..relay.stats import TCP_RX, TCP_TX
 from ..relay.tcp import relay
-from ..relay.udp import SessionTable, UdpListener, UdpSession, UdpTargetSession
+from ..relay.udp import SessionTable, UdpSession, UdpTargetSession
 from .common import Core, Instance
 
 
@@ -38,33 +38,14 @@ class ForwardCore(Core):
         self._pre_listener = tcp_listener
         self.dialer = Dialer(inst.spec.targets, inst.resolver, source_ip=self.opts.dial,
                              tcp_timeout=self.opts.tcp_dial_timeout, log=self.log)
-        self.tcp_server: StreamServer | None = None
-        self.udp_server: UdpListener | None = None
-        self.udp_table: SessionTable | None = None
+        self.listeners = Listeners(self.opts, inst.slots, self.log, self.sessions.spawn)
 
     def _start(self) -> None:
-        spec, opts = self.inst.spec, self.opts
-        ip = self._listen_ip()
-        if not opts.notcp:
-            sock = self._pre_listener or listen_tcp(spec.tunnel, ip)
-            self._pre_listener = None
-            self.tcp_server = StreamServer(sock, self._handle_tcp, spawn=self.sessions.spawn)
-            self.tcp_server.start()
-        elif self._pre_listener is not None:
-            self._pre_listener.close()
-            self._pre_listener = None
-        if not opts.noudp:
-            self.udp_table = SessionTable(self._new_udp_session, self.inst.slots,
-                                          opts.udp_read_timeout, self.log)
-            self.udp_server = self.udp_table.attach(listen_udp(spec.tunnel, ip))
-            self.udp_server.start()
+        tunnel = self.inst.spec.tunnel
+        sock, self._pre_listener = self._pre_listener, None
+        self.listeners.open(tunnel, self._handle_tcp, self._new_udp_session,
+                            ip=self.inst.resolver.listen_ip(tunnel.host), tcp_sock=sock)
         self.spawn_task(self._report)
-
-    def _listen_ip(self) -> str | None:
-        host = self.inst.spec.tunnel
-        if host.host == "" or host.is_ip or host.host.lower() == "localhost":
-            return None
-        return self.inst.resolver.resolve(host.host)[0]
 
     # -- TCP ---------------------------------------------------------------------
     def _handle_tcp(self, conn: socket.socket, addr: Any) -> None:
@@ -113,14 +94,10 @@ class ForwardCore(Core):
 
     # -- teardown ----------------------------------------------------------------
     def _stop_accepting(self) -> None:
-        if self.tcp_server is not None:
-            self.tcp_server.close()
-        if self.udp_server is not None:
-            self.udp_server.close()
+        self.listeners.stop_accepting()
 
     def _close(self) -> None:
-        if self.udp_table is not None:
-            self.udp_table.close()
+        self.listeners.close()
         if self._pre_listener is not None:
             self._pre_listener.close()
             self._pre_listener = None

@@ -93,7 +93,7 @@ class ServerCore(TunnelCore):
                 self.flow, self.mode = "+", 2
         else:
             self.flow, self.mode = "+", 2
-        self.listener = listen_tcp(spec.tunnel, self._tunnel_ip())
+        self.listener = listen_tcp(spec.tunnel, self.inst.resolver.listen_ip(spec.tunnel.host))
         if opts.quic:
             self._start_quic()
         self.spawn_task(self._serve)
@@ -112,14 +112,9 @@ class ServerCore(TunnelCore):
         self._quic_cert = self.tls.cert
         self._quic_config = make_configuration(False, 3 * opts.report_interval,
                                                cert=self.tls.cert, key=self.tls.pkey)
-        host = self._tunnel_ip() or self.inst.spec.tunnel.host
-        self.engine.listen(host, self.inst.spec.tunnel.port, self._quic_config, allowed_ip="")
-
-    def _tunnel_ip(self) -> str | None:
-        host = self.inst.spec.tunnel
-        if host.host == "" or host.is_ip or host.host.lower() == "localhost":
-            return None
-        return self.inst.resolver.resolve(host.host)[0]
+        tunnel = self.inst.spec.tunnel
+        host = self.inst.resolver.listen_ip(tunnel.host) or tunnel.host
+        self.engine.listen(host, tunnel.port, self._quic_config, allowed_ip="")
 
     def _serve(self) -> None:
         assert self.listener is not None

@@ -38,14 +38,15 @@ from gevent.server import StreamServer
 from ..errors import ConfigError, CoreError, RemoteProtocolError
 from ..log import checkpoint_line
 from ..net.dial import Dialer, DialError
-from ..net.sockopt import format_addr, listen_tcp, listen_udp
+from ..net.sockopt import format_addr
 from ..pool.tcp import IdlePool, PoolConn
 from ..protocol.proxyproto import proxy_v1
 from ..protocol.signals import Flush, Launch, LineDecoder, Ping, Pong, Signal, Unknown, Verify, encode_line
 from ..protocol.udpframe import Deframer, frame
+from ..relay.listeners import Listeners
 from ..relay.stats import TCP_RX, TCP_TX, UDP_RX, UDP_TX
 from ..relay.tcp import relay
-from ..relay.udp import MAX_DATAGRAM, SessionTable, UdpListener, UdpSession
+from ..relay.udp import MAX_DATAGRAM, SessionTable, UdpSession
 from ..url import HostPort, parse_hostport
 from .common import Core, Instance
 
@@ -94,9 +95,7 @@ class TunnelCore(Core):
         self._wlock = Semaphore()
         self._ping_sent = 0.0
         self.ticks = 0
-        self.user_tcp: StreamServer | None = None
-        self.user_udp: UdpListener | None = None
-        self.udp_table: SessionTable | None = None
+        self.listeners = Listeners(self.opts, inst.slots, self.log, self.sessions.spawn)
 
     @property
     def receives(self) -> bool:
@@ -194,20 +193,8 @@ class TunnelCore(Core):
     # -- receiving side ----------------------------------------------------------------
     def open_user_listeners(self, where: HostPort, tcp: socket.socket | None = None,
                             udp: socket.socket | None = None) -> None:
-        opts = self.opts
-        if not opts.notcp:
-            self.user_tcp = StreamServer(tcp or listen_tcp(where), self._user_tcp,
-                                         spawn=self.sessions.spawn)
-            self.user_tcp.start()
-        elif tcp is not None:
-            tcp.close()
-        if not opts.noudp:
-            self.udp_table = SessionTable(self._new_udp_session, self.inst.slots,
-                                          opts.udp_read_timeout, self.log)
-            self.user_udp = self.udp_table.attach(udp or listen_udp(where))
-            self.user_udp.start()
-        elif udp is not None:
-            udp.close()
+        self.listeners.open(where, self._user_tcp, self._new_udp_session,
+                            ip=self.inst.resolver.listen_ip(where.host), tcp_sock=tcp, udp_sock=udp)
 
     def _user_tcp(self, sock: socket.socket, addr: Any) -> None:
         inst, log = self.inst, self.log
@@ -412,14 +399,10 @@ class TunnelCore(Core):
 
     # -- teardown ------------------------------------------------------------------------
     def _stop_accepting(self) -> None:
-        if self.user_tcp is not None:
-            self.user_tcp.close()
-        if self.user_udp is not None:
-            self.user_udp.close()
+        self.listeners.stop_accepting()
 
     def _close(self) -> None:
-        if self.udp_table is not None:
-            self.udp_table.close()
+        self.listeners.close()
         if getattr(self, "pool", None) is not None:
             self.pool.close()
         if self.control is not None:

@@ -126,8 +126,7 @@ class Master:
         self.instances.mtls = self.mtls
         host = self.spec.tunnel
         try:
-            ip = None if host.host == "" or host.is_ip else self.resolver.resolve(host.host)[0]
-            listener = listen_tcp(host, ip)
+            listener = listen_tcp(host, self.resolver.listen_ip(host.host))
         except ListenError as exc:
             raise CoreError(str(exc)) from None
         except OSError as exc:

@@ -115,6 +115,17 @@ class Resolver:
         self._cache: dict[str, _Entry] = {}
         self._inflight: dict[str, AsyncResult] = {}
 
+    def listen_ip(self, host: str) -> str | None:
+        """The IP to bind a listener on *host*, or None when *host* can be bound as given
+        (all interfaces, an IP literal, or ``localhost``)."""
+        if host == "" or host.lower() == "localhost":
+            return None
+        try:
+            ipaddress.ip_address(host)
+            return None
+        except ValueError:
+            return self.resolve(host)[0]
+
     def resolve(self, host: str) -> list[str]:
         """Return the IPs of *host* (an IP literal is returned as is)."""
         try:

@@ -56,6 +56,15 @@ def tune_udp(sock: socket.socket, size: int = UDP_BUFFER) -> None:
                 pass
 
 
+def peek(sock: socket.socket) -> bytes | None:
+    """One byte of *sock* without consuming it and without blocking: ``None`` if nothing
+    has arrived, ``b""`` if the peer closed; raises OSError (a reset)."""
+    try:
+        return bytes(sock._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except BlockingIOError:
+        return None
+
+
 def bind_address(hp: HostPort) -> tuple[int, tuple[str, int]]:
     """(family, sockaddr) for listening on *hp* (empty host = all interfaces)."""
     host = hp.host

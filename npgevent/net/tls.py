@@ -37,6 +37,7 @@ from OpenSSL import SSL
 
 from .. import NODEPASS_VERSION
 from ..log import InstanceLog
+from .sockopt import peek
 
 _DER = serialization.Encoding.DER
 
@@ -339,12 +340,12 @@ class TLSStream:
         if self._pending:
             return True
         try:
-            peek = self.sock._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return True
+            waiting = peek(self.sock)
         except OSError:
             return False
-        if not peek:
+        if waiting is None:
+            return True
+        if not waiting:
             return False
         try:
             data = self.conn.recv(65536)

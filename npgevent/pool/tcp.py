@@ -30,11 +30,11 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
-from gevent import socket
 from gevent.event import AsyncResult, Event
 from gevent.pool import Pool
 
 from ..log import InstanceLog
+from ..net.sockopt import peek
 from .base import Adaptive
 
 
@@ -55,11 +55,11 @@ class PoolConn:
             ok = bool(probe())
             return ok and not (strict and getattr(self.stream, "has_pending", False))
         try:
-            data = self.sock._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return True
+            data = peek(self.sock)
         except OSError:
             return False
+        if data is None:
+            return True
         return bool(data) and not strict
 
     def close(self) -> None:
