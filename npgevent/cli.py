@@ -124,7 +124,7 @@ def raise_fd_limit(log: logmod.InstanceLog, want: int = 1 << 20) -> None:
 def serve(runner: Any) -> int:
     """Run *runner* until SIGTERM/SIGINT, then stop it gracefully; return the exit status."""
     import gevent
-    from gevent.queue import Queue
+    from gevent.queue import Empty, Queue
 
     tokens: Queue = Queue()
     handlers = []
@@ -145,12 +145,12 @@ def serve(runner: Any) -> int:
         while not stopper.ready():
             try:
                 tokens.get(timeout=0.2)
-                runner.log.info("Second signal: stopping now")
-                stopper.kill(block=False)
-                runner.stop(0)
-                break
-            except Exception:
+            except Empty:
                 continue
+            runner.log.info("Second signal: stopping now")
+            stopper.kill(block=False)
+            runner.stop(0)
+            break
         stopper.join()
     finally:
         for h in handlers:

@@ -26,6 +26,7 @@ import gevent
 from gevent.event import AsyncResult, Event
 from gevent.pool import Group
 
+from ..durations import format_go_duration
 from ..errors import CoreError
 from ..log import InstanceLog
 from ..net.resolver import Resolver
@@ -54,14 +55,8 @@ class Instance:
         cap = ("min=%d" % o.min) if self.spec.scheme == "client" else ("max=%d" % o.max)
         return "%s?dns=%s&%s&mode=%s&quic=%s&dial=%s&read=%s&rate=%d&slot=%d&proxy=%s&notcp=%s&noudp=%s" % (
             self.spec.base_url(), ",".join(o.dns), cap, o.mode if mode is None else mode,
-            "1" if o.quic else "0", o.dial, _dur(o.read), o.rate, o.slot,
+            "1" if o.quic else "0", o.dial, format_go_duration(o.read), o.rate, o.slot,
             "1" if o.proxy else "0", "1" if o.notcp else "0", "1" if o.noudp else "0")
-
-
-def _dur(seconds: float) -> str:
-    from ..durations import format_go_duration
-
-    return format_go_duration(seconds)
 
 
 class Core:

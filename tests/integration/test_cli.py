@@ -9,34 +9,37 @@ import time
 import gevent
 import pytest
 from gevent import socket
-from helpers import ROOT, NpProcess, echo_roundtrip, run_cli
+from helpers import ROOT, NpProcess, echo_roundtrip, free_port, run_cli
 
 from npgevent.settings import SETTINGS
 
+# {p} and {q} become free loopback ports at run time (nothing binds them: parsing fails first)
 BAD_INPUTS = [
     # (argument, what the one-line error must mention)
-    ("client://127.0.0.1:8080/127.0.0.1:9000?min=abc", r"min= 'abc': expected an integer"),
-    ("client://127.0.0.1:8080/127.0.0.1:9000?read=5x", r"read= '5x': expected a Go duration"),
-    ("client://127.0.0.1:8080/127.0.0.1:9000?mode=7", r"mode= '7': expected one of 0, 1, 2"),
-    ("server://:10101/127.0.0.1:9000?tls=9", r"tls= '9': expected one of 0, 1, 2"),
-    ("server://:10101/127.0.0.1:9000?log=loud", r"log= 'loud': expected one of none, debug"),
-    ("server://:10101/127.0.0.1:9000?quic=2", r"quic= '2': expected 0 or 1"),
-    ("server://:10101/127.0.0.1:9000?dns=1.1.1.1,nope", r"'nope' is not an IP address"),
-    ("client://127.0.0.1:8080/127.0.0.1:9000?dial=notanip", r"dial= 'notanip': expected 'auto' or a local IP"),
+    ("client://127.0.0.1:{p}/127.0.0.1:{q}?min=abc", r"min= 'abc': expected an integer"),
+    ("client://127.0.0.1:{p}/127.0.0.1:{q}?read=5x", r"read= '5x': expected a Go duration"),
+    ("client://127.0.0.1:{p}/127.0.0.1:{q}?mode=7", r"mode= '7': expected one of 0, 1, 2"),
+    ("server://:{p}/127.0.0.1:{q}?tls=9", r"tls= '9': expected one of 0, 1, 2"),
+    ("server://:{p}/127.0.0.1:{q}?log=loud", r"log= 'loud': expected one of none, debug"),
+    ("server://:{p}/127.0.0.1:{q}?quic=2", r"quic= '2': expected 0 or 1"),
+    ("server://:{p}/127.0.0.1:{q}?dns=1.1.1.1,nope", r"'nope' is not an IP address"),
+    ("client://127.0.0.1:{p}/127.0.0.1:{q}?dial=notanip", r"dial= 'notanip': expected 'auto' or a local IP"),
     ("ftp://host:21/x:1", r"invalid URL scheme 'ftp'"),
     ("not a url", r"expected server://, client:// or master://"),
-    ("client://127.0.0.1:8080", r"missing target address"),
-    ("client://127.0.0.1:8080/", r"missing target address"),
-    ("client://127.0.0.1:70000/127.0.0.1:9000", r"port '70000': expected a number from 1 to 65535"),
-    ("client://127.0.0.1:8080/127.0.0.1:0", r"port '0': expected a number from 1 to 65535"),
-    ("client://127.0.0.1:8080/localhost", r"invalid target address 'localhost': expected host:port"),
-    ("client://127.0.0.1:8080/127.0.0.1:8080", r"tunnel port 8080 conflicts with target address"),
-    ("server://:8080/10.1.2.3:8080", r"tunnel port 8080 conflicts with target address 10\.1\.2\.3:8080"),
+    ("client://127.0.0.1:{p}", r"missing target address"),
+    ("client://127.0.0.1:{p}/", r"missing target address"),
+    ("client://127.0.0.1:70000/127.0.0.1:{q}", r"port '70000': expected a number from 1 to 65535"),
+    ("client://127.0.0.1:{p}/127.0.0.1:0", r"port '0': expected a number from 1 to 65535"),
+    ("client://127.0.0.1:{p}/localhost", r"invalid target address 'localhost': expected host:port"),
+    ("client://127.0.0.1:{p}/127.0.0.1:{p}", r"tunnel port {p} conflicts with target address"),
+    ("server://:{p}/10.1.2.3:{p}", r"tunnel port {p} conflicts with target address 10\.1\.2\.3:{p}"),
 ]
 
 
 @pytest.mark.parametrize(("arg", "expect"), BAD_INPUTS)
 def test_bad_input_is_one_line_exit_2(arg, expect):
+    ports = {"p": free_port(), "q": free_port()}
+    arg, expect = arg.format(**ports), expect.format(**ports)
     rc, out, err = run_cli(arg)
     assert rc == 2
     assert out == ""
@@ -52,14 +55,14 @@ def test_bad_input_is_one_line_exit_2(arg, expect):
     ({"NP_SEMAPHORE_LIMIT": "1.5"}, r"NP_SEMAPHORE_LIMIT '1.5': expected an integer"),
 ])
 def test_bad_env_value_exit_2(env, expect):
-    rc, _out, err = run_cli("client://127.0.0.1:8080/127.0.0.1:9000", env=env)
+    rc, _out, err = run_cli("client://127.0.0.1:%d/127.0.0.1:%d" % (free_port(), free_port()), env=env)
     assert rc == 2
     assert re.search(expect, err.strip()), err
     assert len(err.splitlines()) == 1
 
 
 def test_unknown_flag_one_line():
-    rc, _out, err = run_cli("--no-such-flag", "client://127.0.0.1:8080/127.0.0.1:9000")
+    rc, _out, err = run_cli("--no-such-flag", "client://127.0.0.1:%d/127.0.0.1:%d" % (free_port(), free_port()))
     assert rc == 2
     assert err.splitlines() == ["npgevent: error: unrecognized arguments: --no-such-flag"]
 
