@@ -94,6 +94,29 @@ class TcpEcho:
         self.close()
 
 
+class ByteSource:
+    """A TCP server that sends the same block forever to whoever connects (download tests)."""
+
+    def __init__(self, block: bytes = b"s" * 65536) -> None:
+        self.block = block
+        self.server = StreamServer(("127.0.0.1", 0), self._handle)
+        self.server.start()
+
+    @property
+    def port(self) -> int:
+        return int(self.server.address[1])
+
+    def _handle(self, sock: socket.socket, _addr: Any) -> None:
+        try:
+            while True:
+                sock.sendall(self.block)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.server.stop(timeout=1)
+
+
 class UdpEcho:
     """UDP echo server (handles datagrams up to 64 KiB)."""
 

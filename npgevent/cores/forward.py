@@ -49,33 +49,27 @@ class ForwardCore(Core):
 
     # -- TCP ---------------------------------------------------------------------
     def _handle_tcp(self, conn: socket.socket, addr: Any) -> None:
+        """One user connection (its slot is held by the listener)."""
         inst, log = self.inst, self.log
-        if not inst.slots.acquire_tcp():
-            log.error("TCP slot limit reached (%d): connection from %s refused",
-                      inst.slots.limit, format_addr(addr))
+        try:
+            target, where = self.dialer.dial_tcp()
+        except (DialError, OSError) as exc:
+            log.error("Dial target failed for %s: %s", format_addr(addr), exc)
             return
         try:
-            try:
-                target, where = self.dialer.dial_tcp()
-            except (DialError, OSError) as exc:
-                log.error("Dial target failed for %s: %s", format_addr(addr), exc)
-                return
-            try:
-                if log.enabled(10):
-                    log.debug("Target connection: %s <-> %s", format_addr(addr), where)
-                if self.opts.proxy:
-                    target.sendall(proxy_v1(addr, target.getpeername()))
-                reason = relay(conn, target, inst.traffic.bytes, TCP_RX, TCP_TX,
-                               limiter=inst.limiter, idle=self.opts.read,
-                               bufsize=self.opts.tcp_data_buf_size)
-                if log.enabled(10):
-                    log.debug("Exchange complete: %s <-> %s: %s", format_addr(addr), where, reason)
-            except OSError as exc:
-                log.debug("Exchange failed: %s: %s", format_addr(addr), exc)
-            finally:
-                target.close()
+            if log.enabled(10):
+                log.debug("Target connection: %s <-> %s", format_addr(addr), where)
+            if self.opts.proxy:
+                target.sendall(proxy_v1(addr, target.getpeername()))
+            reason = relay(conn, target, inst.traffic.bytes, TCP_RX, TCP_TX,
+                           limiter=inst.limiter, idle=self.opts.read,
+                           bufsize=self.opts.tcp_data_buf_size)
+            if log.enabled(10):
+                log.debug("Exchange complete: %s <-> %s: %s", format_addr(addr), where, reason)
+        except OSError as exc:
+            log.debug("Exchange failed: %s: %s", format_addr(addr), exc)
         finally:
-            inst.slots.release_tcp()
+            target.close()
 
     # -- UDP ---------------------------------------------------------------------
     def _new_udp_session(self, table: SessionTable, addr: Any) -> UdpSession:

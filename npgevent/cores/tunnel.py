@@ -197,34 +197,26 @@ class TunnelCore(Core):
                             ip=self.inst.resolver.listen_ip(where.host), tcp_sock=tcp, udp_sock=udp)
 
     def _user_tcp(self, sock: socket.socket, addr: Any) -> None:
+        """One user connection on the receiving side (its slot is held by the listener)."""
         inst, log = self.inst, self.log
-        if not inst.slots.acquire_tcp():
-            log.error("TCP slot limit reached (%d): connection from %s refused",
-                      inst.slots.limit, format_addr(addr))
+        conn = self.pool.take_any(self.opts.pool_get_timeout)
+        if conn is None:
+            log.warn("Tunnel connection: request timeout for %s (no idle pool connection)", format_addr(addr))
             return
         try:
-            conn = self.pool.take_any(self.opts.pool_get_timeout)
-            if conn is None:
-                log.warn("Tunnel connection: request timeout for %s (no idle pool connection)",
-                         format_addr(addr))
-                return
+            log.debug("Tunnel connection: get %s <- pool active %d", conn.cid, self.pool.active)
             try:
-                log.debug("Tunnel connection: get %s <- pool active %d", conn.cid, self.pool.active)
-                try:
-                    self.send_signal(Launch(False, format_addr(addr), conn.cid))
-                except OSError as exc:
-                    self.fail(CoreError("control write failed: %s" % (exc.strerror or exc)))
-                    return
-                log.debug("TCP launch signal: cid %s -> %s", conn.cid, self.peer)
-                reason = relay(conn.stream, sock, inst.traffic.bytes, TCP_RX, TCP_TX,
-                               limiter=inst.limiter, idle=self.opts.read,
-                               bufsize=self.opts.tcp_data_buf_size)
-                log.debug("Exchange complete: %s: %s", conn.cid, reason)
-            finally:
-                conn.close()
-                log.debug("Tunnel connection: closed %s", conn.cid)
+                self.send_signal(Launch(False, format_addr(addr), conn.cid))
+            except OSError as exc:
+                self.fail(CoreError("control write failed: %s" % (exc.strerror or exc)))
+                return
+            log.debug("TCP launch signal: cid %s -> %s", conn.cid, self.peer)
+            reason = relay(conn.stream, sock, inst.traffic.bytes, TCP_RX, TCP_TX,
+                           limiter=inst.limiter, idle=self.opts.read, bufsize=self.opts.tcp_data_buf_size)
+            log.debug("Exchange complete: %s: %s", conn.cid, reason)
         finally:
-            inst.slots.release_tcp()
+            conn.close()
+            log.debug("Tunnel connection: closed %s", conn.cid)
 
     def _new_udp_session(self, table: SessionTable, addr: Any) -> UdpSession:
         return TunnelUdpSession(table, addr, self)

@@ -3,7 +3,9 @@
 Single-end forwarding listens on the tunnel address, the receiving side of a
 tunnel on its first target address; both open a gevent ``StreamServer`` (one
 greenlet per connection) and a UDP :class:`~npgevent.relay.udp.SessionTable`,
-as ``notcp``/``noudp`` allow, and tear them down the same way.
+as ``notcp``/``noudp`` allow, and tear them down the same way.  Both count
+every user session against ``slot=``: a connection over the limit is refused
+here (the UDP table does the same for new source addresses).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from gevent import socket
 from gevent.server import StreamServer
 
 from ..log import InstanceLog
-from ..net.sockopt import listen_tcp, listen_udp
+from ..net.sockopt import format_addr, listen_tcp, listen_udp
 from ..settings import Options
 from ..url import HostPort
 from .limit import Slots
@@ -40,7 +42,8 @@ class Listeners:
     ) -> None:
         """Start listening; sockets already bound (mode detection) are used, or closed if unwanted."""
         if not self.opts.notcp:
-            self.tcp = StreamServer(tcp_sock or listen_tcp(where, ip), tcp_handler, spawn=self.spawn)
+            self.tcp_handler = tcp_handler
+            self.tcp = StreamServer(tcp_sock or listen_tcp(where, ip), self._tcp, spawn=self.spawn)
             self.tcp.start()
         elif tcp_sock is not None:
             tcp_sock.close()
@@ -50,6 +53,17 @@ class Listeners:
             self.udp.start()
         elif udp_sock is not None:
             udp_sock.close()
+
+    def _tcp(self, sock: socket.socket, addr: Any) -> None:
+        slots = self.slots
+        if not slots.acquire_tcp():
+            self.log.error("TCP slot limit reached (%d): connection from %s refused",
+                           slots.limit, format_addr(addr))
+            return
+        try:
+            self.tcp_handler(sock, addr)
+        finally:
+            slots.release_tcp()
 
     def stop_accepting(self) -> None:
         if self.tcp is not None:

@@ -116,21 +116,11 @@ def test_all_targets_down_logs_error(port):
 
 def test_rate_limit_within_20_percent(port):
     """rate=8 (Mbit/s) = 1,000,000 bytes/s; measure 3 s of a one-way download."""
-    from gevent.server import StreamServer
+    from helpers import ByteSource
 
-    block = b"x" * 65536
-
-    def source(sock, _addr):
-        try:
-            while True:
-                sock.sendall(block)
-        except OSError:
-            pass
-
-    target = StreamServer(("127.0.0.1", 0), source)
-    target.start()
+    target = ByteSource()
     try:
-        with in_process("client://127.0.0.1:%d/127.0.0.1:%d?rate=8" % (port, target.address[1])):
+        with in_process("client://127.0.0.1:%d/127.0.0.1:%d?rate=8" % (port, target.port)):
             sock = connect_retry(port)
             sock.recv(65536)  # first bytes: the bucket's initial burst is spent from here
             start = time.monotonic()
@@ -142,7 +132,7 @@ def test_rate_limit_within_20_percent(port):
         rate = total / elapsed
         assert 0.8 * 1_000_000 <= rate <= 1.2 * 1_000_000, rate
     finally:
-        target.stop()
+        target.close()
 
 
 def test_slot_limit_refuses_extra_connection(tcp_echo, port):

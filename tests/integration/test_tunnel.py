@@ -313,23 +313,13 @@ def test_failover_read_timeout_and_rate_on_the_dialling_side(certs, monkeypatch)
 def test_rate_limit_across_the_tunnel(certs, monkeypatch):
     import time as _time
 
-    from gevent.server import StreamServer
+    from helpers import ByteSource
 
-    block = b"r" * 65536
-
-    def source(sock, _addr):
-        try:
-            while True:
-                sock.sendall(block)
-        except OSError:
-            pass
-
-    target = StreamServer(("127.0.0.1", 0), source)
-    target.start()
+    target = ByteSource()
     tport, uport = free_port(), free_port()
     try:
         with in_process("server://k@127.0.0.1:%d/127.0.0.1:%d?mode=1&rate=8" % (tport, uport)) as s, \
-                in_process("client://k@127.0.0.1:%d/127.0.0.1:%d?mode=2" % (tport, target.address[1])):
+                in_process("client://k@127.0.0.1:%d/127.0.0.1:%d?mode=2" % (tport, target.port)):
             wait_pool(lambda: s.core.pool.active, 1)
             sock = connect_retry(uport)
             sock.recv(65536)
@@ -341,7 +331,7 @@ def test_rate_limit_across_the_tunnel(certs, monkeypatch):
             sock.close()
         assert 0.8e6 <= rate <= 1.2e6, rate
     finally:
-        target.stop()
+        target.close()
 
 
 def test_tls2_by_host_name_with_sni(certs, monkeypatch):
