@@ -86,15 +86,7 @@ def echo_throughput(port: int, size: int) -> float:
     sock = socket.create_connection(("127.0.0.1", port))
     start = time.perf_counter()
 
-    def writer() -> None:
-        left = size
-        while left:
-            n = min(left, BLOCK)
-            sock.sendall(payload[:n])
-            left -= n
-        sock.shutdown(socket.SHUT_WR)
-
-    t = threading.Thread(target=writer)
+    t = threading.Thread(target=send_blocks, args=(sock, payload, size))
     t.start()
     buf = bytearray(BLOCK)
     got = 0
@@ -185,18 +177,23 @@ def rss_kb(pid: int, field: str = "VmRSS:") -> int:
     return 0
 
 
-def throughput(port: int, size: int) -> float:
-    """Send *size* bytes to *port*; return Gbit/s measured until the sink confirmed them."""
-    payload = memoryview(os.urandom(BLOCK))
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    start = time.perf_counter()
+def send_blocks(sock: socket.socket, payload: memoryview, size: int) -> None:
+    """Send *size* bytes in BLOCK-sized slices of *payload*, then half-close."""
     left = size
     while left:
         n = min(left, BLOCK)
         sock.sendall(payload[:n])
         left -= n
     sock.shutdown(socket.SHUT_WR)
+
+
+def throughput(port: int, size: int) -> float:
+    """Send *size* bytes to *port*; return Gbit/s measured until the sink confirmed them."""
+    payload = memoryview(os.urandom(BLOCK))
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    start = time.perf_counter()
+    send_blocks(sock, payload, size)
     got = b""
     while len(got) < 8:
         chunk = sock.recv(8 - len(got))

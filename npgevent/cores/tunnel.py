@@ -152,7 +152,7 @@ class TunnelCore(Core):
                 self.log.error("Signal queue full (%d): launch %s dropped",
                                self.opts.semaphore_limit, sig.cid)
                 return
-            self.sessions.spawn(self._launch_udp if sig.udp else self._launch_tcp, sig)
+            self.sessions.spawn(self._launch, sig)
         elif isinstance(sig, Flush):
             self.pool.flush()
             self.log.debug("Tunnel pool flushed by the peer")
@@ -229,36 +229,48 @@ class TunnelCore(Core):
                            _num(self.opts.pool_get_timeout))
         return conn
 
-    def _launch_tcp(self, sig: Launch) -> None:
+    def _launch(self, sig: Launch) -> None:
+        """Dialling side of a launch: take the named pool connection, hold a slot, dial, relay."""
         inst, log = self.inst, self.log
-        log.debug("TCP launch signal: cid %s <- %s", sig.cid, self.peer)
-        conn = self._take_named(sig, "TCP launch")
+        kind = "UDP" if sig.udp else "TCP"
+        log.debug("%s launch signal: cid %s <- %s", kind, sig.cid, self.peer)
+        conn = self._take_named(sig, kind + " launch")
         if conn is None:
             return
+        slots = inst.slots
+        acquire, release = ((slots.acquire_udp, slots.release_udp) if sig.udp
+                            else (slots.acquire_tcp, slots.release_tcp))
         try:
-            if not inst.slots.acquire_tcp():
-                log.error("TCP slot limit reached (%d): launch %s refused", inst.slots.limit, sig.cid)
+            if not acquire():
+                log.error("%s slot limit reached (%d): launch %s refused", kind, slots.limit, sig.cid)
                 return
             try:
                 try:
-                    target, where = self.dialer.dial_tcp()
+                    target, where = self.dialer.dial_udp() if sig.udp else self.dialer.dial_tcp()
                 except (DialError, OSError) as exc:
                     log.error("Dial target failed for %s: %s", sig.addr, exc)
                     return
                 try:
-                    log.debug("Target connection: %s <-> %s", sig.addr, where)
-                    if self.opts.proxy:
-                        self._send_proxy(target, sig.addr)
-                    reason = relay(conn.stream, target, inst.traffic.bytes, TCP_RX, TCP_TX,
-                                   limiter=inst.limiter, idle=self.opts.read,
-                                   bufsize=self.opts.tcp_data_buf_size)
-                    log.debug("Exchange complete: %s: %s", sig.cid, reason)
+                    if sig.udp:
+                        log.debug("Starting transfer: %s <-> %s", sig.addr, where)
+                        self._udp_exchange(conn, target)
+                        log.debug("Transfer complete: %s <-> %s", sig.addr, where)
+                    else:
+                        self._tcp_exchange(conn, target, where, sig)
                 finally:
                     target.close()
             finally:
-                inst.slots.release_tcp()
+                release()
         finally:
             conn.close()
+
+    def _tcp_exchange(self, conn: PoolConn, target: socket.socket, where: HostPort, sig: Launch) -> None:
+        self.log.debug("Target connection: %s <-> %s", sig.addr, where)
+        if self.opts.proxy:
+            self._send_proxy(target, sig.addr)
+        reason = relay(conn.stream, target, self.inst.traffic.bytes, TCP_RX, TCP_TX,
+                       limiter=self.inst.limiter, idle=self.opts.read, bufsize=self.opts.tcp_data_buf_size)
+        self.log.debug("Exchange complete: %s: %s", sig.cid, reason)
 
     def _send_proxy(self, target: socket.socket, user: str) -> None:
         src = parse_user_addr(user)
@@ -266,33 +278,6 @@ class TunnelCore(Core):
             self.log.error("PROXY line skipped: bad user address %r in launch signal", user[:80])
             return
         target.sendall(proxy_v1(src, target.getpeername()))
-
-    def _launch_udp(self, sig: Launch) -> None:
-        inst, log = self.inst, self.log
-        log.debug("UDP launch signal: cid %s <- %s", sig.cid, self.peer)
-        conn = self._take_named(sig, "UDP launch")
-        if conn is None:
-            return
-        try:
-            if not inst.slots.acquire_udp():
-                log.error("UDP slot limit reached (%d): launch %s refused", inst.slots.limit, sig.cid)
-                return
-            try:
-                try:
-                    usock, where = self.dialer.dial_udp()
-                except (DialError, OSError) as exc:
-                    log.error("Dial target failed for %s: %s", sig.addr, exc)
-                    return
-                try:
-                    log.debug("Starting transfer: %s <-> %s", sig.addr, where)
-                    self._udp_exchange(conn, usock)
-                    log.debug("Transfer complete: %s <-> %s", sig.addr, where)
-                finally:
-                    usock.close()
-            finally:
-                inst.slots.release_udp()
-        finally:
-            conn.close()
 
     def _udp_exchange(self, conn: PoolConn, usock: socket.socket) -> None:
         """Pool connection <-> connected UDP socket until idle for NP_UDP_READ_TIMEOUT."""
