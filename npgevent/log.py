@@ -79,15 +79,58 @@ def setup(stream: IO[str] | None = None, colour: bool | None = None) -> logging.
     return handler
 
 
-class InstanceLog:
-    """A per-instance logger: own threshold, optional ``[prefix]``."""
+class Throttle:
+    """Collapses a repeated log line: at most one per *key* every *window* seconds.
 
-    __slots__ = ("_logger", "level", "prefix")
+    ``admit(key)`` answers ``None`` while the line is to be suppressed (and counts
+    it), or the number suppressed since the last one that went out (0 the first
+    time), which the caller appends as ``(N more in the last 5 s)``.  Plain
+    Python, no gevent: the QUIC thread uses one of its own.  Keys are a fixed set
+    of message kinds chosen by the code, never data from the network, and the
+    table is bounded all the same.
+    """
+
+    MAX_KEYS = 256
+
+    def __init__(self, window: float = 5.0) -> None:
+        self.window = window
+        self._seen: dict[str, list[float]] = {}  # key -> [time last logged, suppressed since]
+
+    def admit(self, key: str, now: float | None = None) -> int | None:
+        now = time.monotonic() if now is None else now
+        entry = self._seen.get(key)
+        if entry is not None and now - entry[0] < self.window:
+            entry[1] += 1
+            return None
+        if entry is None and len(self._seen) >= self.MAX_KEYS:
+            self._seen.clear()
+        suppressed = int(entry[1]) if entry is not None else 0
+        self._seen[key] = [now, 0]
+        return suppressed
+
+    def suffix(self, suppressed: int) -> str:
+        return " (%d more in the last %g s)" % (suppressed, self.window) if suppressed else ""
+
+
+class InstanceLog:
+    """A per-instance logger: own threshold, optional ``[prefix]``, rate-limited lines."""
+
+    __slots__ = ("_logger", "_throttle", "level", "prefix")
 
     def __init__(self, level: str = "info", prefix: str = "", name: str = ROOT) -> None:
         self._logger = logging.getLogger(name)
         self.level = LEVELS.get(level, INFO)
         self.prefix = "[%s] " % prefix if prefix else ""
+        self._throttle = Throttle()
+
+    def limited(self, level: int, key: str, msg: str, *args: Any) -> None:
+        """Log like :meth:`log`, but a line of kind *key* at most once per 5 s; the next one
+        that goes out says how many were held back (attacker-driven lines go through here)."""
+        if level < self.level:
+            return
+        suppressed = self._throttle.admit(key)
+        if suppressed is not None:
+            self.log(level, (msg % args if args else msg) + self._throttle.suffix(suppressed))
 
     def enabled(self, level: int) -> bool:
         return level >= self.level

@@ -129,10 +129,6 @@ class ServerCore(TunnelCore):
         if self.engine is not None:
             from ..pool.quic import QuicServerPool
 
-            thread = self.engine.thread
-            # larger datagrams only towards an npgevent peer: quic-go would drop them
-            size = self.opts.quic_datagram_size if self.npg >= 1 else 0
-            thread.call(thread.set_allowed_ip, self.peer_ip, size)
             QuicServerPool(self.engine, self.pool, self.opts.max, self.opts.handshake_timeout,
                            self.log, self.tasks)
         if self.flow == "-":
@@ -170,6 +166,12 @@ class ServerCore(TunnelCore):
         npg = EXTENSION_LEVEL if hello.npgevent else 0
         quic = bool(opts.quic)
         reply = Reply(quic=quic, max=opts.max, flow=self.flow, tls=self.tls_code, npg=npg)
+        if self.engine is not None:
+            # admit the client's address to the QUIC endpoint *before* the reply leaves: a Go
+            # client dials its QUIC pool the instant it reads it.  Larger datagrams only
+            # towards an npgevent peer: quic-go would drop them.
+            size = opts.quic_datagram_size if npg >= 1 else 0
+            self.engine.admit(unmap(addr[0]), size)
         try:
             sock.sendall(server_reply(reply, self.key))
         except OSError as exc:

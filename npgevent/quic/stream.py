@@ -58,6 +58,8 @@ class QuicStream:
         self.written = 0
         self.sent = 0
         self.timeout: float | None = None
+        #: every sendall is one raw datagram (UDP towards a Go peer): kept whole on the wire
+        self.datagrams = False
 
     # -- fed by the engine (in the hub; never blocks) -----------------------------------
     def _feed(self, chunks: list[bytes], fin: bool) -> None:
@@ -91,14 +93,28 @@ class QuicStream:
         return True
 
     def recv(self, n: int) -> bytes:
+        """Up to *n* bytes of what has arrived, across chunks, as a socket (and quic-go's
+        Read) returns them: a Go peer's raw datagram that came in two frames is read whole."""
         if not self._wait_readable():
             return b""
-        first = self._chunks[0]
-        if len(first) <= n:
-            self._chunks.popleft()
-            data = first
+        chunks = self._chunks
+        first = chunks[0]
+        if len(first) >= n or len(chunks) == 1:
+            if len(first) <= n:
+                chunks.popleft()
+                data = first
+            else:
+                data, chunks[0] = first[:n], first[n:]
         else:
-            data, self._chunks[0] = first[:n], first[n:]
+            buf = bytearray()
+            while chunks and len(buf) < n:
+                piece = chunks.popleft()
+                take = n - len(buf)
+                if len(piece) > take:
+                    chunks.appendleft(piece[take:])
+                    piece = piece[:take]
+                buf += piece
+            data = bytes(buf)
         self._consume(len(data))
         return data
 
@@ -137,7 +153,7 @@ class QuicStream:
             if self._broken or self.closed or self._wfin:
                 raise BrokenPipeError(self._broken or "stream closed for writing")
             room = WINDOW - (self.written - self.sent)
-            if room <= 0:
+            if room <= 0 or (self.datagrams and room < total - off):  # a datagram goes in one piece
                 self._writable.clear()
                 if not self._writable.wait(self.timeout):
                     raise socket.timeout("timed out")
@@ -146,7 +162,7 @@ class QuicStream:
             chunk = bytes(view[off : off + n])
             off += n
             self.written += n
-            if not thread.call(thread.send, self.conn, self.sid, chunk, False):
+            if not thread.call(thread.send, self.conn, self.sid, chunk, False, self.datagrams):
                 raise BrokenPipeError("QUIC engine stopped")
 
     def shutdown(self, how: int) -> None:
@@ -225,7 +241,8 @@ class QuicEngine:
         self.started = False
         asked = not self.thread.exited and self.thread.call(self.thread.shutdown)
         if asked and not self._exit_event.wait(timeout):
-            self.log.error("QUIC thread did not stop within %ss", timeout)
+            self.log.error("QUIC thread did not stop within %ss: abandoned, its sockets closed", timeout)
+            self.thread.abandon()  # the port must be free for the next core
         self.bridge.close()
         for stream in list(self.streams.values()):
             stream._break("QUIC engine stopped")
@@ -246,6 +263,24 @@ class QuicEngine:
             from ..net.sockopt import ListenError
 
             raise ListenError(None, err)
+
+    def admit(self, ip: str, datagram_size: int = 0, timeout: float = 2.0) -> None:
+        """Admit *ip* (the tunnel client) to the QUIC endpoint and wait until the thread has
+        applied it, so that a peer dialling the instant it reads the handshake reply is let in."""
+        token = next(self._tokens)
+        waiter = self._waiting[token] = AsyncResult()
+        try:
+            if not self.thread.call(self.thread.set_allowed_ip, ip, datagram_size, token):
+                raise CoreError("QUIC thread is not running")
+            if waiter.wait(timeout) is None:
+                raise CoreError("QUIC thread did not admit the client within %ss" % timeout)
+        finally:
+            self._waiting.pop(token, None)
+
+    @property
+    def drops(self) -> Any:
+        """Datagrams and connections refused, by kind (a Counter owned by the thread)."""
+        return self.thread.drops
 
     def dial(self, ip: str, port: int, config: Any, timeout: float) -> int:
         token = next(self._tokens)
@@ -283,6 +318,11 @@ class QuicEngine:
 
     def _exited(self) -> None:
         self._exit_event.set()
+
+    def _acked(self, token: int) -> None:
+        waiter = self._waiting.get(token)
+        if waiter is not None:
+            waiter.set(True)
 
     def _log(self, level: str, text: str) -> None:
         getattr(self.log, level)("QUIC: %s", text)

@@ -28,20 +28,24 @@ Flow control and back-pressure:
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import ssl
 import traceback
+from asyncio import selector_events
 from collections.abc import Callable
 from typing import Any, cast
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
-from aioquic.asyncio.server import QuicServer
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from gevent import monkey
 
+from ..log import Throttle
+from .admission import AdmittingServer, plain_ip
 from .bridge import Bridge
+from .connection import CREDIT_STEP, WINDOW, WindowedConnection
 
 _start_new_thread = monkey.get_original("_thread", "start_new_thread")
 _get_native_id = monkey.get_original("_thread", "get_native_id")
@@ -49,50 +53,40 @@ _RealSocket = monkey.get_original("socket", "socket")
 _real_socketpair = monkey.get_original("socket", "socketpair")
 _RealSelector = monkey.get_original("selectors", "DefaultSelector")
 
-#: per-stream receive window and send allowance (bytes)
-WINDOW = 1 << 20
-CREDIT_STEP = WINDOW // 4
 ALPN = "np-quic"
 DATAGRAM_SIZE = 1452  # quic-go's maximum: larger datagrams would be dropped by a Go peer
 UDP_BUFFER = 4 << 20
+DRAIN = 64  # datagrams read per wake-up of a UDP socket, at most
 _STOP_SENDING: Any = getattr(events, "StopSendingReceived", None)
 
 
-class WindowedConnection(QuicConnection):
-    """A QuicConnection whose stream receive windows follow the application.
+class _DrainingTransport(selector_events._SelectorDatagramTransport):  # type: ignore[name-defined]
+    """Reads every datagram that is ready (up to :data:`DRAIN`) per wake-up, where asyncio reads
+    one.  Fewer loop iterations per packet, and the events of one burst (say, both packets of a
+    Go peer's raw datagram that quic-go cut in two) reach gevent in one batch."""
 
-    aioquic doubles ``max_stream_data_local`` when the peer has sent half of it;
-    here only :meth:`grant` raises it, to what was consumed plus :data:`WINDOW`.
-    Instances are created by aioquic's server as plain ``QuicConnection``; the
-    protocol switches their class (this subclass adds methods, no state).
-    """
-
-    def _write_stream_limits(self, builder: Any, space: Any, stream: Any) -> None:
-        receiver = stream.receiver
-        saved = receiver.highest_offset
-        receiver.highest_offset = 0  # keeps aioquic's grow-on-receipt condition false
-        try:
-            super()._write_stream_limits(builder, space, stream)
-        finally:
-            receiver.highest_offset = saved
-
-    def grant(self, stream_id: int, consumed: int) -> bool:
-        stream = self._streams.get(stream_id)
-        if stream is None or not stream.max_stream_data_local:
-            return False
-        want = consumed + WINDOW
-        if want > stream.max_stream_data_local:
-            stream.max_stream_data_local = want
-            return True
-        return False
-
-    def stream_sent(self, stream_id: int) -> int | None:
-        stream = self._streams.get(stream_id)
-        return None if stream is None else int(stream.sender.highest_offset)
+    def _read_ready(self) -> None:
+        sock, protocol = self._sock, self._protocol
+        for _ in range(DRAIN):
+            if self._conn_lost:
+                return
+            try:
+                data, addr = sock.recvfrom(self.max_size)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                protocol.error_received(exc)
+                return
+            protocol.datagram_received(data, addr)
 
 
 class _NativeLoop(asyncio.SelectorEventLoop):
-    """An asyncio loop whose self-pipe is a real socketpair (not a gevent one)."""
+    """An asyncio loop whose self-pipe is a real socketpair (not a gevent one) and whose
+    datagram transports drain the socket."""
+
+    def _make_datagram_transport(self, sock: Any, protocol: Any, address: Any = None, waiter: Any = None,
+                                 extra: Any = None) -> Any:
+        return _DrainingTransport(self, sock, protocol, address, waiter, extra)
 
     def _make_self_pipe(self) -> None:
         self._ssock, self._csock = _real_socketpair()
@@ -113,9 +107,9 @@ class NpProtocol(QuicConnectionProtocol):
         self.owner = owner
         self.role = role
         self.key = owner.new_conn_key()
-        self.peer_ok: bool | None = None
         self.known: set[int] = set()
         self.terminated = False
+        self.handshake_ip = ""  # server side: counted in owner.handshaking until it completes
         owner.protocols[self.key] = self
 
     @property
@@ -123,18 +117,14 @@ class NpProtocol(QuicConnectionProtocol):
         return cast(WindowedConnection, self._quic)
 
     def datagram_received(self, data: Any, addr: Any) -> None:
-        owner = self.owner
-        if self.peer_ok is None:
-            ip = addr[0][7:] if str(addr[0]).startswith("::ffff:") else addr[0]
-            self.peer_ok = owner.allowed_ip is None or ip == owner.allowed_ip
-            if not self.peer_ok:
-                owner.log("debug", "QUIC connection from %s refused: not the tunnel client" % (ip,))
-                self._quic.close(error_code=0x0, reason_phrase="not the tunnel client")
-                self.transmit()
-                return
-        if not self.peer_ok:
-            return
-        super().datagram_received(data, addr)
+        # admission (who may talk to us) is decided before this, by AdmittingServer on the
+        # server and by the connected socket on the client; what aioquic raises for one
+        # datagram is that datagram's problem, never the thread's
+        try:
+            super().datagram_received(data, addr)
+        except Exception as exc:
+            self.owner.drop("error", "QUIC datagram from %s dropped: %s: %s"
+                            % (plain_ip(addr), type(exc).__name__, exc))
 
     def transmit(self) -> None:
         super().transmit()
@@ -158,8 +148,14 @@ class QuicThread:
         self.keepalive = keepalive
         self.loop: asyncio.AbstractEventLoop | None = None
         self.protocols: dict[int, NpProtocol] = {}
-        self.servers: list[tuple[Any, QuicServer]] = []
-        self.allowed_ip: str | None = None
+        self.servers: list[tuple[Any, AdmittingServer]] = []
+        self.sockets: list[Any] = []  # every UDP socket of this thread (closed from outside if it hangs)
+        self.allowed_ip: str | None = None  # server: the one IP admitted ("" = nobody, None = anyone)
+        self.creating_ip = ""  # set by AdmittingServer while aioquic may create a connection
+        self.handshaking: collections.Counter[str] = collections.Counter()
+        self.handshaking_total = 0
+        self.drops: collections.Counter[str] = collections.Counter()  # read by tests and the engine
+        self._throttle = Throttle()
         self._conn_seq = 0
         self._batch: list[tuple[Any, ...]] = []
         self._batch_scheduled = False
@@ -202,12 +198,30 @@ class QuicThread:
         try:
             fn(*args)
         except Exception:
-            self._loop_error(None, {"message": "QUIC thread error", "exception": None,
-                                    "traceback": traceback.format_exc(limit=8)})
+            self._guard_error(traceback.format_exc(limit=8))
 
     def _loop_error(self, _loop: Any, context: dict[str, Any]) -> None:
-        text = context.get("traceback") or "%s: %r" % (context.get("message"), context.get("exception"))
+        """asyncio's exception handler: an error in a callback of the loop.  Network input
+        reaches aioquic through callbacks, so none of these takes the tunnel down: they are
+        counted and logged (rate-limited).  A future nobody awaited that failed with a
+        connection error (a dial given up) is routine and logged at DEBUG only."""
+        exc = context.get("exception")
+        message = str(context.get("message") or "error")
+        if isinstance(exc, ConnectionError) and "never retrieved" in message:
+            self.drop("noise", "QUIC: %s: %r" % (message, exc))
+            return
+        self.drop("loop", "QUIC loop error: %s: %r" % (message, exc), level="error")
+
+    def _guard_error(self, text: str) -> None:
+        """A call from gevent failed: a bug on our side, so the tunnel restarts."""
         self.bridge.to_gevent(self.sink._crashed, text)
+
+    def drop(self, kind: str, text: str, level: str = "debug") -> None:
+        """Count one refused or failed input of *kind*; log it at most once per 5 s per kind."""
+        self.drops[kind] += 1
+        suppressed = self._throttle.admit(kind)
+        if suppressed is not None:
+            self.log(level, text + self._throttle.suffix(suppressed))
 
     def shutdown(self) -> None:
         """Close every connection and endpoint, then stop the loop (runs in the thread)."""
@@ -224,6 +238,15 @@ class QuicThread:
         self.servers.clear()
         assert self.loop is not None
         self.loop.call_later(0.05, self.loop.stop)
+
+    def abandon(self) -> None:
+        """From gevent, when the thread did not stop in time: close its sockets from outside,
+        so that the ports are free for the next core; the thread is left to die alone."""
+        for sock in self.sockets:
+            try:
+                sock.close()
+            except OSError:
+                pass
 
     def log(self, level: str, text: str) -> None:
         self.bridge.to_gevent(self.sink._log, level, text)
@@ -243,6 +266,7 @@ class QuicThread:
 
         family = std.AF_INET6 if ":" in host or host == "" else std.AF_INET
         sock = _RealSocket(family, std.SOCK_DGRAM)
+        self.sockets.append(sock)
         try:
             if family == std.AF_INET6:
                 sock.setsockopt(std.IPPROTO_IPV6, std.IPV6_V6ONLY, 0)
@@ -251,7 +275,8 @@ class QuicThread:
             sock.setblocking(False)
             assert self.loop is not None
             transport, server = await self.loop.create_datagram_endpoint(
-                lambda: QuicServer(configuration=config, create_protocol=self._server_protocol), sock=sock)
+                lambda: AdmittingServer(self, configuration=config, create_protocol=self._server_protocol),
+                sock=sock)
         except OSError as exc:
             sock.close()
             reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
@@ -260,14 +285,30 @@ class QuicThread:
         self.servers.append((transport, server))
         self.bridge.to_gevent(self.sink._listening, None)
 
-    def set_allowed_ip(self, ip: str | None, datagram_size: int = 0) -> None:
+    def set_allowed_ip(self, ip: str | None, datagram_size: int = 0, token: int = 0) -> None:
         self.allowed_ip = ip
         for _transport, server in self.servers:
             if datagram_size:  # connections created from now on (the client dials after the handshake)
                 server._configuration.max_datagram_size = datagram_size
+        if token:
+            self.bridge.to_gevent(self.sink._acked, token)
 
     def _server_protocol(self, connection: QuicConnection, stream_handler: Any = None) -> NpProtocol:
-        return NpProtocol(connection, self, "server")
+        protocol = NpProtocol(connection, self, "server")
+        if self.creating_ip:
+            protocol.handshake_ip = self.creating_ip
+            self.handshaking[self.creating_ip] += 1
+            self.handshaking_total += 1
+        return protocol
+
+    def _handshake_over(self, protocol: NpProtocol) -> None:
+        ip = protocol.handshake_ip
+        if ip:
+            protocol.handshake_ip = ""
+            self.handshaking_total -= 1
+            self.handshaking[ip] -= 1
+            if self.handshaking[ip] <= 0:
+                del self.handshaking[ip]
 
     def set_certificate(self, config: QuicConfiguration, cert: Any, key: Any) -> None:
         config.certificate = cert
@@ -282,10 +323,13 @@ class QuicThread:
 
         family = std.AF_INET6 if ":" in ip else std.AF_INET
         sock = _RealSocket(family, std.SOCK_DGRAM)
+        self.sockets = [s for s in self.sockets if s.fileno() != -1]  # forget the closed ones
+        self.sockets.append(sock)
         protocol: NpProtocol | None = None
         try:
             _tune(sock)
             sock.bind(("::" if family == std.AF_INET6 else "0.0.0.0", 0))
+            sock.connect((ip, port))  # the kernel drops datagrams from anyone but the server
             sock.setblocking(False)
             assert self.loop is not None
             _transport, protocol = await self.loop.create_datagram_endpoint(
@@ -322,7 +366,8 @@ class QuicThread:
         protocol.transmit()
         self.bridge.to_gevent(self.sink._opened, token, conn, sid, "")
 
-    def send(self, conn: int, sid: int, data: bytes, fin: bool) -> None:
+    def send(self, conn: int, sid: int, data: bytes, fin: bool, datagram: bool = False) -> None:
+        """Queue *data* on a stream; *datagram*: it is one raw datagram, to be kept whole."""
         protocol = self.protocols.get(conn)
         if protocol is None or protocol.terminated:
             self._push(("reset", conn, sid))
@@ -332,6 +377,8 @@ class QuicThread:
         except Exception:
             self._push(("reset", conn, sid))
             return
+        if datagram:
+            protocol.wquic.mark_datagram_end(sid)
         key = (conn, sid)
         self._written[key] = self._written.get(key, 0) + len(data)
         self._writing.setdefault(key, 0)
@@ -349,6 +396,7 @@ class QuicThread:
         protocol = self.protocols.get(conn)
         if protocol is None or protocol.terminated:
             return
+        protocol.wquic.forget_datagram_ends(sid)
         quic = protocol._quic
         try:
             if reset:
@@ -380,7 +428,10 @@ class QuicThread:
             self._push(("reset", conn, event.stream_id))
         elif _STOP_SENDING is not None and isinstance(event, _STOP_SENDING):
             self._push(("stop", conn, cast(Any, event).stream_id))
+        elif isinstance(event, events.HandshakeCompleted):
+            self._handshake_over(protocol)
         elif isinstance(event, events.ConnectionTerminated):
+            self._handshake_over(protocol)
             protocol.terminated = True
             self.protocols.pop(conn, None)
             for key in [k for k in self._written if k[0] == conn]:

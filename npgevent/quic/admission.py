@@ -1,0 +1,86 @@
+"""Who may open a QUIC connection on the tunnel's UDP port, decided before aioquic keeps state.
+
+The tunnel's UDP port is public: anyone can send it anything, from any source
+address (UDP sources can be forged).  aioquic's :class:`QuicServer` creates a
+connection object of about 50 KB for every well-formed Initial and keeps it for
+the idle timeout, and an exception while it parses a datagram escapes into the
+event loop.  :class:`AdmittingServer` sits in front of it and, in this order:
+
+1. drops every datagram whose source IP is not the tunnel client's (before the
+   handshake, that is every datagram), without parsing it;
+2. answers a first Initial with a stateless **Retry** (RFC 9000 section 8.1),
+   so only a peer that receives packets at its source address gets a connection
+   (quic-go follows Retry, so Go clients keep working);
+3. caps the connections still handshaking, :data:`MAX_HANDSHAKING` in total and
+   :data:`MAX_HANDSHAKING_PER_IP` per address; an Initial over a cap is dropped
+   before aioquic sees it;
+4. catches whatever aioquic raises for one datagram: counted, logged at a
+   rate-limited DEBUG, never a crash of the QUIC thread.
+
+The owner (:class:`~npgevent.quic.thread.QuicThread`) holds the admitted IP,
+the counters and the handshaking table; this module only decides.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from aioquic.asyncio.server import QuicServer
+from aioquic.buffer import Buffer
+from aioquic.quic.packet import QuicPacketType, pull_quic_header
+
+if TYPE_CHECKING:
+    from .thread import QuicThread
+
+#: connections that have not completed their handshake, in total and per source IP
+MAX_HANDSHAKING = 64
+MAX_HANDSHAKING_PER_IP = 16
+_SMALLEST_INITIAL = 1200  # RFC 9000: a client's Initial datagram is padded to at least this
+
+
+def plain_ip(addr: Any) -> str:
+    ip = str(addr[0])
+    return ip[7:] if ip.startswith("::ffff:") else ip
+
+
+class AdmittingServer(QuicServer):
+    """aioquic's server endpoint behind the admission rules of the module docstring."""
+
+    def __init__(self, owner: QuicThread, **kw: Any) -> None:
+        super().__init__(retry=True, **kw)
+        self.owner = owner
+
+    def datagram_received(self, data: Any, addr: Any) -> None:
+        owner = self.owner
+        ip = plain_ip(addr)
+        allowed = owner.allowed_ip
+        if allowed is not None and ip != allowed:
+            owner.drop("foreign", "QUIC datagram from %s dropped: not the tunnel client" % ip)
+            return
+        try:
+            if data and data[0] & 0x80 and not self._may_create(data, ip):
+                return
+            owner.creating_ip = ip  # read by the protocol factory if aioquic creates a connection
+            super().datagram_received(data, addr)
+        except Exception as exc:
+            owner.drop("error", "QUIC datagram from %s dropped: %s: %s" % (ip, type(exc).__name__, exc))
+        finally:
+            owner.creating_ip = ""
+
+    def _may_create(self, data: bytes, ip: str) -> bool:
+        """A long-header packet: False if it would create a connection over a cap."""
+        try:
+            cid_length = self._configuration.connection_id_length
+            header = pull_quic_header(Buffer(data=data), host_cid_length=cid_length)
+        except ValueError:
+            self.owner.drop("malformed", "QUIC datagram from %s dropped: malformed header" % ip)
+            return False
+        if (header.packet_type != QuicPacketType.INITIAL or not header.token
+                or len(data) < _SMALLEST_INITIAL or header.destination_cid in self._protocols):
+            return True  # not a connection-creating packet (a first Initial gets a stateless Retry)
+        owner = self.owner
+        if owner.handshaking_total >= MAX_HANDSHAKING or owner.handshaking[ip] >= MAX_HANDSHAKING_PER_IP:
+            owner.drop("busy", "QUIC connection from %s dropped: %d handshakes under way (cap %d, %d per "
+                       "address)" % (ip, owner.handshaking_total, MAX_HANDSHAKING, MAX_HANDSHAKING_PER_IP))
+            return False
+        return True
