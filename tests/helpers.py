@@ -199,8 +199,12 @@ def echo_roundtrip(port: int, payload: bytes, host: str = "127.0.0.1") -> bytes:
         sock.close()
 
 
-def sha_transfer(port: int, size: int, host: str = "127.0.0.1", chunk: int = 1 << 20) -> tuple[str, str]:
-    """Stream *size* pseudo-random bytes through an echo path; return (sent sha, received sha)."""
+def sha_transfer(port: int, size: int, host: str = "127.0.0.1", chunk: int = 1 << 20,
+                 half_close: bool = True) -> tuple[str, str]:
+    """Stream *size* pseudo-random bytes through an echo path; return (sent sha, received sha).
+
+    ``half_close=False`` reads back exactly *size* bytes instead of waiting for EOF after a
+    half-close (Go NodePass closes both directions when one ends)."""
     sock = connect_retry(port, host)
     sock.settimeout(60)
     sent = hashlib.sha256()
@@ -218,12 +222,13 @@ def sha_transfer(port: int, size: int, host: str = "127.0.0.1", chunk: int = 1 <
             sent.update(piece)
             left -= len(piece)
             i += 1
-        sock.shutdown(socket.SHUT_WR)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
 
     w = gevent.spawn(writer)
     received = 0
     try:
-        while True:
+        while half_close or received < size:
             data = sock.recv(1 << 20)
             if not data:
                 break
@@ -266,9 +271,11 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class NpProcess:
-    """``python -m npgevent URL`` with its output collected line by line."""
+    """``python -m npgevent URL`` (or *program*, e.g. the Go binary) with its output collected
+    line by line."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, cwd: str | None = None) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None, cwd: str | None = None,
+                 program: list[str] | None = None) -> None:
         full_env = dict(os.environ)
         full_env.pop("NP_URL", None)
         full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
@@ -276,7 +283,7 @@ class NpProcess:
         full_env.setdefault("NP_SERVICE_COOLDOWN", "1s")
         if env:
             full_env.update(env)
-        self.args = [sys.executable, "-m", "npgevent", *args]
+        self.args = [*(program or [sys.executable, "-m", "npgevent"]), *args]
         self.proc = gsubprocess.Popen(self.args, stdout=gsubprocess.PIPE, stderr=gsubprocess.STDOUT,
                                       env=full_env, cwd=cwd or str(ROOT))
         self.lines: list[str] = []

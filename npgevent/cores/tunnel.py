@@ -287,6 +287,8 @@ class TunnelCore(Core):
         bufsize = MAX_DATAGRAM if framed else self.opts.udp_data_buf_size
         last = [time.monotonic()]
         stream = conn.stream
+        if not framed:
+            keep_datagrams_whole(stream)
         stream.settimeout(idle)
         usock.settimeout(idle)
 
@@ -403,6 +405,8 @@ class TunnelUdpSession(UdpSession):
         if conn is None:
             raise OSError("request timeout: no idle pool connection")
         self.conn = conn
+        if not self.framed:
+            keep_datagrams_whole(conn.stream)
         conn.stream.settimeout(self.table.idle)
         core.log.debug("Tunnel connection: get %s <- pool active %d", conn.cid, core.pool.active)
         core.send_signal(Launch(True, format_addr(self.addr), conn.cid))
@@ -436,6 +440,13 @@ class TunnelUdpSession(UdpSession):
     def close_far(self) -> None:
         if self.conn is not None:
             self.conn.close()
+
+
+def keep_datagrams_whole(stream: Any) -> None:
+    """Raw UDP (a Go peer) over a QUIC stream: each write is one datagram and must reach the
+    peer in one read, so the stream keeps it in one frame (TCP and TLS need nothing)."""
+    if hasattr(stream, "datagrams"):
+        stream.datagrams = True
 
 
 def _num(seconds: float) -> str:

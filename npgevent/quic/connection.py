@@ -1,0 +1,95 @@
+"""The aioquic connection as NodePass's QUIC pool needs it: windows and datagram boundaries.
+
+Two departures from aioquic's defaults, both in :class:`WindowedConnection`:
+
+* **receive windows follow the application.**  aioquic doubles a stream's
+  ``max_stream_data_local`` when the peer has sent half of it; here only
+  :meth:`~WindowedConnection.grant` raises it, to what the gevent side has
+  consumed plus :data:`WINDOW`, so a slow reader holds at most that much per
+  stream and its peer waits, while other streams keep flowing.
+* **raw datagrams stay whole.**  With a Go peer a UDP session rides a stream
+  raw: the peer takes each read as one datagram.  aioquic fills packets with
+  frames of several streams and cuts a frame where the packet ends, so one
+  datagram could reach the peer as two reads.  For a stream whose datagram ends
+  are marked (:meth:`~WindowedConnection.mark_datagram_end`), a frame never
+  crosses a datagram end, and a datagram that does not fit in what is left of a
+  packet waits for the next packet instead of being cut (unless it is larger
+  than a whole packet, which no framing can help).
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Any
+
+from aioquic.quic.connection import QuicConnection
+
+#: per-stream receive window and send allowance (bytes)
+WINDOW = 1 << 20
+CREDIT_STEP = WINDOW // 4
+_PACKET_OVERHEAD = 64  # short header, packet number, AEAD tag, STREAM frame header: an upper bound
+
+
+class WindowedConnection(QuicConnection):
+    """A QuicConnection whose stream receive windows follow the application.
+
+    aioquic doubles ``max_stream_data_local`` when the peer has sent half of it;
+    here only :meth:`grant` raises it, to what was consumed plus :data:`WINDOW`.
+    Instances are created by aioquic's server as plain ``QuicConnection``; the
+    protocol switches their class (this subclass adds methods; its one table,
+    the datagram ends, is created on first use).
+    """
+
+    def _write_stream_limits(self, builder: Any, space: Any, stream: Any) -> None:
+        receiver = stream.receiver
+        saved = receiver.highest_offset
+        receiver.highest_offset = 0  # keeps aioquic's grow-on-receipt condition false
+        try:
+            super()._write_stream_limits(builder, space, stream)
+        finally:
+            receiver.highest_offset = saved
+
+    def grant(self, stream_id: int, consumed: int) -> bool:
+        stream = self._streams.get(stream_id)
+        if stream is None or not stream.max_stream_data_local:
+            return False
+        want = consumed + WINDOW
+        if want > stream.max_stream_data_local:
+            stream.max_stream_data_local = want
+            return True
+        return False
+
+    def stream_sent(self, stream_id: int) -> int | None:
+        stream = self._streams.get(stream_id)
+        return None if stream is None else int(stream.sender.highest_offset)
+
+    # -- datagram boundaries (raw UDP towards a Go peer) --------------------------------
+    def mark_datagram_end(self, stream_id: int) -> None:
+        """Everything written to *stream_id* so far ends a datagram."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return
+        ends = self.__dict__.setdefault("_datagram_ends", {}).setdefault(stream_id, [])
+        ends.append(stream.sender._buffer_stop)
+
+    def _write_stream_frame(self, builder: Any, space: Any, stream: Any, max_offset: int) -> int:
+        table: dict[int, list[int]] | None = self.__dict__.get("_datagram_ends")
+        ends = table.get(stream.stream_id) if table else None
+        if table is not None and ends:
+            start = stream.sender.next_offset
+            done = bisect.bisect_right(ends, start)
+            del ends[:done]  # datagrams wholly sent (their retransmissions are cut by the next end)
+            if not ends:
+                table.pop(stream.stream_id, None)
+            else:
+                end = ends[0]
+                max_offset = min(max_offset, end)
+                need = end - start + _PACKET_OVERHEAD
+                if builder.remaining_flight_space < need <= self._max_datagram_size:
+                    return 0  # keep it whole: it starts the next packet
+        return int(super()._write_stream_frame(builder, space, stream, max_offset))
+
+    def forget_datagram_ends(self, stream_id: int) -> None:
+        table = self.__dict__.get("_datagram_ends")
+        if table:
+            table.pop(stream_id, None)

@@ -1,0 +1,28 @@
+"""The real Go NodePass v1.11.0 as a test peer (``NPG_GO_NODEPASS`` names the binary).
+
+Build it once per machine as ``../shared/tools/README.md`` explains.  Tests that
+need it are marked :data:`requires_go` and are skipped, with the reason shown in
+pytest's summary, where the variable is unset or does not name an executable.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from helpers import NpProcess
+
+GO_BIN = os.environ.get("NPG_GO_NODEPASS", "")
+HAVE_GO = bool(GO_BIN) and os.path.isfile(GO_BIN) and os.access(GO_BIN, os.X_OK)
+SKIP_REASON = ("NPG_GO_NODEPASS is not set" if not GO_BIN else
+               "NPG_GO_NODEPASS=%s is not an executable file" % GO_BIN) + \
+              ": real Go NodePass interop tests skipped (build it: ../shared/tools/README.md)"
+
+requires_go = pytest.mark.skipif(not HAVE_GO, reason=SKIP_REASON)
+
+
+class GoProcess(NpProcess):
+    """``nodepass URL``: the same line collection, waits and signals as an npgevent process."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        super().__init__(*args, env=env, program=[GO_BIN])
