@@ -32,6 +32,7 @@ from typing import Any
 
 import gevent
 from gevent import socket
+from gevent.event import Event
 from gevent.lock import Semaphore
 from gevent.server import StreamServer
 
@@ -96,6 +97,8 @@ class TunnelCore(Core):
         self._ping_sent = 0.0
         self.ticks = 0
         self.listeners = Listeners(self.opts, inst.slots, self.log, self.sessions.spawn)
+        #: receiving side: UDP sessions launched on a pool connection and not answered yet, by cid
+        self.awaiting: dict[str, TunnelUdpSession] = {}
 
     @property
     def receives(self) -> bool:
@@ -157,7 +160,16 @@ class TunnelCore(Core):
             self.pool.flush()
             self.log.debug("Tunnel pool flushed by the peer")
         elif isinstance(sig, Verify):
-            self.sessions.spawn(self._on_verify, sig)
+            # claim the named connection now, in the control loop, so the receiving side cannot
+            # hand it to a user meanwhile: the peer closes it right after the signal
+            conn = self.pool.claim(sig.cid)
+            victim = self.awaiting.pop(sig.cid, None) if conn is None else None
+            if victim is not None:
+                # too late: a UDP session of ours launched on it, and the peer (Go takes any
+                # idle connection for the signal) never sees that launch: relaunch it elsewhere
+                victim.lost_to_verify()
+                return
+            self.sessions.spawn(self._on_verify, sig, conn)
         elif isinstance(sig, Unknown):
             self.log.debug("Unknown signal ignored: %s", sig.text[:80])
 
@@ -334,10 +346,12 @@ class TunnelCore(Core):
         finally:
             back.kill(block=True)
 
-    def _on_verify(self, sig: Verify) -> None:
-        """Client side of ``#v``: log the fingerprint of the certificate seen on *cid*."""
+    def _on_verify(self, sig: Verify, conn: PoolConn | None = None) -> None:
+        """Client side of ``#v``: log the fingerprint of the certificate seen on *cid* (*conn*
+        if the control loop already claimed it)."""
         self.log.debug("TLS verify signal: cid %s <- %s", sig.cid, self.peer)
-        conn = self._take_named(sig, "TLS verify")
+        if conn is None:
+            conn = self._take_named(sig, "TLS verify")
         if conn is None:
             return
         try:
@@ -350,8 +364,12 @@ class TunnelCore(Core):
             conn.close()
 
     def send_verify(self, fingerprint: str) -> bool:
-        """Server side of ``#v``: name an idle connection and log our certificate. True if sent."""
-        conn = self.pool.take_any(0)
+        """Server side of ``#v``: name an idle connection and log our certificate. True if sent.
+
+        The connection is the one the receiving side is least likely to hand a user meanwhile:
+        npgevent takes the newest for users (so here the oldest), a Go client the oldest (so
+        here the newest, when the client receives: forward flow)."""
+        conn = self.pool.take_any(0, newest=self.npg == 0 and self.flow == "+")
         if conn is None:
             return False
         try:
@@ -389,7 +407,16 @@ class TunnelCore(Core):
 
 
 class TunnelUdpSession(UdpSession):
-    """Receiving side: one pool connection per user address, launched with ``#2``."""
+    """Receiving side: one pool connection per user address, launched with ``#2``.
+
+    Until the first answer, the session is listed in ``core.awaiting`` and keeps what it sent
+    (at most :data:`UNANSWERED` datagrams): if the peer names its pool connection in the TLS
+    verify signal (a Go peer may pick a connection we just launched on, and closes it), the
+    session relaunches on another connection and sends them again.
+    """
+
+    UNANSWERED = 32
+    VERDICT_WAIT = 0.5  # s: an unanswered session that meets EOF waits this long for a verify signal
 
     def __init__(self, table: SessionTable, addr: Any, core: TunnelCore) -> None:
         super().__init__(table, addr)
@@ -398,6 +425,20 @@ class TunnelUdpSession(UdpSession):
         self.framed = core.npg >= 1
         self.deframer = Deframer() if self.framed else None
         self.queue: list[bytes] = []
+        self.unanswered: list[bytes] | None = []  # None once answered
+        self.relaunch = False
+        self.verdict = Event()
+
+    def lost_to_verify(self) -> None:
+        """Called by the control loop: our launch went to the connection the peer verifies."""
+        self.relaunch = True
+        self.verdict.set()
+        if self.conn is not None:
+            fp = getattr(self.conn.stream, "peer_fingerprint", lambda: "")()
+            if fp:
+                self.core.log.info("TLS cert verified: %s", fp)
+            self.core.log.debug("UDP launch on %s crossed the TLS verify signal: relaunching", self.conn.cid)
+            self.conn.close()
 
     def open(self) -> None:
         core = self.core
@@ -405,6 +446,8 @@ class TunnelUdpSession(UdpSession):
         if conn is None:
             raise OSError("request timeout: no idle pool connection")
         self.conn = conn
+        if self.unanswered is not None:
+            core.awaiting[conn.cid] = self
         if not self.framed:
             keep_datagrams_whole(conn.stream)
         conn.stream.settimeout(self.table.idle)
@@ -416,29 +459,67 @@ class TunnelUdpSession(UdpSession):
         assert self.conn is not None
         core = self.core
         core.inst.traffic.bytes[UDP_RX] += len(data)
-        self.conn.stream.sendall(frame(data) if self.framed else data)
+        if self.unanswered is not None and len(self.unanswered) < self.UNANSWERED:
+            self.unanswered.append(data)
+        self._write(data)
         if core.inst.limiter is not None:
             core.inst.limiter.take(len(data))
 
-    def recv(self) -> bytes | None:
+    def _write(self, data: bytes) -> None:
         assert self.conn is not None
-        core = self.core
+        self.conn.stream.sendall(frame(data) if self.framed else data)
+
+    def recv(self) -> bytes | None:
+        while True:
+            try:
+                datagram = self._read()
+            except OSError:
+                if not self._lost():
+                    raise
+                datagram = None
+            if datagram is None and self._lost():
+                self._relaunch()
+                continue
+            break
+        if datagram is None:
+            return None
+        if self.unanswered is not None:  # answered: nothing to replay any more
+            self.unanswered = None
+            if self.conn is not None and self.core.awaiting.get(self.conn.cid) is self:
+                del self.core.awaiting[self.conn.cid]
+        self.core.inst.traffic.bytes[UDP_TX] += len(datagram)
+        return datagram
+
+    def _read(self) -> bytes | None:
+        assert self.conn is not None
         if self.deframer is not None:
             while not self.queue:
                 data = self.conn.stream.recv(65536)
                 if not data:
                     return None
                 self.queue.extend(self.deframer.feed(data))
-            datagram = self.queue.pop(0)
-        else:
-            datagram = self.conn.stream.recv(core.opts.udp_data_buf_size)
-            if not datagram:
-                return None
-        core.inst.traffic.bytes[UDP_TX] += len(datagram)
-        return datagram
+            return self.queue.pop(0)
+        datagram = self.conn.stream.recv(self.core.opts.udp_data_buf_size)
+        return datagram or None
+
+    def _lost(self) -> bool:
+        """The connection ended before any answer: was it the peer's verify connection?  The
+        signal may come a moment after the connection's end, so wait for it briefly."""
+        if not self.relaunch and self.unanswered is not None:
+            self.verdict.wait(self.VERDICT_WAIT)
+        return self.relaunch
+
+    def _relaunch(self) -> None:
+        self.relaunch = False
+        self.verdict.clear()
+        self.open()
+        for data in self.unanswered or ():
+            self._write(data)
 
     def close_far(self) -> None:
         if self.conn is not None:
+            if self.core.awaiting.get(self.conn.cid) is self:
+                del self.core.awaiting[self.conn.cid]
             self.conn.close()
 
 

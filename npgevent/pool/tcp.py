@@ -4,9 +4,11 @@
 stream) with the 8-hex-digit id the server gave it.  :class:`IdlePool` keeps
 the idle ones:
 
-* ``take_any(timeout)`` for the side that receives user traffic: the oldest
+* ``take_any(timeout)`` for the side that receives user traffic: the newest
   idle connection that is still alive (a dead one, or one with data nobody
-  should have sent yet, is dropped);
+  should have sent yet, is dropped).  Not the oldest: a Go server takes the
+  oldest for its one-off TLS verify signal and closes it at once, and a user
+  session on that connection would die with it;
 * ``take(cid, timeout)`` for the side that got a launch signal naming *cid*:
   waits for that id to arrive (no polling: ``add`` hands it over directly); a
   miss counts a pool error, which drives NodePass's flush rule.
@@ -118,11 +120,14 @@ class IdlePool:
         if conn is not None:
             conn.close()
 
-    def take_any(self, timeout: float) -> PoolConn | None:
+    def take_any(self, timeout: float, newest: bool = True) -> PoolConn | None:
+        """An idle connection that is alive: the newest (the least likely to have died, and not
+        the one a Go server takes for its TLS verify signal, which is the oldest), or with
+        ``newest=False`` the oldest."""
         deadline = time.monotonic() + timeout
         while not self.closed:
             while self.idle:
-                cid = next(iter(self.idle))
+                cid = next(reversed(self.idle)) if newest else next(iter(self.idle))
                 conn = self.idle.pop(cid)
                 self._taken()
                 if conn.alive(strict=True):
@@ -146,10 +151,16 @@ class IdlePool:
             conn.close()
         return None
 
-    def take(self, cid: str, timeout: float) -> PoolConn | None:
+    def claim(self, cid: str) -> PoolConn | None:
+        """*cid* if it is idle now, without waiting."""
         conn = self.idle.pop(cid, None)
         if conn is not None:
             self._taken()
+        return conn
+
+    def take(self, cid: str, timeout: float) -> PoolConn | None:
+        conn = self.claim(cid)
+        if conn is not None:
             return conn
         if self.closed:
             return None

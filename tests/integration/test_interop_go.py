@@ -354,3 +354,111 @@ def test_udp_echo_under_cpu_load(go_end, flow, certs):
             assert failures == [], "%s\n%s" % (failures, t.logs())
     finally:
         echo.close()
+
+
+# -- the master API, side by side --------------------------------------------------------------
+
+
+def shape(value):
+    """JSON keys and value types, recursively (a list by its first element): what a panel
+    relies on, without the values that differ between two runs."""
+    if isinstance(value, dict):
+        return {k: shape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [shape(value[0])] if value else []
+    return "number" if isinstance(value, (int, float)) and not isinstance(value, bool) else type(value).__name__
+
+
+def api_script(master, target_port: int, dead_port: int) -> list[tuple[str, int, object]]:
+    """The same sequence of calls against one master; (step, status, shape of the body)."""
+    out = []
+
+    def call(step, method, path, body=None, key="default"):
+        r = master.api(method, path, body, key=key)
+        parsed = None
+        if r.body.strip():
+            try:
+                parsed = shape(r.json)
+            except ValueError:
+                parsed = "not json"
+        out.append((step, r.status, parsed))
+        return r
+
+    url = "client://127.0.0.1:%d/127.0.0.1:%d" % (free_port(), target_port)
+    call("list", "GET", "/instances")
+    created = call("create", "POST", "/instances", {"url": url})
+    iid = created.json["id"]
+    call("get", "GET", "/instances/" + iid)
+    call("alias", "PATCH", "/instances/" + iid, {"alias": "web"})
+    call("tags", "PATCH", "/instances/" + iid, {"tags": {"env": "test"}})
+    call("stop", "PATCH", "/instances/" + iid, {"action": "stop"})
+    call("start", "PATCH", "/instances/" + iid, {"action": "start"})
+    call("restart", "PATCH", "/instances/" + iid, {"action": "restart"})
+    call("reset", "PATCH", "/instances/" + iid, {"action": "reset"})
+    call("bad action", "PATCH", "/instances/" + iid, {"action": "explode"})
+    call("put", "PUT", "/instances/" + iid, {"url": url + "?log=debug"})
+    call("duplicate", "POST", "/instances", {"url": url + "?log=debug"})
+    call("bad url", "POST", "/instances", {"url": "nonsense"})
+    call("bad json", "POST", "/instances", "{not json")
+    call("missing", "GET", "/instances/0000000000000000")
+    call("wrong key", "GET", "/instances", key="0" * 32)
+    call("no key", "GET", "/instances", key=None)
+    call("method", "DELETE", "/info")
+    call("info", "GET", "/info")
+    call("tcping ok", "GET", "/tcping?target=127.0.0.1:%d" % target_port)
+    call("tcping dead", "GET", "/tcping?target=127.0.0.1:%d" % dead_port)
+    call("tcping bad", "GET", "/tcping?target=nonsense")
+    call("delete", "DELETE", "/instances/" + iid)
+    call("deleted", "GET", "/instances/" + iid)
+    call("unknown path", "GET", "/nothing-here")
+    return out
+
+
+def test_master_api_answers_like_go(tmp_path):
+    from helpers import MasterProcess
+    from realgo import GoMaster
+
+    echo = EchoPair()
+    dead = free_port()
+    go = npg = None
+    try:
+        go = GoMaster(tmp_path / "go")
+        npg = MasterProcess(tmp_path / "npg")
+        theirs = api_script(go, echo.port, dead)
+        ours = api_script(npg, echo.port, dead)
+        diffs = [(g[0], g[1:], n[1:]) for g, n in zip(theirs, ours, strict=True) if g != n]
+        assert diffs == [], "\n".join("%s: Go %r, npgevent %r" % d for d in diffs)
+    finally:
+        for master in (npg, go):
+            if master is not None:
+                master.stop()
+                master.close()
+        echo.close()
+
+
+@pytest.mark.parametrize("go_end", GO_ENDS)
+def test_user_sessions_across_the_tls_verify_signal(go_end, certs):
+    """Forward flow, tls=1, a fresh tunnel: the server names one idle pool connection in its
+    one-off verify signal (at the first report tick) and closes it.  New UDP sources keep
+    opening sessions across that moment; none may land on the connection being verified."""
+    echo = EchoPair()
+    try:
+        with go_tunnel(go_end, "fwd", "1", certs, echo.port) as t, cpu_hogs():
+            results = []
+
+            def source(i: int) -> None:
+                results.append(udp_echo_each(t.user_port, [b"verify-race-%03d" % i]))
+
+            jobs = []
+            end = time.monotonic() + 2.5  # the verify signal goes out 1 s after the handshake
+            i = 0
+            while time.monotonic() < end:
+                jobs.append(gevent.spawn(source, i))
+                i += 1
+                gevent.sleep(0.005)
+            gevent.joinall(jobs, timeout=30, raise_error=True)
+            t.server.wait_for(r"TLS cert verified", timeout=10)
+            lost = sum(1 for missing in results if missing)
+            assert lost == 0, "%d of %d sessions lost\n%s" % (lost, len(results), t.logs())
+    finally:
+        echo.close()
