@@ -271,12 +271,24 @@ def run_cps_client(port: int, workers: int, seconds: float) -> None:
 
 
 class Path_:
-    """A way from the client to a server port: direct, or through npgevent processes."""
+    """A way from the client to a server port: direct, or through npgevent (or, with *program*,
+    Go NodePass) processes."""
 
     name = "direct"
 
-    def __init__(self) -> None:
+    def __init__(self, program: list[str] | None = None) -> None:
         self.procs: list[subprocess.Popen] = []
+        self.program = program  # None: npgevent
+
+    def launch(self, url: str, env: dict[str, str] | None = None) -> None:
+        if self.program is None:
+            self.procs.append(spawn("-m", "npgevent", url, env=env))
+        else:
+            full = dict(os.environ)
+            full.setdefault("NP_REPORT_INTERVAL", "5s")
+            full.update(env or {})
+            self.procs.append(subprocess.Popen([*self.program, url], env=full, stdout=subprocess.DEVNULL,
+                                               stderr=subprocess.DEVNULL))
 
     def open(self, target_port: int) -> int:
         return target_port
@@ -298,8 +310,7 @@ class ForwardPath(Path_):
 
     def open(self, target_port: int) -> int:
         port = free_port()
-        self.procs.append(spawn("-m", "npgevent", "client://127.0.0.1:%d/127.0.0.1:%d?mode=1&log=warn"
-                                % (port, target_port)))
+        self.launch("client://127.0.0.1:%d/127.0.0.1:%d?mode=1&log=warn" % (port, target_port))
         wait_port(port)
         return port
 
@@ -325,9 +336,9 @@ class TunnelPath(Path_):
         else:
             server = "server://bench@127.0.0.1:%d/127.0.0.1:%d?mode=2&%s" % (tport, target_port, q)
             client = "client://bench@127.0.0.1:%d/127.0.0.1:%d?mode=2&log=warn" % (tport, uport)
-        self.procs.append(spawn("-m", "npgevent", server, env=self.env))
+        self.launch(server, env=self.env)
         wait_port(tport)
-        self.procs.append(spawn("-m", "npgevent", client, env=self.env))
+        self.launch(client, env=self.env)
         wait_port(uport)
         time.sleep(2.0)  # let the pool fill
         return uport
@@ -443,7 +454,17 @@ def main() -> int:
     ap.add_argument("--pool-memory", type=int, default=1000, metavar="N",
                     help="idle pool connections for the memory measurement (0 = skip)")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results.json"))
+    ap.add_argument("--go", default=os.environ.get("NPG_GO_NODEPASS", ""),
+                    help="Go NodePass binary: measure direct, Go and npgevent side by side with npbench "
+                         "(default $NPG_GO_NODEPASS)")
+    ap.add_argument("--npbench", default=os.environ.get("NPG_NPBENCH", ""),
+                    help="npbench binary (default $NPG_NPBENCH, else next to the Go binary)")
+    ap.add_argument("--runs", type=int, default=1, help="with --go: repeat the comparison (spread)")
     args = ap.parse_args()
+    if args.go:
+        from compare import compare_main
+
+        return compare_main(args, PATHS)
     names = args.only or list(PATHS)
     results = [measure(Path_(), args.size_mib << 20, args.seconds, args.no_cps)]
     for name in names:

@@ -1,0 +1,112 @@
+"""Direct, Go NodePass and npgevent side by side, measured by ``npbench`` in one run.
+
+    NPG_GO_NODEPASS=.../nodepass python bench/bench.py [--only tunnel-rev-tls0] [--runs 3]
+
+Each path (single-end forwarding, tunnels) is opened once with the Go program
+and once with npgevent, against ``npbench serve`` (TCP and UDP echo), and
+measured with the same ``npbench`` commands: echo throughput, connections per
+second with 16 and 1 workers (a new connection per 64-byte request), UDP round
+trips per second (4 workers, 512 bytes) and the relay's RSS.  The figures that
+steer the project are the ratios npgevent / Go from one run: absolute figures
+drift 10-30 % between runs and machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import ROOT, Path_, free_port, stop, wait_port
+
+METRICS = [  # (key, label, higher is better)
+    ("echo_gbit_s", "echo Gbit/s", True),
+    ("cps_16", "CPS@16", True),
+    ("p99_ms_16", "p99 ms@16", False),
+    ("cps_1", "CPS@1", True),
+    ("udp_rtt_s", "UDP rtt/s", True),
+    ("udp_loss", "UDP lost", False),
+    ("idle_rss_mb", "idle RSS MB", False),
+]
+DEFAULT_PATHS = ["forward", "tunnel-rev-tls0", "tunnel-rev-tls1", "tunnel-rev-quic"]
+
+
+def npbench(binary: str, *args: str, timeout: float = 120.0) -> dict[str, Any]:
+    out = subprocess.run([binary, *args], capture_output=True, text=True, timeout=timeout)
+    line = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "{}"
+    result: dict[str, Any] = json.loads(line)
+    if out.returncode != 0 or "error" in result:
+        raise RuntimeError("npbench %s: %s %s" % (" ".join(args), result.get("error", ""), out.stderr.strip()))
+    return result
+
+
+def measure(path: Path_, bench_bin: str, seconds: float, size: int) -> dict[str, Any]:
+    """One path, one program: every metric through ``npbench``."""
+    target = free_port()
+    server = subprocess.Popen([bench_bin, "serve", "-listen", "127.0.0.1:%d" % target],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    result: dict[str, Any] = {}
+    try:
+        wait_port(target)
+        port = path.open(target)
+        time.sleep(1.0)
+        addr = "127.0.0.1:%d" % port
+        if path.procs:
+            result["idle_rss_mb"] = round(path.rss_kb() / 1024, 1)
+        npbench(bench_bin, "tput", "-addr", addr, "-bytes", str(min(size, 64 << 20)))  # warm-up
+        result["echo_gbit_s"] = round(npbench(bench_bin, "tput", "-addr", addr, "-bytes", str(size))["gbit_s"], 3)
+        dur = "%gs" % seconds
+        for workers in (16, 1):
+            r = npbench(bench_bin, "cps", "-addr", addr, "-workers", str(workers), "-dur", dur, "-size", "64")
+            result["cps_%d" % workers] = round(r["cps"])
+            result["p99_ms_%d" % workers] = round(r["p99_ms"], 2)
+            result["cps_fail_%d" % workers] = r["fail"]
+        r = npbench(bench_bin, "udp", "-addr", addr, "-workers", "4", "-dur", dur, "-size", "512")
+        result["udp_rtt_s"] = round(r["rtt_per_s"])
+        result["udp_loss"] = r["loss"]
+        if path.procs:
+            result["peak_rss_mb"] = round(path.peak_rss_kb() / 1024, 1)
+    finally:
+        path.close()
+        stop(server)
+    return result
+
+
+def ratio(ours: Any, theirs: Any) -> str:
+    if not isinstance(ours, (int, float)) or not isinstance(theirs, (int, float)) or not theirs:
+        return "-"
+    return "%.2f" % (ours / theirs)
+
+
+def compare_main(args: argparse.Namespace, paths: dict[str, type[Path_]]) -> int:
+    go = os.path.abspath(os.path.expanduser(args.go))
+    bench_bin = args.npbench or os.path.join(os.path.dirname(go), "npbench")
+    for what, binary in (("Go NodePass", go), ("npbench", bench_bin)):
+        if not (os.path.isfile(binary) and os.access(binary, os.X_OK)):
+            raise SystemExit("%s not found at %s (see ../shared/tools/README.md)" % (what, binary))
+    names = args.only or DEFAULT_PATHS
+    size = args.size_mib << 20
+    runs: list[dict[str, Any]] = []
+    for run in range(args.runs):
+        direct = measure(Path_(), bench_bin, args.seconds, size)
+        table: dict[str, Any] = {"direct": direct}
+        for name in names:
+            table[name] = {"go": measure(paths[name](program=[go]), bench_bin, args.seconds, size),
+                           "npgevent": measure(paths[name](), bench_bin, args.seconds, size)}
+        runs.append(table)
+        print("run %d of %d" % (run + 1, args.runs))
+        print("%-18s %-12s %10s %10s %10s %8s" % ("path", "metric", "direct", "go", "npgevent", "npg/go"))
+        for name in names:
+            for key, label, _better in METRICS:
+                g, n = table[name]["go"].get(key, "-"), table[name]["npgevent"].get(key, "-")
+                print("%-18s %-12s %10s %10s %10s %8s" % (name, label, direct.get(key, "-"), g, n, ratio(n, g)))
+    meta = {"nproc": os.cpu_count(), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "size_mib": args.size_mib,
+            "seconds": args.seconds, "go": go}
+    out = Path(args.json if args.json != str(ROOT / "bench" / "results.json") else ROOT / "bench" / "compare.json")
+    out.write_text(json.dumps({"meta": meta, "runs": runs}, indent=2) + "\n")
+    print("wrote", out)
+    return 0
