@@ -7,8 +7,6 @@ master's ``config`` URL depend on that exact spelling.
 
 from __future__ import annotations
 
-import re
-
 _UNITS_NS = {
     "ns": 1,
     "us": 1_000,
@@ -19,17 +17,31 @@ _UNITS_NS = {
     "m": 60_000_000_000,
     "h": 3_600_000_000_000,
 }
-_PART = re.compile(r"(\d*\.?\d*)(ns|us|µs|μs|ms|s|m|h)")
+_UNIT_NAMES = ("ns", "us", "µs", "μs", "ms", "s", "m", "h")  # two-letter units first
+MAX_TEXT = 64  # characters: longer than any duration anyone means, short enough to parse at once
+MAX_NS = (1 << 63) - 1  # Go's time.Duration is an int64 of nanoseconds
+_DIGITS = frozenset("0123456789")
+
+
+def _digits(s: str, pos: int) -> int:
+    """End of the run of ASCII digits starting at *pos*."""
+    n = len(s)
+    while pos < n and s[pos] in _DIGITS:
+        pos += 1
+    return pos
 
 
 def parse_go_duration_ns(text: str) -> int:
-    """Parse a Go duration string into integer nanoseconds.
+    """Parse a Go duration string into integer nanoseconds, in one linear pass.
 
-    Raises :class:`ValueError` with a short reason for anything Go would reject.
+    Raises :class:`ValueError` with a short reason for anything Go would reject,
+    for more than :data:`MAX_TEXT` characters and for more than Go's int64 range.
     """
     s = text.strip()
     if not s:
         raise ValueError("empty duration")
+    if len(s) > MAX_TEXT:
+        raise ValueError("too long (%d characters, at most %d)" % (len(s), MAX_TEXT))
     sign = 1
     if s[0] in "+-":
         sign = -1 if s[0] == "-" else 1
@@ -41,19 +53,26 @@ def parse_go_duration_ns(text: str) -> int:
     pos = 0
     total = 0
     while pos < len(s):
-        m = _PART.match(s, pos)
-        if m is None or m.end() == pos:
+        end = _digits(s, pos)
+        whole = s[pos:end]
+        frac = ""
+        if end < len(s) and s[end] == ".":
+            frac_end = _digits(s, end + 1)
+            frac = s[end + 1 : frac_end]
+            end = frac_end
+        unit = next((u for u in _UNIT_NAMES if s.startswith(u, end)), None)
+        if unit is None:
             raise ValueError("expected a number followed by ns, us, ms, s, m or h")
-        number, unit = m.group(1), m.group(2)
-        if number in ("", "."):
+        if not whole and not frac:
             raise ValueError("missing number before unit %r" % unit)
-        whole, _, frac = number.partition(".")
         scale = _UNITS_NS[unit]
         value = int(whole or "0") * scale
         if frac:
             value += int(frac) * scale // (10 ** len(frac))
         total += value
-        pos = m.end()
+        if total > MAX_NS:
+            raise ValueError("out of range (at most 2562047h47m16.854775807s)")
+        pos = end + len(unit)
     return sign * total
 
 

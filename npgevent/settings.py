@@ -28,6 +28,7 @@ from typing import Any
 
 from .durations import format_go_duration, parse_go_duration
 from .errors import ConfigError
+from .numbers import ascii_int, ascii_port
 
 LOG_LEVELS = ("none", "debug", "info", "warn", "error", "event")
 DEFAULT_DNS = "1.1.1.1,8.8.8.8"
@@ -62,10 +63,7 @@ class Setting:
 
 
 def _int(text: str) -> int:
-    try:
-        return int(text.strip(), 10)
-    except ValueError:
-        raise ValueError("expected an integer") from None
+    return ascii_int(text.strip())
 
 
 def _duration(text: str) -> float:
@@ -115,7 +113,7 @@ def parse_dns_servers(text: str) -> tuple[str, ...]:
             ip = ipaddress.ip_address(host)
         except ValueError:
             raise ValueError("%r is not an IP address" % item) from None
-        if port and not (port.isdigit() and 0 < int(port) < 65536):
+        if port and ascii_port(port) is None:
             raise ValueError("%r has a bad port" % item)
         text_ip = "[%s]" % ip if (ip.version == 6 and port) else str(ip)
         out.append(text_ip + (":" + port if port else ""))
@@ -225,6 +223,10 @@ class Options:
                       query=True, fmt=_fmt_bool, roles=_TUN)
     notcp: bool = opt("notcp", False, _flag01, "1 = disable TCP", query=True, fmt=_fmt_bool, roles=_TUN)
     noudp: bool = opt("noudp", False, _flag01, "1 = disable UDP", query=True, fmt=_fmt_bool, roles=_TUN)
+    auth: str = opt("auth", "1", _choice("0", "1", "2"),
+                    "tunnel authentication: 0 Go NodePass's handshake only; 1 npgevent peers prove the "
+                    "key (Go peers still accepted, with a warning); 2 strict: only peers that prove "
+                    "the key (docs/security.md)", query=True, roles=_ALL, go=False)
 
     # -- NP_* tunables (environment in Go; here also CLI and config file) ----
     semaphore_limit: int = opt("semaphore_limit", 65536, _int, "signal queue length",
@@ -269,6 +271,22 @@ class Options:
     state_dir: str = opt("state_dir", "", _str,
                          "master: directory of the state file (default $XDG_STATE_HOME/npgevent, "
                          "i.e. ~/.local/state/npgevent)", roles=("master",), go=False)
+    http_header_timeout: float = opt("http_header_timeout", 10.0, _duration,
+                                     "master API: time to send a request line and its headers",
+                                     fmt=format_go_duration, in_range=_positive, range_help="must be > 0",
+                                     roles=("master",), go=False)
+    http_body_timeout: float = opt("http_body_timeout", 30.0, _duration,
+                                   "master API: time to send a request body",
+                                   fmt=format_go_duration, in_range=_positive, range_help="must be > 0",
+                                   roles=("master",), go=False)
+    http_idle_timeout: float = opt("http_idle_timeout", 60.0, _duration,
+                                   "master API: idle keep-alive connection lifetime (SSE streams exempt)",
+                                   fmt=format_go_duration, in_range=_positive, range_help="must be > 0",
+                                   roles=("master",), go=False)
+    http_max_conns_per_ip: int = opt("http_max_conns_per_ip", 64, _int,
+                                     "master API: concurrent connections from one source address",
+                                     in_range=_positive, range_help="must be > 0", roles=("master",),
+                                     go=False)
 
     def with_(self, **changes: Any) -> Options:
         return replace(self, **changes)

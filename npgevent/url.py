@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from .errors import ConfigError
+from .numbers import ascii_port
 
 SCHEMES = ("server", "client", "master")
 
@@ -79,9 +80,10 @@ class HostPort:
 
 
 def parse_port(text: str, what: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise ConfigError("invalid %s port %r: expected a number from 1 to 65535" % (what, text))
-    return int(text)
+    port = ascii_port(text)
+    if port is None:
+        raise ConfigError("invalid %s port %r: expected a number from 1 to 65535" % (what, text[:20]))
+    return port
 
 
 def parse_hostport(text: str, what: str, allow_empty_host: bool = False) -> HostPort:

@@ -104,16 +104,24 @@ class Core:
             self.sessions.join(timeout=grace)
         self.close()
 
-    def close(self) -> None:
+    def close(self, keep_sessions: bool = False) -> Group | None:
+        """Release everything.  With *keep_sessions* (a restart after a failure), live sessions
+        are not killed: their own connections may still be healthy, so they carry on and the
+        group holding them is returned to the caller, which drains them on shutdown."""
         if self._closed:
-            return
+            return None
         self._closed = True
         self.tasks.kill(block=False)
         self._stop_accepting()
-        self.sessions.kill(block=True, timeout=2)
+        kept = None
+        if keep_sessions and len(self.sessions):
+            kept = self.sessions
+        else:
+            self.sessions.kill(block=True, timeout=2)
         self._close()
         if not self._outcome.ready():
             self._outcome.set(None)
+        return kept
 
     def spawn_task(self, func: Callable[..., Any], *args: Any) -> gevent.Greenlet:
         """Run a background loop; if it raises, the core fails (and restarts)."""
@@ -157,6 +165,7 @@ class Runner:
         self.core: Core | None = None
         self.mode: str | int = inst.opts.mode
         self.starts = 0
+        self.survivors = Group()  # sessions of failed cores that carry on (see Core.close)
         self._stopping = False
         self._wake = Event()
         self._greenlet: gevent.Greenlet | None = None
@@ -192,7 +201,7 @@ class Runner:
             finally:
                 self.running.clear()
                 if not self._stopping:
-                    core.close()
+                    self._keep(core.close(keep_sessions=True))
             if self._stopping:
                 break
             self._wake.wait(inst.opts.service_cooldown)
@@ -209,10 +218,19 @@ class Runner:
             with gevent.Timeout(grace + 2, False):
                 core.stop(grace=max(0.0, grace - 0.5))
             core.close()
+        if len(self.survivors):  # sessions kept across restarts drain like the core's own
+            self.survivors.join(timeout=max(0.0, grace - 0.5))
+            self.survivors.kill(block=True, timeout=2)
         if self._greenlet is not None:
             self._greenlet.join(timeout=2)
             self._greenlet.kill(block=True, timeout=1)
         self.log.info("%s shutdown complete", self.inst.title)
+
+    def _keep(self, sessions: Group | None) -> None:
+        if sessions is not None:
+            self.log.info("%d live sessions carry on across the restart", len(sessions))
+            for greenlet in list(sessions):
+                self.survivors.add(greenlet)
 
     def close(self) -> None:
         self.stop(0)

@@ -17,7 +17,7 @@ from typing import Any
 import gevent
 from gevent import socket
 
-from ..log import checkpoint_line
+from ..log import ERROR, checkpoint_line
 from ..net.dial import Dialer, DialError
 from ..net.sockopt import format_addr
 from ..protocol.proxyproto import proxy_v1
@@ -54,7 +54,7 @@ class ForwardCore(Core):
         try:
             target, where = self.dialer.dial_tcp()
         except (DialError, OSError) as exc:
-            log.error("Dial target failed for %s: %s", format_addr(addr), exc)
+            log.limited(ERROR, "dial", "Dial target failed for %s: %s", format_addr(addr), exc)
             return
         try:
             if log.enabled(10):
@@ -84,6 +84,7 @@ class ForwardCore(Core):
             t = inst.traffic
             self.log.event(checkpoint_line(1, ping, 0, inst.slots.tcp, inst.slots.udp,
                                            t.tcp_rx, t.tcp_tx, t.udp_rx, t.udp_tx))
+            self.listeners.report_drops()
             gevent.sleep(self.opts.report_interval)
 
     # -- teardown ----------------------------------------------------------------

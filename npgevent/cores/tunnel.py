@@ -32,24 +32,26 @@ from typing import Any
 
 import gevent
 from gevent import socket
-from gevent.event import Event
 from gevent.lock import Semaphore
 from gevent.server import StreamServer
 
 from ..errors import ConfigError, CoreError, RemoteProtocolError
-from ..log import checkpoint_line
+from ..log import ERROR, WARN, checkpoint_line
 from ..net.dial import Dialer, DialError
 from ..net.sockopt import format_addr
 from ..pool.tcp import IdlePool, PoolConn
+from ..protocol.auth import ControlCipher
 from ..protocol.proxyproto import proxy_v1
 from ..protocol.signals import Flush, Launch, LineDecoder, Ping, Pong, Signal, Unknown, Verify, encode_line
-from ..protocol.udpframe import Deframer, frame
 from ..relay.listeners import Listeners
-from ..relay.stats import TCP_RX, TCP_TX, UDP_RX, UDP_TX
+from ..relay.stats import TCP_RX, TCP_TX
 from ..relay.tcp import relay
-from ..relay.udp import MAX_DATAGRAM, SessionTable, UdpSession
+from ..relay.udp import SessionTable, UdpSession
 from ..url import HostPort, parse_hostport
 from .common import Core, Instance
+from .tunnel_udp import TunnelUdpSession, udp_exchange
+
+FORGED_LIMIT = 3  # control lines failing authentication before the tunnel is torn down
 
 
 class KeepingStreamServer(StreamServer):
@@ -93,6 +95,9 @@ class TunnelCore(Core):
         self.tls_code = "0"
         self.npg = 0  # agreed extension level (0 with a Go peer)
         self.leftover = b""  # bytes read past the handshake line
+        self.cipher: ControlCipher | None = None  # set when both ends authenticated
+        self.pool_rejected = 0  # pool connections that failed to prove membership
+        self.forged = 0  # control lines that failed authentication
         self._wlock = Semaphore()
         self._ping_sent = 0.0
         self.ticks = 0
@@ -109,8 +114,10 @@ class TunnelCore(Core):
     def send_signal(self, sig: Signal) -> None:
         if self.control is None:
             raise CoreError("no control connection")
-        line = encode_line(sig.encode(), self.key)
-        with self._wlock:
+        with self._wlock:  # sealing and sending in one step: sequence numbers stay in order
+            message = sig.encode()
+            line = self.cipher.seal_line(message.encode()) if self.cipher is not None \
+                else encode_line(message, self.key)
             self.control.sendall(line)
 
     def start_control(self) -> None:
@@ -123,13 +130,12 @@ class TunnelCore(Core):
         sock = self.control
         limit = 3 * self.opts.report_interval
         sock.settimeout(limit)
-        decoder = LineDecoder(self.key)
+        decoder = LineDecoder(self.key, opener=self.cipher.open_line if self.cipher is not None else None)
         pending = decoder.feed(self.leftover) if self.leftover else []
         while True:
             for item in pending:
                 if isinstance(item, RemoteProtocolError):
-                    self.log.error("Control signal skipped: %s", item)
-                    gevent.sleep(0.05)
+                    self._bad_line(item)
                 else:
                     self._dispatch(item)
             try:
@@ -142,6 +148,17 @@ class TunnelCore(Core):
                 raise CoreError("control connection closed by the peer (EOF)")
             pending = decoder.feed(data)
 
+    def _bad_line(self, error: RemoteProtocolError) -> None:
+        if self.cipher is None:  # Go's control lines: skip it, as Go does
+            kind = " ".join(str(error).split()[:3])  # one rate-limited line per kind of error
+            self.log.limited(ERROR, "signal-skip:" + kind, "Control signal skipped: %s", error)
+            gevent.sleep(0.05)
+            return
+        self.forged += 1  # an authenticated channel carries no garbage of its own
+        self.log.limited(ERROR, "signal-forged", "Control signal from %s rejected: %s", self.peer, error)
+        if self.forged >= FORGED_LIMIT:
+            raise CoreError("control channel: %d lines failed authentication: torn down" % self.forged)
+
     def _dispatch(self, sig: Signal) -> None:
         if isinstance(sig, Ping):
             self._write_or_fail(Pong())
@@ -152,7 +169,7 @@ class TunnelCore(Core):
                 self.log.debug("%s launch signal ignored: cid %s", "UDP" if sig.udp else "TCP", sig.cid)
                 return
             if len(self.sessions) >= self.opts.semaphore_limit:
-                self.log.error("Signal queue full (%d): launch %s dropped",
+                self.log.limited(ERROR, "signal-queue", "Signal queue full (%d): launch %s dropped",
                                self.opts.semaphore_limit, sig.cid)
                 return
             self.sessions.spawn(self._launch, sig)
@@ -194,6 +211,7 @@ class TunnelCore(Core):
             self._write_or_fail(Flush())
             pool.flush()
         pool.sweep(strict=self.receives)
+        self.listeners.report_drops()
 
     def _checkpoint(self) -> None:
         inst = self.inst
@@ -213,7 +231,8 @@ class TunnelCore(Core):
         inst, log = self.inst, self.log
         conn = self.pool.take_any(self.opts.pool_get_timeout)
         if conn is None:
-            log.warn("Tunnel connection: request timeout for %s (no idle pool connection)", format_addr(addr))
+            log.limited(WARN, "pool-empty", "Tunnel connection: request timeout for %s (no idle pool "
+                        "connection)", format_addr(addr))
             return
         try:
             log.debug("Tunnel connection: get %s <- pool active %d", conn.cid, self.pool.active)
@@ -237,7 +256,7 @@ class TunnelCore(Core):
     def _take_named(self, sig: Launch | Verify, what: str) -> PoolConn | None:
         conn = self.pool.take(sig.cid, self.opts.pool_get_timeout)
         if conn is None:
-            self.log.error("%s: pool connection %s not found within %ss", what, sig.cid,
+            self.log.limited(ERROR, "pool-miss", "%s: pool connection %s not found within %ss", what, sig.cid,
                            _num(self.opts.pool_get_timeout))
         return conn
 
@@ -254,13 +273,14 @@ class TunnelCore(Core):
                             else (slots.acquire_tcp, slots.release_tcp))
         try:
             if not acquire():
-                log.error("%s slot limit reached (%d): launch %s refused", kind, slots.limit, sig.cid)
+                log.limited(ERROR, "launch-slot", "%s slot limit reached (%d): launch %s refused", kind,
+                            slots.limit, sig.cid)
                 return
             try:
                 try:
                     target, where = self.dialer.dial_udp() if sig.udp else self.dialer.dial_tcp()
                 except (DialError, OSError) as exc:
-                    log.error("Dial target failed for %s: %s", sig.addr, exc)
+                    log.limited(ERROR, "dial", "Dial target failed for %s: %s", sig.addr, exc)
                     return
                 try:
                     if sig.udp:
@@ -287,64 +307,13 @@ class TunnelCore(Core):
     def _send_proxy(self, target: socket.socket, user: str) -> None:
         src = parse_user_addr(user)
         if src is None:
-            self.log.error("PROXY line skipped: bad user address %r in launch signal", user[:80])
+            self.log.limited(ERROR, "proxy-skip", "PROXY line skipped: bad user address %r in launch signal",
+                             user[:80])
             return
         target.sendall(proxy_v1(src, target.getpeername()))
 
     def _udp_exchange(self, conn: PoolConn, usock: socket.socket) -> None:
-        """Pool connection <-> connected UDP socket until idle for NP_UDP_READ_TIMEOUT."""
-        acct, limiter = self.inst.traffic.bytes, self.inst.limiter
-        idle = self.opts.udp_read_timeout
-        framed = self.npg >= 1
-        bufsize = MAX_DATAGRAM if framed else self.opts.udp_data_buf_size
-        last = [time.monotonic()]
-        stream = conn.stream
-        if not framed:
-            keep_datagrams_whole(stream)
-        stream.settimeout(idle)
-        usock.settimeout(idle)
-
-        def down() -> None:  # target -> pool
-            while True:
-                try:
-                    data = usock.recv(MAX_DATAGRAM)
-                except socket.timeout:
-                    if time.monotonic() - last[0] >= idle:
-                        return
-                    continue
-                except ConnectionRefusedError:
-                    continue
-                last[0] = time.monotonic()
-                acct[UDP_RX] += len(data)
-                stream.sendall(frame(data) if framed else data)
-                if limiter is not None:
-                    limiter.take(len(data))
-
-        back = gevent.spawn(down)
-        try:
-            deframer = Deframer() if framed else None
-            while not back.dead:
-                try:
-                    data = stream.recv(bufsize)
-                except socket.timeout:
-                    if time.monotonic() - last[0] >= idle:
-                        return
-                    continue
-                if not data:
-                    return
-                last[0] = time.monotonic()
-                for datagram in deframer.feed(data) if deframer is not None else (data,):
-                    try:
-                        usock.send(datagram)
-                    except ConnectionRefusedError:
-                        continue
-                    acct[UDP_TX] += len(datagram)
-                    if limiter is not None:
-                        limiter.take(len(datagram))
-        except OSError as exc:
-            self.log.debug("UDP exchange ended: %s", exc)
-        finally:
-            back.kill(block=True)
+        udp_exchange(self, conn, usock)
 
     def _on_verify(self, sig: Verify, conn: PoolConn | None = None) -> None:
         """Client side of ``#v``: log the fingerprint of the certificate seen on *cid* (*conn*
@@ -404,130 +373,6 @@ class TunnelCore(Core):
             self.pool.close()
         if self.control is not None:
             self.control.close()
-
-
-class TunnelUdpSession(UdpSession):
-    """Receiving side: one pool connection per user address, launched with ``#2``.
-
-    Until the first answer, the session is listed in ``core.awaiting`` and keeps what it sent
-    (at most :data:`UNANSWERED` datagrams): if the peer names its pool connection in the TLS
-    verify signal (a Go peer may pick a connection we just launched on, and closes it), the
-    session relaunches on another connection and sends them again.
-    """
-
-    UNANSWERED = 32
-    VERDICT_WAIT = 0.5  # s: an unanswered session that meets EOF waits this long for a verify signal
-
-    def __init__(self, table: SessionTable, addr: Any, core: TunnelCore) -> None:
-        super().__init__(table, addr)
-        self.core = core
-        self.conn: PoolConn | None = None
-        self.framed = core.npg >= 1
-        self.deframer = Deframer() if self.framed else None
-        self.queue: list[bytes] = []
-        self.unanswered: list[bytes] | None = []  # None once answered
-        self.relaunch = False
-        self.verdict = Event()
-
-    def lost_to_verify(self) -> None:
-        """Called by the control loop: our launch went to the connection the peer verifies."""
-        self.relaunch = True
-        self.verdict.set()
-        if self.conn is not None:
-            fp = getattr(self.conn.stream, "peer_fingerprint", lambda: "")()
-            if fp:
-                self.core.log.info("TLS cert verified: %s", fp)
-            self.core.log.debug("UDP launch on %s crossed the TLS verify signal: relaunching", self.conn.cid)
-            self.conn.close()
-
-    def open(self) -> None:
-        core = self.core
-        conn = core.pool.take_any(core.opts.pool_get_timeout)
-        if conn is None:
-            raise OSError("request timeout: no idle pool connection")
-        self.conn = conn
-        if self.unanswered is not None:
-            core.awaiting[conn.cid] = self
-        if not self.framed:
-            keep_datagrams_whole(conn.stream)
-        conn.stream.settimeout(self.table.idle)
-        core.log.debug("Tunnel connection: get %s <- pool active %d", conn.cid, core.pool.active)
-        core.send_signal(Launch(True, format_addr(self.addr), conn.cid))
-        core.log.debug("UDP launch signal: cid %s -> %s", conn.cid, core.peer)
-
-    def send(self, data: bytes) -> None:
-        assert self.conn is not None
-        core = self.core
-        core.inst.traffic.bytes[UDP_RX] += len(data)
-        if self.unanswered is not None and len(self.unanswered) < self.UNANSWERED:
-            self.unanswered.append(data)
-        self._write(data)
-        if core.inst.limiter is not None:
-            core.inst.limiter.take(len(data))
-
-    def _write(self, data: bytes) -> None:
-        assert self.conn is not None
-        self.conn.stream.sendall(frame(data) if self.framed else data)
-
-    def recv(self) -> bytes | None:
-        while True:
-            try:
-                datagram = self._read()
-            except OSError:
-                if not self._lost():
-                    raise
-                datagram = None
-            if datagram is None and self._lost():
-                self._relaunch()
-                continue
-            break
-        if datagram is None:
-            return None
-        if self.unanswered is not None:  # answered: nothing to replay any more
-            self.unanswered = None
-            if self.conn is not None and self.core.awaiting.get(self.conn.cid) is self:
-                del self.core.awaiting[self.conn.cid]
-        self.core.inst.traffic.bytes[UDP_TX] += len(datagram)
-        return datagram
-
-    def _read(self) -> bytes | None:
-        assert self.conn is not None
-        if self.deframer is not None:
-            while not self.queue:
-                data = self.conn.stream.recv(65536)
-                if not data:
-                    return None
-                self.queue.extend(self.deframer.feed(data))
-            return self.queue.pop(0)
-        datagram = self.conn.stream.recv(self.core.opts.udp_data_buf_size)
-        return datagram or None
-
-    def _lost(self) -> bool:
-        """The connection ended before any answer: was it the peer's verify connection?  The
-        signal may come a moment after the connection's end, so wait for it briefly."""
-        if not self.relaunch and self.unanswered is not None:
-            self.verdict.wait(self.VERDICT_WAIT)
-        return self.relaunch
-
-    def _relaunch(self) -> None:
-        self.relaunch = False
-        self.verdict.clear()
-        self.open()
-        for data in self.unanswered or ():
-            self._write(data)
-
-    def close_far(self) -> None:
-        if self.conn is not None:
-            if self.core.awaiting.get(self.conn.cid) is self:
-                del self.core.awaiting[self.conn.cid]
-            self.conn.close()
-
-
-def keep_datagrams_whole(stream: Any) -> None:
-    """Raw UDP (a Go peer) over a QUIC stream: each write is one datagram and must reach the
-    peer in one read, so the stream keeps it in one frame (TCP and TLS need nothing)."""
-    if hasattr(stream, "datagrams"):
-        stream.datagrams = True
 
 
 def _num(seconds: float) -> str:

@@ -12,99 +12,30 @@ case-insensitively and unknown fields are ignored, as Go's decoder does.
 from __future__ import annotations
 
 import hmac
-import json
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs
 
 import gevent
 from gevent import socket
 from gevent.lock import BoundedSemaphore
 
 from .. import NODEPASS_VERSION
+from ..numbers import ascii_port
 from . import openapi as oa
 from .records import KEY_ID, MAX_VALUE_LEN, URLFormatError, go_json, split_url, utf8_len
+from .request import MAX_URL_LEN, STATUS, BadBody, Request, Response, err, jget, ok
 from .sysinfo import goarch, goos, host_metrics
 
 if TYPE_CHECKING:
     from .core import Master
 
+StartResponse = Callable[..., Any]
 CORS = [
     ("Access-Control-Allow-Origin", "*"),
     ("Access-Control-Allow-Methods", "GET, PATCH, POST, PUT, DELETE, OPTIONS"),
     ("Access-Control-Allow-Headers", "Content-Type, Authorization, X-API-Key, Cache-Control"),
 ]
-STATUS = {200: "200 OK", 201: "201 Created", 204: "204 No Content", 400: "400 Bad Request",
-          401: "401 Unauthorized", 403: "403 Forbidden", 404: "404 Not Found",
-          405: "405 Method Not Allowed", 409: "409 Conflict"}
-MAX_BODY = 1 << 20
-StartResponse = Callable[..., Any]
-
-
-class Response:
-    def __init__(self, status: int, body: bytes | Iterable[bytes] = b"", ctype: str = "application/json",
-                 extra: list[tuple[str, str]] | None = None) -> None:
-        self.status, self.body, self.ctype, self.extra = status, body, ctype, extra or []
-
-
-def ok(obj: Any, status: int = 200) -> Response:
-    return Response(status, go_json(obj))
-
-
-def err(status: int, message: str) -> Response:
-    return Response(status, go_json({"error": message}))
-
-
-class BadBody(ValueError):
-    pass
-
-
-def jget(obj: dict[str, Any], name: str) -> Any:
-    """A JSON field the way Go's decoder finds it: exact name first, then any case."""
-    if name in obj:
-        return obj[name]
-    found = None
-    for k, v in obj.items():
-        if k.lower() == name:
-            found = v  # the last duplicate wins, as in Go
-    return found
-
-
-def jhas(obj: dict[str, Any], name: str) -> bool:
-    return any(k.lower() == name for k in obj)
-
-
-class Request:
-    def __init__(self, environ: dict[str, Any], rid: str) -> None:
-        self.environ = environ
-        self.method = environ["REQUEST_METHOD"]
-        self.rid = rid
-        self.query = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", ""),
-                                                     keep_blank_values=True).items()}
-        self._body: bytes | None = None
-
-    @property
-    def body(self) -> bytes:
-        if self._body is None:
-            stream = self.environ["wsgi.input"]
-            try:
-                length = int(self.environ.get("CONTENT_LENGTH") or 0)
-            except ValueError:
-                length = 0
-            self._body = stream.read(min(length, MAX_BODY)) if length else stream.read(MAX_BODY)
-        return self._body
-
-    def json_object(self) -> dict[str, Any]:
-        try:
-            data = json.loads(self.body.decode("utf-8") or "null")
-        except (UnicodeDecodeError, ValueError):
-            raise BadBody("not JSON") from None
-        if not isinstance(data, dict):
-            raise BadBody("not an object")
-        return data
-
-
 class Api:
     """Routes and handlers; *master* provides the instances, the event hub and the key."""
 
@@ -153,7 +84,7 @@ class Api:
         route, rid = self.match(environ.get("PATH_INFO", ""))
         if route is None:
             return None
-        req = Request(environ, rid)
+        req = Request(environ, rid, self.master.opts.http_body_timeout)
         if route.public:
             return getattr(self, route.ops[0].handler)(req)
         if req.method == "OPTIONS":
@@ -173,8 +104,8 @@ class Api:
 
     def check_key(self, req: Request, allow_query: bool) -> Response | None:
         key_rec = self.master.instances.key
-        if key_rec is None or not key_rec.url:
-            return None
+        if key_rec is None or not key_rec.url:  # fail closed (the master always makes one at start)
+            return err(401, "Unauthorized: API key required")
         given = req.environ.get("HTTP_X_API_KEY")
         if given is None and allow_query:
             given = req.query.get("key")
@@ -196,6 +127,8 @@ class Api:
         url = jget(body, "url")
         if not isinstance(url, str) or not url:
             return None, err(400, "Invalid request body")
+        if utf8_len(url) > MAX_URL_LEN:  # an instance's URL becomes a process argument
+            return None, err(400, "Instance URL exceeds maximum length %d" % MAX_URL_LEN)
         try:
             scheme = split_url(url)[0]
         except URLFormatError:
@@ -382,9 +315,13 @@ class Api:
     def _probe(self, target: str) -> dict[str, Any]:
         host, sep, port_text = target.rpartition(":")
         host = host.strip("[]")
-        if not sep or not port_text.isdigit() or not host:
+        if not sep or not host:
             return {"target": target, "connected": False, "latency": 0,
                     "error": "dial tcp: address %s: missing port in address" % target}
+        port = ascii_port(port_text)
+        if port is None:  # as Go's dialer words it (a number out of range, or not a number)
+            return {"target": target, "connected": False, "latency": 0,
+                    "error": "dial tcp: address %s: invalid port" % port_text}
         start = time.monotonic()
         try:
             ip = self.master.resolver.resolve(host)[0]
@@ -395,7 +332,7 @@ class Api:
         sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.settimeout(self.master.opts.report_interval)
-            sock.connect((ip, int(port_text)))
+            sock.connect((ip, port))
         except (socket.timeout, TimeoutError):
             return {"target": target, "connected": False, "latency": 0,
                     "error": "dial tcp %s: i/o timeout" % addr}

@@ -29,7 +29,6 @@ from typing import Any
 import gevent
 import gevent.event
 from gevent import ssl as gssl
-from gevent.pywsgi import WSGIServer
 
 from ..errors import CoreError
 from ..log import InstanceLog
@@ -39,44 +38,11 @@ from ..settings import Options
 from ..url import TunnelSpec
 from .api import Api
 from .events import EventHub
+from .httpserver import ApiServer, DebugLog
 from .instances import Instances
 from .records import KEY_ID, MasterTLS, Record
+from .request import MAX_BODY
 from .store import StateStore, default_state_dir
-
-
-class _DebugLog:
-    """pywsgi's error log, sent to our log at debug level (client errors are not ours)."""
-
-    def __init__(self, log: InstanceLog) -> None:
-        self.log = log
-
-    def write(self, text: str) -> None:
-        text = text.strip()
-        if text:
-            self.log.debug("HTTP: %s", text.splitlines()[-1][:300])
-
-    def flush(self) -> None:
-        pass
-
-
-class _ApiServer(WSGIServer):
-    """pywsgi with a per-connection TLS context (reloadable) and quiet handshake failures."""
-
-    context_for: Any = None
-
-    def wrap_socket_and_handle(self, client_socket: Any, address: Any) -> Any:
-        if self.context_for is None:
-            return self.handle(client_socket, address)
-        try:
-            tls = self.context_for().wrap_socket(client_socket, server_side=True)
-        except (OSError, ValueError) as exc:
-            client_socket.close()
-            self.error_log.write("TLS handshake with %s failed: %s" % (format_addr(address), exc))
-            return None
-        try:
-            return self.handle(tls, address)
-        finally:
-            tls.close()
 
 
 def _context_from(cert: Any, key: Any) -> Any:
@@ -114,7 +80,7 @@ class Master:
         self.mtls = MasterTLS(self.raw_log, "0", self.raw_crt, self.raw_key)
         self.instances = Instances(log, self.hub, self.store, self.mtls, opts.report_interval,
                                    grace=opts.shutdown_timeout + 1.0)
-        self.server: _ApiServer | None = None
+        self.server: ApiServer | None = None
         self.tasks: list[gevent.Greenlet] = []
         self.started_at = time.monotonic()
         self.address = ""
@@ -136,11 +102,9 @@ class Master:
         self.log.info("Loaded %d instances from %s", len(records), self.store.path)
         self._load_key()
         app = Api(self)
-        self.server = _ApiServer(listener, app, log=None, error_log=_DebugLog(self.log))
+        self.server = ApiServer(listener, app, self.opts, DebugLog(self.log), MAX_BODY)
         if self.tls_code != "0":
             self.server.context_for = self._current_context
-            self.server.ssl_args = {"server_side": True}  # makes pywsgi call wrap_socket_and_handle
-            self.server._handle = self.server.wrap_socket_and_handle
         self.server.start()
         self.address = format_addr(listener.getsockname())
         self.log.info("Master started: %s%s/v1", self.address, self.prefix)
@@ -176,6 +140,12 @@ class Master:
     def _load_key(self) -> None:
         insts = self.instances
         key = insts.key
+        if key is not None and not key.url:  # never run without a key: make a new one, say so
+            self.log.warn("API Key record in the state has no key: a new key is created")
+            key.url = os.urandom(16).hex()
+            insts.save_now()
+            self.log.info("API Key created: %s", key.url)
+            return
         if key is None:
             key = insts.key = Record(id=KEY_ID, url=os.urandom(16).hex(), config=os.urandom(8).hex())
             insts.save_now()

@@ -87,27 +87,35 @@ class Record:
         return out
 
     @classmethod
-    def from_state(cls, data: dict[str, Any]) -> Record:
-        meta = data.get("meta") or {}
-        peer = meta.get("peer") or {}
+    def from_state(cls, data: Any) -> Record:
+        """A record from the state file, every field checked: ValueError names the first that
+        is missing or of the wrong type (the caller skips the record and says so)."""
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+        rid = _text(data, "id")
+        if not rid:
+            raise ValueError("empty id")
+        meta = _obj(data, "meta")
+        peer = _obj(meta, "peer")
+        tags = _obj(meta, "tags")
         rec = cls(
-            id=str(data["id"]), type=str(data.get("type", "")), status=str(data.get("status", "")),
-            url=str(data.get("url", "")), config=str(data.get("config", "")),
-            alias=str(data.get("alias", "")),
-            restart=bool(data.get("restart", False)),
-            peer={"sid": str(peer.get("sid", "")), "type": str(peer.get("type", "")),
-                  "alias": str(peer.get("alias", ""))},
-            tags={str(k): str(v) for k, v in (meta.get("tags") or {}).items()},
-            mode=int(data.get("mode", 0)), ping=int(data.get("ping", 0)), pool=int(data.get("pool", 0)),
-            tcps=int(data.get("tcps", 0)), udps=int(data.get("udps", 0)),
+            id=rid, type=_text(data, "type"), status=_text(data, "status"), url=_text(data, "url"),
+            config=_text(data, "config"), alias=_text(data, "alias"),
+            restart=_flag(data, "restart"),
+            peer={k: _text(peer, k) for k in ("sid", "type", "alias")},
+            tags={str(k): _text(tags, k) for k in tags},
+            mode=_count(data, "mode"), ping=_count(data, "ping"), pool=_count(data, "pool"),
+            tcps=_count(data, "tcps"), udps=_count(data, "udps"),
         )
-        saved = data.get("counters") or {}
+        if rid != KEY_ID:
+            split_url(rec.url)  # URLFormatError (a ValueError) if it no longer parses
+        saved = _obj(data, "counters")
         for k in COUNTERS:
             raw = saved.get(k)
             if isinstance(raw, list) and len(raw) == 4:
-                rec.counters[k] = Counter(*(int(x) for x in raw))
+                rec.counters[k] = Counter(*(_count({"v": x}, "v") for x in raw))
             else:
-                rec.counters[k] = Counter(value=int(data.get(k, 0)))
+                rec.counters[k] = Counter(value=_count(data, k))
         return rec
 
     # -- statistics -----------------------------------------------------------------------
@@ -140,6 +148,36 @@ class Record:
 
 
 # -- URLs (section 11) -----------------------------------------------------------------------
+
+
+def _text(obj: dict[str, Any], key: str) -> str:
+    value = obj.get(key, "")
+    if not isinstance(value, str):
+        raise ValueError("%s is not a string" % key)
+    return value
+
+
+def _obj(obj: dict[str, Any], key: str) -> dict[str, Any]:
+    value = obj.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError("%s is not an object" % key)
+    return value
+
+
+def _flag(obj: dict[str, Any], key: str) -> bool:
+    value = obj.get(key, False)
+    if not isinstance(value, bool):
+        raise ValueError("%s is not true or false" % key)
+    return value
+
+
+def _count(obj: dict[str, Any], key: str) -> int:
+    value = obj.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < (1 << 64):
+        raise ValueError("%s is not a count" % key)
+    return value
 
 
 def split_url(url: str) -> tuple[str, str, str, list[tuple[str, str]], str]:

@@ -27,6 +27,7 @@ from .records import Record
 FORMAT = "npgevent-master"
 VERSION = 1
 FILENAME = "npgevent.json"
+MAX_FILE = 64 << 20  # bytes: far more than any real state, far less than memory
 
 
 def default_state_dir() -> str:
@@ -50,7 +51,7 @@ class StateStore:
             return []
         try:
             return self._read(self.path)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError) as exc:
             aside = self.path.with_name("%s.corrupt-%s" % (FILENAME, time.strftime("%Y%m%d-%H%M%S")))
             try:
                 os.replace(self.path, aside)
@@ -62,29 +63,61 @@ class StateStore:
                 records = self._read(self.backup_path)
                 self.log.warn("Loaded the backup %s instead", self.backup_path)
                 return records
-            except (OSError, ValueError, KeyError, TypeError) as exc:
+            except (OSError, ValueError) as exc:
                 self.log.error("State backup %s is unreadable too (%s)", self.backup_path, _short(exc))
         return []
 
-    @staticmethod
-    def _read(path: Path) -> list[Record]:
+    def _read(self, path: Path) -> list[Record]:
+        """The records of *path*.  ValueError (or OSError) when the file as a whole cannot be
+        used; a record that cannot be used is skipped with an ERROR naming it."""
+        if path.stat().st_size > MAX_FILE:
+            raise ValueError("larger than %d MiB" % (MAX_FILE >> 20))
         with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
+            try:
+                data = json.load(fh)
+            except RecursionError:
+                raise ValueError("nested too deep") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError("not an npgevent master state file")
-        if int(data.get("version", 0)) > VERSION:
-            raise ValueError("state file version %s is newer than this npgevent" % data.get("version"))
-        return [Record.from_state(item) for item in data["records"]]
+        version = data.get("version", 0)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ValueError("version %.40r is not a whole number" % (version,))
+        if version > VERSION:
+            raise ValueError("state file version %s is newer than this npgevent" % version)
+        items = data.get("records")
+        if not isinstance(items, list):
+            raise ValueError("records is not a list")
+        records: list[Record] = []
+        seen: set[str] = set()
+        for index, item in enumerate(items):
+            name = item.get("id") if isinstance(item, dict) else None
+            label = "%d (id %.40r)" % (index, name) if isinstance(name, str) else "%d" % index
+            try:
+                rec = Record.from_state(item)
+                if rec.id in seen:
+                    raise ValueError("duplicate id")
+            except ValueError as exc:
+                self.log.error("State file %s: record %s skipped: %s", path, label, _short(exc))
+                continue
+            seen.add(rec.id)
+            records.append(rec)
+        return records
 
     def save(self, records: list[Record]) -> None:
-        """Write atomically; an I/O error is logged, never raised (the API keeps working)."""
-        payload = json.dumps({"format": FORMAT, "version": VERSION,
-                              "records": [r.to_state() for r in records]}, indent=1, ensure_ascii=False)
+        """Write atomically; an error is logged, never raised (the API keeps working).  No content
+        can make it fail: text that UTF-8 cannot hold is written as U+FFFD."""
+        try:
+            text = json.dumps({"format": FORMAT, "version": VERSION,
+                               "records": [r.to_state() for r in records]}, indent=1, ensure_ascii=False)
+        except (TypeError, ValueError, RecursionError) as exc:  # a bug: keep the old file, say so
+            self.log.error("Cannot save state to %s: %s", self.path, _short(exc))
+            return
+        payload = text.encode("utf-8", "replace")
         try:
             self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".npgevent-", suffix=".tmp", dir=self.dir)
             try:
-                with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                with os.fdopen(fd, "wb") as fh:
                     fh.write(payload)
                     fh.flush()
                     os.fsync(fh.fileno())

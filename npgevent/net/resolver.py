@@ -172,17 +172,20 @@ class Resolver:
         found: list[str] = []
         reasons: list[str] = []
         for job in jobs:
-            if job.successful():
-                found.extend(job.value)
-            else:
-                reasons.append(str(job.exception))
+            addrs, why = job.value if job.successful() else ([], str(job.exception))
+            found.extend(addrs)
+            if why:
+                reasons.append(why)
         if found:
             self.log.debug("DNS resolved %s -> %s", name, ",".join(found))
             return found
         reason = reasons[0] if reasons else "no such host"
         raise ResolveError("cannot resolve %s: %s" % (name, reason))
 
-    def _query_all(self, name: str, rdtype: dns.rdatatype.RdataType, deadline: float) -> list[str]:
+    def _query_all(self, name: str, rdtype: dns.rdatatype.RdataType,
+                   deadline: float) -> tuple[list[str], str]:
+        """(addresses, "") or ([], reason): a task that ends by raising would be reported by
+        gevent as an unhandled error, with a traceback, on every failed lookup."""
         last = "no answer"
         for index, (server, port) in enumerate(self.servers):
             remaining = deadline - time.monotonic()
@@ -198,7 +201,7 @@ class Resolver:
                 continue
             rcode = response.rcode()
             if rcode == dns.rcode.NXDOMAIN:
-                raise ResolveError("no such host")
+                return [], "no such host"
             if rcode != dns.rcode.NOERROR:
                 last = "%s:%d: %s" % (server, port, dns.rcode.to_text(rcode))
                 continue
@@ -207,8 +210,8 @@ class Resolver:
                 for rrset in response.answer
                 if rrset.rdtype == rdtype
                 for rd in rrset
-            ]
-        raise ResolveError(last)
+            ], ""
+        return [], last
 
     def _query(self, name: str, rdtype: dns.rdatatype.RdataType, server: str, port: int,
                timeout: float) -> dns.message.Message:

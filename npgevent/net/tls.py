@@ -22,8 +22,10 @@
 from __future__ import annotations
 
 import datetime
+import errno
 import hashlib
 import os
+import stat
 import time
 from typing import Any
 
@@ -84,11 +86,31 @@ def server_context(cert: x509.Certificate, key: Any) -> SSL.Context:
     return ctx
 
 
+MAX_PEM = 1 << 20  # bytes: a certificate chain or key file is a few KiB
+
+
+def read_pem_file(path: str) -> bytes:
+    """A regular file of at most :data:`MAX_PEM` bytes.  ``/dev/zero`` (endless), a FIFO (would
+    block start-up) or a directory is an OSError naming what was expected."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if st.st_size > MAX_PEM:
+            raise OSError(errno.EFBIG, "larger than %d KiB" % (MAX_PEM >> 10))
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(MAX_PEM + 1)
+        if len(data) > MAX_PEM:  # grew while we read
+            raise OSError(errno.EFBIG, "larger than %d KiB" % (MAX_PEM >> 10))
+        return data
+    finally:
+        os.close(fd)
+
+
 def load_pem_pair(crt: str, key: str) -> tuple[x509.Certificate, Any]:
-    with open(crt, "rb") as fh:
-        cert = x509.load_pem_x509_certificate(fh.read())
-    with open(key, "rb") as fh:
-        pkey = serialization.load_pem_private_key(fh.read(), password=None)
+    cert = x509.load_pem_x509_certificate(read_pem_file(crt))
+    pkey = serialization.load_pem_private_key(read_pem_file(key), password=None)
     return cert, pkey
 
 

@@ -26,6 +26,9 @@ def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 def proxy_v1(src: tuple[str, int], dst: tuple[str, int]) -> bytes:
     """Build the PROXY v1 line for a connection from *src* to *dst*."""
     s, d = _ip(src[0]), _ip(dst[0])
+    for port in (src[1], dst[1]):
+        if not isinstance(port, int) or not 0 <= port <= 65535:
+            raise LocalProtocolError("PROXY header needs ports from 0 to 65535, got %r" % (port,))
     if s.version == 4 and d.version == 4:
         family = "TCP4"
         s_txt, d_txt = str(s), str(d)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -159,8 +160,11 @@ class LineDecoder:
     reported as one error; decoding errors never stop the decoder.
     """
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, opener: Callable[[bytes], bytes] | None = None) -> None:
+        """*opener* turns a line into its message (default: Go's XOR with *key*); an
+        authenticated channel passes its :meth:`~npgevent.protocol.auth.ControlCipher.open_line`."""
         self.key = key
+        self.open = opener or (lambda line: decode_line(line, key))
         self._buf = bytearray()
         self._discarding = False
 
@@ -185,7 +189,7 @@ class LineDecoder:
                 out.append(RemoteProtocolError("control line over %d bytes" % MAX_LINE))
                 continue
             try:
-                out.append(parse_signal(decode_line(line, self.key).decode("utf-8", "strict")))
+                out.append(parse_signal(self.open(line).decode("utf-8", "strict")))
             except UnicodeDecodeError:
                 out.append(RemoteProtocolError("control message is not UTF-8"))
             except RemoteProtocolError as exc:

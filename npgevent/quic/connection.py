@@ -59,6 +59,15 @@ class WindowedConnection(QuicConnection):
             return True
         return False
 
+    def peer_fingerprint(self) -> str:
+        """``sha256:..`` of the certificate the peer presented ('' if none)."""
+        cert = getattr(self.tls, "_peer_certificate", None)
+        if cert is None:
+            return ""
+        from ..net.tls import fingerprint
+
+        return fingerprint(cert)
+
     def stream_sent(self, stream_id: int) -> int | None:
         stream = self._streams.get(stream_id)
         return None if stream is None else int(stream.sender.highest_offset)

@@ -34,7 +34,8 @@ from gevent.event import AsyncResult, Event
 from ..errors import CoreError
 from ..log import InstanceLog
 from .bridge import Bridge
-from .thread import CREDIT_STEP, WINDOW, QuicThread
+from .connection import CREDIT_STEP, WINDOW
+from .thread import QuicThread
 
 CHUNK = 65536
 

@@ -12,17 +12,12 @@ Everything here runs in the thread, driven by calls from gevent
 stream data, new streams, resets, write credit and closed connections are
 collected and handed to the gevent side in one message.
 
-Flow control and back-pressure:
-
-* receive: aioquic raises a stream's window as soon as data *arrives*; here
-  :class:`WindowedConnection` raises it only as the gevent side *consumes* data
-  (``grant``), so a slow reader holds at most :data:`WINDOW` bytes per stream
-  and its peer waits, while other streams keep flowing (the connection-level
-  window still follows aioquic's rule);
-* send: the gevent side may have at most :data:`WINDOW` bytes handed over but
-  not yet sent on the wire; :meth:`QuicThread._after_transmit` reports the
-  sent offset of streams with pending data ("credit"), which releases blocked
-  writers.
+Flow control: receive windows follow what the gevent side consumes
+(:mod:`npgevent.quic.connection`); on the send side the gevent side may have at
+most ``WINDOW`` bytes handed over but not yet on the wire, and
+:meth:`QuicThread._after_transmit` reports the sent offset of streams with
+pending data ("credit"), which releases blocked writers.  Who may connect is
+decided by :mod:`npgevent.quic.admission`.
 """
 
 from __future__ import annotations
@@ -30,9 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
-import ssl
 import traceback
-from asyncio import selector_events
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -45,56 +38,15 @@ from gevent import monkey
 from ..log import Throttle
 from .admission import AdmittingServer, plain_ip
 from .bridge import Bridge
-from .connection import CREDIT_STEP, WINDOW, WindowedConnection
+from .connection import CREDIT_STEP, WindowedConnection
+from .loop import NativeLoop, tune
 
 _start_new_thread = monkey.get_original("_thread", "start_new_thread")
 _get_native_id = monkey.get_original("_thread", "get_native_id")
 _RealSocket = monkey.get_original("socket", "socket")
-_real_socketpair = monkey.get_original("socket", "socketpair")
 _RealSelector = monkey.get_original("selectors", "DefaultSelector")
 
-ALPN = "np-quic"
-DATAGRAM_SIZE = 1452  # quic-go's maximum: larger datagrams would be dropped by a Go peer
-UDP_BUFFER = 4 << 20
-DRAIN = 64  # datagrams read per wake-up of a UDP socket, at most
 _STOP_SENDING: Any = getattr(events, "StopSendingReceived", None)
-
-
-class _DrainingTransport(selector_events._SelectorDatagramTransport):  # type: ignore[name-defined]
-    """Reads every datagram that is ready (up to :data:`DRAIN`) per wake-up, where asyncio reads
-    one.  Fewer loop iterations per packet, and the events of one burst (say, both packets of a
-    Go peer's raw datagram that quic-go cut in two) reach gevent in one batch."""
-
-    def _read_ready(self) -> None:
-        sock, protocol = self._sock, self._protocol
-        for _ in range(DRAIN):
-            if self._conn_lost:
-                return
-            try:
-                data, addr = sock.recvfrom(self.max_size)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                protocol.error_received(exc)
-                return
-            protocol.datagram_received(data, addr)
-
-
-class _NativeLoop(asyncio.SelectorEventLoop):
-    """An asyncio loop whose self-pipe is a real socketpair (not a gevent one) and whose
-    datagram transports drain the socket."""
-
-    def _make_datagram_transport(self, sock: Any, protocol: Any, address: Any = None, waiter: Any = None,
-                                 extra: Any = None) -> Any:
-        return _DrainingTransport(self, sock, protocol, address, waiter, extra)
-
-    def _make_self_pipe(self) -> None:
-        self._ssock, self._csock = _real_socketpair()
-        self._ssock.setblocking(False)
-        self._csock.setblocking(False)
-        # the same bookkeeping as asyncio's own _make_self_pipe (private asyncio API)
-        self._internal_fds += 1  # type: ignore[attr-defined]
-        self._add_reader(self._ssock.fileno(), self._read_from_self)  # type: ignore[attr-defined]
 
 
 class NpProtocol(QuicConnectionProtocol):
@@ -172,7 +124,7 @@ class QuicThread:
         loop: asyncio.AbstractEventLoop | None = None
         self.native_id = _get_native_id()
         try:
-            loop = _NativeLoop(_RealSelector())
+            loop = NativeLoop(_RealSelector())
             loop.set_exception_handler(self._loop_error)
             self.loop = loop
             self.bridge.loop = loop
@@ -270,7 +222,7 @@ class QuicThread:
         try:
             if family == std.AF_INET6:
                 sock.setsockopt(std.IPPROTO_IPV6, std.IPV6_V6ONLY, 0)
-            _tune(sock)
+            tune(sock)
             sock.bind((host or "::", port))
             sock.setblocking(False)
             assert self.loop is not None
@@ -327,7 +279,7 @@ class QuicThread:
         self.sockets.append(sock)
         protocol: NpProtocol | None = None
         try:
-            _tune(sock)
+            tune(sock)
             sock.bind(("::" if family == std.AF_INET6 else "0.0.0.0", 0))
             sock.connect((ip, port))  # the kernel drops datagrams from anyone but the server
             sock.setblocking(False)
@@ -346,7 +298,7 @@ class QuicThread:
                 sock.close()
             self.bridge.to_gevent(self.sink._dialled, token, None, "", reason)
             return
-        self.bridge.to_gevent(self.sink._dialled, token, protocol.key, _peer_fingerprint(protocol), "")
+        self.bridge.to_gevent(self.sink._dialled, token, protocol.key, protocol.wquic.peer_fingerprint(), "")
 
     # -- streams ----------------------------------------------------------------------
     def open_stream(self, token: int, conn: int) -> None:
@@ -491,63 +443,3 @@ class QuicThread:
                 except Exception:
                     pass
         self.loop.call_later(self.keepalive, self._keepalive)
-
-
-def _tune(sock: Any) -> None:
-    import socket as std
-
-    for opt in (std.SO_RCVBUF, std.SO_SNDBUF):
-        try:
-            sock.setsockopt(std.SOL_SOCKET, opt, UDP_BUFFER)
-        except OSError:
-            pass
-
-
-def _peer_fingerprint(protocol: NpProtocol) -> str:
-    cert = getattr(protocol._quic.tls, "_peer_certificate", None)
-    if cert is None:
-        return ""
-    from ..net.tls import fingerprint
-
-    return fingerprint(cert)
-
-
-def make_configuration(is_client: bool, idle_timeout: float, tls_code: str = "1",
-                       server_name: str = "", cert: Any = None, key: Any = None,
-                       datagram_size: int = DATAGRAM_SIZE) -> QuicConfiguration:
-    """QUIC settings as NodePass uses them: TLS 1.3, ALPN np-quic, idle timeout."""
-    config = QuicConfiguration(
-        is_client=is_client,
-        alpn_protocols=[ALPN],
-        idle_timeout=idle_timeout,
-        max_datagram_size=datagram_size,
-        max_stream_data=WINDOW,
-        max_data=16 * WINDOW,
-    )
-    if is_client:
-        if server_name and not _is_ip(server_name):
-            config.server_name = server_name
-        if tls_code == "2":
-            import os
-
-            config.verify_mode = ssl.CERT_REQUIRED
-            paths = ssl.get_default_verify_paths()
-            config.cafile = os.environ.get("SSL_CERT_FILE") or paths.cafile
-            config.capath = os.environ.get("SSL_CERT_DIR") or paths.capath
-            config.server_name = server_name
-        else:
-            config.verify_mode = ssl.CERT_NONE
-    else:
-        config.certificate = cert
-        config.private_key = key
-    return config
-
-
-def _is_ip(host: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False

@@ -16,7 +16,7 @@ from typing import Any
 from gevent import socket
 from gevent.server import StreamServer
 
-from ..log import InstanceLog
+from ..log import DEBUG, ERROR, InstanceLog
 from ..net.sockopt import format_addr, listen_tcp, listen_udp
 from ..settings import Options
 from ..url import HostPort
@@ -57,13 +57,20 @@ class Listeners:
     def _tcp(self, sock: socket.socket, addr: Any) -> None:
         slots = self.slots
         if not slots.acquire_tcp():
-            self.log.error("TCP slot limit reached (%d): connection from %s refused",
+            self.log.limited(ERROR, "tcp-slot", "TCP slot limit reached (%d): connection from %s refused",
                            slots.limit, format_addr(addr))
             return
         try:
             self.tcp_handler(sock, addr)
         finally:
             slots.release_tcp()
+
+    def report_drops(self) -> None:
+        """One DEBUG line per report interval when UDP datagrams were dropped (never per datagram)."""
+        if self.table is not None and self.log.enabled(DEBUG):
+            summary = self.table.drops_report()
+            if summary:
+                self.log.debug("UDP datagrams dropped in the last interval: %s", summary)
 
     def stop_accepting(self) -> None:
         if self.tcp is not None:

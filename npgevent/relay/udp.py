@@ -15,6 +15,7 @@ socket per user address).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,14 +24,16 @@ import gevent
 from gevent import socket
 from gevent.server import DatagramServer
 
-from ..log import InstanceLog
+from ..log import ERROR, InstanceLog
 from ..net.dial import Dialer
-from ..net.sockopt import format_addr
+from ..net.sockopt import format_addr, tune_udp
 from .limit import RateLimiter, Slots
 from .stats import UDP_RX, UDP_TX
 
 MAX_DATAGRAM = 65535
 BACKLOG = 256
+RCVBUF = 16 << 20  # a burst of new sources waits here while their sessions open (a limit, not
+# an allocation: the kernel charges only what is queued)
 
 
 class UdpListener(DatagramServer):
@@ -78,12 +81,18 @@ class UdpSession:
     def close_far(self) -> None:
         raise NotImplementedError
 
+    def wait_for(self, seconds: float) -> None:
+        """Make the next :meth:`recv` give up after *seconds* (subclasses set their socket's
+        timeout); the idle check then waits only what is left of the idle period."""
+
     # -- driven by the table ------------------------------------------------
     def deliver(self, data: bytes) -> None:
         self.last = time.monotonic()
         if not self.ready:
             if len(self.backlog) < BACKLOG:
                 self.backlog.append(data)
+            else:
+                self.table.dropped_backlog += 1
             return
         try:
             self.send(data)
@@ -97,7 +106,7 @@ class UdpSession:
             try:
                 self.open()
             except OSError as exc:
-                table.log.error("UDP session for %s: %s", format_addr(self.addr), exc)
+                table.log.limited(ERROR, "udp-open", "UDP session for %s: %s", format_addr(self.addr), exc)
                 return
             self.ready = True
             backlog, self.backlog = self.backlog, []
@@ -105,12 +114,14 @@ class UdpSession:
                 self.send(data)
             idle = table.idle
             while not self.closed:
+                left = idle - (time.monotonic() - self.last)
+                if left <= 0:
+                    break
+                self.wait_for(left)
                 try:
                     got = self.recv()
                 except socket.timeout:
-                    if time.monotonic() - self.last >= idle:
-                        break
-                    continue
+                    continue  # the loop's check decides: traffic may have moved self.last
                 except ConnectionRefusedError:
                     continue  # ICMP port unreachable from the target: keep the session
                 if got is None:
@@ -149,16 +160,36 @@ class SessionTable:
         self.log = log
         self.sessions: dict[Any, UdpSession] = {}
         self.listener: UdpListener | None = None
+        self.dropped_slot = 0  # datagrams refused at the slot limit
+        self.dropped_backlog = 0  # datagrams over a still-opening session's backlog
+        self._kernel_drops = 0
+        self._inode = 0
 
     def attach(self, sock: socket.socket) -> UdpListener:
+        tune_udp(sock, RCVBUF)
+        try:
+            self._inode = os.fstat(sock.fileno()).st_ino
+        except OSError:
+            self._inode = 0
+        self._kernel_drops = kernel_drops(self._inode)
         self.listener = UdpListener(sock, self.on_datagram)
         return self.listener
+
+    def drops_report(self) -> str:
+        """Datagrams dropped since the last report, by cause ('' if none); then reset."""
+        kernel = kernel_drops(self._inode)
+        counts = (("slot limit", self.dropped_slot), ("session backlog full", self.dropped_backlog),
+                  ("socket buffer full", max(0, kernel - self._kernel_drops)))
+        self.dropped_slot = self.dropped_backlog = 0
+        self._kernel_drops = kernel
+        return ", ".join("%d (%s)" % (n, why) for why, n in counts if n)
 
     def on_datagram(self, data: bytes, addr: Any) -> None:
         session = self.sessions.get(addr)
         if session is None:
             if not self.slots.acquire_udp():
-                self.log.error("UDP slot limit reached (%d): datagram from %s dropped",
+                self.dropped_slot += 1
+                self.log.limited(ERROR, "udp-slot", "UDP slot limit reached (%d): datagram from %s dropped",
                                self.slots.limit, format_addr(addr))
                 return
             session = self.factory(self, addr)
@@ -182,6 +213,23 @@ class SessionTable:
         gevent.joinall([s.greenlet for s in sessions if s.greenlet is not None], timeout=1)
 
 
+def kernel_drops(inode: int) -> int:
+    """The kernel's count of datagrams dropped on the socket with *inode* (its receive buffer
+    was full), from /proc/net/udp and udp6; 0 where that is not available."""
+    if not inode:
+        return 0
+    needle = " %d " % inode
+    for name in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            with open(name) as fh:
+                for line in fh:
+                    if needle in line:
+                        return int(line.split()[-1])
+        except (OSError, ValueError):
+            continue
+    return 0
+
+
 class UdpTargetSession(UdpSession):
     """Single-end: a connected UDP socket to a target per user address."""
 
@@ -192,6 +240,10 @@ class UdpTargetSession(UdpSession):
         self.acct = acct
         self.limiter = limiter
         self.sock: socket.socket | None = None
+
+    def wait_for(self, seconds: float) -> None:
+        if self.sock is not None:
+            self.sock.settimeout(seconds)
 
     def open(self) -> None:
         self.sock, target = self.dialer.dial_udp()

@@ -184,3 +184,20 @@ def test_forwarder_logs_unresolvable_target(fake_dns):
         assert recv_all(sock) == b""
         sock.close()
         r.capture.wait_for(r"ERROR  Dial target failed .*nope\.test:80: cannot resolve nope\.test: no such host")
+
+
+def test_failed_lookups_leave_no_tracebacks(fake_dns):
+    """A name that does not resolve (and one whose server is silent): one clear line per
+    attempt (rate-limited), never gevent's unhandled-greenlet report of a resolver task."""
+    from helpers import NpProcess, connect_retry, recv_all
+
+    port = free_port()
+    with NpProcess("client://127.0.0.1:%d/nope.test:80?dns=%s" % (port, fake_dns.addr)) as p:
+        p.wait_for("Client started")
+        for _ in range(3):
+            sock = connect_retry(port)
+            assert recv_all(sock) == b""
+            sock.close()
+        p.wait_for(r"ERROR  Dial target failed .*no such host")
+        assert p.stop() == 0
+        assert "Traceback" not in p.output and "ResolveError" not in p.output, p.output

@@ -131,9 +131,12 @@ def test_server_refuses_key_of_other_length_and_keeps_serving():
 
 
 def test_garbage_on_control_and_pool_port_and_bad_signals():
+    """Go's rules (auth=0): bad control lines are skipped; an authenticated tunnel rejects them
+    instead (test_auth_attacks)."""
     tport, uport = free_port(), free_port()
     echo = EchoPair()
-    server_url, client_url = tunnel_urls("rev", "1", tport, uport, echo.port)
+    server_url, client_url = tunnel_urls("rev", "1", tport, uport, echo.port, extra_server="&auth=0",
+                                         extra_client="&auth=0")
     try:
         with in_process(server_url, service_cooldown="200ms", handshake_timeout="1s") as s:
             # garbage before any handshake: denied, the server keeps listening

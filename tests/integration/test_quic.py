@@ -119,7 +119,7 @@ def test_quic_slow_reader_is_bounded():
             gevent.sleep(1.0)
             assert sent[0] == stuck_at  # the writer is blocked: back-pressure reached the user
             assert stuck_at < 64 * MiB  # socket buffers plus bounded QUIC windows, not 256 MiB
-            from npgevent.quic.thread import WINDOW
+            from npgevent.quic.connection import WINDOW
 
             buffered = [sum(len(ch) for ch in st._chunks) for st in c.core.engine.streams.values()]
             assert max(buffered) <= WINDOW

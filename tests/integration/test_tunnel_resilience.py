@@ -97,10 +97,11 @@ def test_wrong_key_other_length_refused_both_keep_running():
 
 
 def test_wrong_key_same_length_fails_on_client_both_keep_running():
+    """auth=0: Go's flaw kept for compatibility (the authenticated case is in test_auth_attacks)."""
     echo = EchoPair()
     tport, uport = free_port(), free_port()
-    server_url, _ = tunnel_urls("rev", "0", tport, uport, echo.port)
-    bad_client = "client://SECRET@127.0.0.1:%d/127.0.0.1:%d?mode=2" % (tport, echo.port)
+    server_url, _ = tunnel_urls("rev", "0", tport, uport, echo.port, extra_server="&auth=0")
+    bad_client = "client://SECRET@127.0.0.1:%d/127.0.0.1:%d?mode=2&auth=0" % (tport, echo.port)
     with NpProcess(server_url) as s, NpProcess(bad_client) as bad:
         # the server cannot tell (Go's rule) and replies; the client cannot decode the reply
         s.wait_for(r"INFO  Tunnel handshaked")

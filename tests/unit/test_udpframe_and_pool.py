@@ -53,7 +53,7 @@ def test_take_any_skips_dead_and_unclean():
     dead, dead_peer = _conn("00000001")
     unclean, unclean_peer = _conn("00000002")
     good, good_peer = _conn("00000003")
-    for c in (dead, unclean, good):
+    for c in (good, unclean, dead):  # take_any tries the newest first
         pool.add(c)
     dead_peer.close()
     unclean_peer.sendall(b"early")

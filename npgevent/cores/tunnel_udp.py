@@ -1,0 +1,213 @@
+"""UDP through the tunnel: the receiving side's sessions and the dialling side's exchange.
+
+One user address rides one pool connection: raw (every read is one datagram) with a
+Go peer, length-framed between npgevent peers (extension level 1).  Both sides end a
+session exactly ``NP_UDP_READ_TIMEOUT`` after its last datagram in either direction.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import gevent
+from gevent import socket
+from gevent.event import Event
+
+from ..net.sockopt import format_addr
+from ..pool.tcp import PoolConn
+from ..protocol.signals import Launch
+from ..protocol.udpframe import Deframer, frame
+from ..relay.stats import UDP_RX, UDP_TX
+from ..relay.udp import MAX_DATAGRAM, SessionTable, UdpSession
+
+if TYPE_CHECKING:
+    from .tunnel import TunnelCore
+
+
+def keep_datagrams_whole(stream: Any) -> None:
+    """Raw UDP (a Go peer) over a QUIC stream: each write is one datagram and must reach the
+    peer in one read, so the stream keeps it in one frame (TCP and TLS need nothing)."""
+    if hasattr(stream, "datagrams"):
+        stream.datagrams = True
+
+
+def udp_exchange(core: TunnelCore, conn: PoolConn, usock: socket.socket) -> None:
+    """Pool connection <-> connected UDP socket until idle for NP_UDP_READ_TIMEOUT."""
+    acct, limiter = core.inst.traffic.bytes, core.inst.limiter
+    idle = core.opts.udp_read_timeout
+    framed = core.npg >= 1
+    bufsize = MAX_DATAGRAM if framed else core.opts.udp_data_buf_size
+    last = [time.monotonic()]
+    stream = conn.stream
+    if not framed:
+        keep_datagrams_whole(stream)
+    # no socket timeouts: a watchdog ends the exchange exactly NP_UDP_READ_TIMEOUT after the
+    # last datagram either way (a timeout per read would wait a whole new period each time)
+    stream.settimeout(None)
+    usock.settimeout(None)
+
+    def down() -> None:  # target -> pool
+        while True:
+            try:
+                data = usock.recv(MAX_DATAGRAM)
+            except ConnectionRefusedError:
+                continue
+            last[0] = time.monotonic()
+            acct[UDP_RX] += len(data)
+            stream.sendall(frame(data) if framed else data)
+            if limiter is not None:
+                limiter.take(len(data))
+
+    def up() -> None:  # pool -> target
+        deframer = Deframer() if framed else None
+        while True:
+            data = stream.recv(bufsize)
+            if not data:
+                return
+            last[0] = time.monotonic()
+            for datagram in deframer.feed(data) if deframer is not None else (data,):
+                try:
+                    usock.send(datagram)
+                except ConnectionRefusedError:
+                    continue
+                acct[UDP_TX] += len(datagram)
+                if limiter is not None:
+                    limiter.take(len(datagram))
+
+    def guarded(direction: Any) -> None:  # a greenlet must not end by raising (gevent prints it)
+        try:
+            direction()
+        except OSError as exc:
+            core.log.debug("UDP exchange ended: %s", exc)
+
+    pair = [gevent.spawn(guarded, down), gevent.spawn(guarded, up)]
+    try:
+        while not any(g.dead for g in pair):
+            left = idle - (time.monotonic() - last[0])
+            if left <= 0:
+                break
+            gevent.wait(pair, timeout=left, count=1)
+    finally:
+        gevent.killall(pair, block=True)
+
+
+class TunnelUdpSession(UdpSession):
+    """Receiving side: one pool connection per user address, launched with ``#2``.
+
+    Until the first answer, the session is listed in ``core.awaiting`` and keeps what it sent
+    (at most :data:`UNANSWERED` datagrams): if the peer names its pool connection in the TLS
+    verify signal (a Go peer may pick a connection we just launched on, and closes it), the
+    session relaunches on another connection and sends them again.
+    """
+
+    UNANSWERED = 32
+    VERDICT_WAIT = 0.5  # s: an unanswered session that meets EOF waits this long for a verify signal
+
+    def __init__(self, table: SessionTable, addr: Any, core: TunnelCore) -> None:
+        super().__init__(table, addr)
+        self.core = core
+        self.conn: PoolConn | None = None
+        self.framed = core.npg >= 1
+        self.deframer = Deframer() if self.framed else None
+        self.queue: list[bytes] = []
+        self.unanswered: list[bytes] | None = []  # None once answered
+        self.relaunch = False
+        self.verdict = Event()
+
+    def lost_to_verify(self) -> None:
+        """Called by the control loop: our launch went to the connection the peer verifies."""
+        self.relaunch = True
+        self.verdict.set()
+        if self.conn is not None:
+            fp = getattr(self.conn.stream, "peer_fingerprint", lambda: "")()
+            if fp:
+                self.core.log.info("TLS cert verified: %s", fp)
+            self.core.log.debug("UDP launch on %s crossed the TLS verify signal: relaunching", self.conn.cid)
+            self.conn.close()
+
+    def open(self) -> None:
+        core = self.core
+        conn = core.pool.take_any(core.opts.pool_get_timeout)
+        if conn is None:
+            raise OSError("request timeout: no idle pool connection")
+        self.conn = conn
+        if self.unanswered is not None:
+            core.awaiting[conn.cid] = self
+        if not self.framed:
+            keep_datagrams_whole(conn.stream)
+        conn.stream.settimeout(self.table.idle)
+        core.log.debug("Tunnel connection: get %s <- pool active %d", conn.cid, core.pool.active)
+        core.send_signal(Launch(True, format_addr(self.addr), conn.cid))
+        core.log.debug("UDP launch signal: cid %s -> %s", conn.cid, core.peer)
+
+    def send(self, data: bytes) -> None:
+        assert self.conn is not None
+        core = self.core
+        core.inst.traffic.bytes[UDP_RX] += len(data)
+        if self.unanswered is not None and len(self.unanswered) < self.UNANSWERED:
+            self.unanswered.append(data)
+        self._write(data)
+        if core.inst.limiter is not None:
+            core.inst.limiter.take(len(data))
+
+    def wait_for(self, seconds: float) -> None:
+        if self.conn is not None:
+            self.conn.stream.settimeout(seconds)
+
+    def _write(self, data: bytes) -> None:
+        assert self.conn is not None
+        self.conn.stream.sendall(frame(data) if self.framed else data)
+
+    def recv(self) -> bytes | None:
+        while True:
+            try:
+                datagram = self._read()
+            except OSError:
+                if not self._lost():
+                    raise
+                datagram = None
+            if datagram is None and self._lost():
+                self._relaunch()
+                continue
+            break
+        if datagram is None:
+            return None
+        if self.unanswered is not None:  # answered: nothing to replay any more
+            self.unanswered = None
+            if self.conn is not None and self.core.awaiting.get(self.conn.cid) is self:
+                del self.core.awaiting[self.conn.cid]
+        self.core.inst.traffic.bytes[UDP_TX] += len(datagram)
+        return datagram
+
+    def _read(self) -> bytes | None:
+        assert self.conn is not None
+        if self.deframer is not None:
+            while not self.queue:
+                data = self.conn.stream.recv(65536)
+                if not data:
+                    return None
+                self.queue.extend(self.deframer.feed(data))
+            return self.queue.pop(0)
+        datagram = self.conn.stream.recv(self.core.opts.udp_data_buf_size)
+        return datagram or None
+
+    def _lost(self) -> bool:
+        """The connection ended before any answer: was it the peer's verify connection?  The
+        signal may come a moment after the connection's end, so wait for it briefly."""
+        if not self.relaunch and self.unanswered is not None:
+            self.verdict.wait(self.VERDICT_WAIT)
+        return self.relaunch
+
+    def _relaunch(self) -> None:
+        self.relaunch = False
+        self.verdict.clear()
+        self.open()
+        for data in self.unanswered or ():
+            self._write(data)
+
+    def close_far(self) -> None:
+        if self.conn is not None:
+            if self.core.awaiting.get(self.conn.cid) is self:
+                del self.core.awaiting[self.conn.cid]
+            self.conn.close()
