@@ -353,6 +353,11 @@ PATHS: dict[str, type[Path_]] = {"forward": ForwardPath}
 for _flow in ("rev", "fwd"):
     for _tls in ("0", "1"):
         PATHS["tunnel-%s-tls%s" % (_flow, _tls)] = tunnel_path(_flow, _tls)
+        # the same tunnel with Go's handshake only: what authentication costs (the default,
+        # auth=1, authenticates between npgevent peers)
+        PATHS["tunnel-%s-tls%s-auth0" % (_flow, _tls)] = type(
+            "Tunnel_%s_%s_a0" % (_flow, _tls), (PATHS["tunnel-%s-tls%s" % (_flow, _tls)],),
+            {"env": {"NP_AUTH": "0"}, "name": property(lambda self: "tunnel-%s-tls%s-auth0" % (self.flow, self.tls))})
     PATHS["tunnel-%s-quic" % _flow] = tunnel_path(_flow, "1", quic=True)
     PATHS["tunnel-%s-quic16k" % _flow] = type("Tunnel_%s_q16k" % _flow, (PATHS["tunnel-%s-quic" % _flow],), {
         "env": {"NP_QUIC_DATAGRAM_SIZE": "16000"},

@@ -5,10 +5,12 @@ forwarding (the listener is handed over, so nothing races for the port);
 failure (a remote address, or the port is taken) means dual-end tunnel mode.
 Mode 1 forces single-end, mode 2 dual-end.
 
-The dual-end client dials the tunnel address, sends the key line (ending in
-``\\r\\n``: the npgevent marker a Go server ignores), and applies what the
-server dictates in its reply: flow, TLS code, QUIC, ``max`` and the extension
-level.  It then keeps a pool of idle connections to the server (adaptive
+The dual-end client dials the tunnel address and runs the handshake that
+``auth=`` asks for (:mod:`npgevent.net.handshake`): with an npgevent server both
+ends prove the key, and the control lines, pool connections and the server's
+certificate are bound to the session; with a Go server (auth below 2) Go's
+handshake.  It applies what the server dictates in its reply: flow, TLS code,
+QUIC, ``max`` and the extension level.  It then keeps a pool of idle connections to the server (adaptive
 capacity from ``min`` to the server's ``max``), and in forward flow (``+``)
 listens on its first target address for users.
 """
@@ -19,18 +21,22 @@ from typing import Any
 
 from gevent import socket
 
-from ..errors import CoreError, RemoteProtocolError
+from ..errors import CoreError
+from ..log import ERROR
+from ..net import handshake
 from ..net.dial import family_of
+from ..net.handshake import HandshakeError
 from ..net.sockopt import ListenError, format_addr, listen_tcp, tune_tcp
 from ..pool.base import Adaptive
 from ..pool.tcp import ClientPool, PoolConn, read_exact
-from ..protocol.handshake import client_hello, read_reply
-from ..protocol.signals import MAX_LINE
 from .common import Core, Instance
 from .forward import ForwardCore
 from .tunnel import TunnelCore
 
 POOL_ID_TIMEOUT = 60.0  # Go waits up to a minute for the server's 4-byte id
+#: servers (ip:port) that proved the key in this process: a later Go-style answer is refused
+AUTHENTICATED_SERVERS: set[str] = set()
+WARNED_GO_SERVERS: set[str] = set()  # one WARN per Go server, not one per reconnect
 
 
 def client_core(inst: Instance) -> Core:
@@ -56,6 +62,8 @@ class DualClientCore(TunnelCore):
         self.ctx: Any = None
         self.engine: Any = None  # QuicEngine when the server asks for QUIC
         self.quic: Any = None
+        self.prover: Any = None  # PoolProver when both ends authenticated
+        self.vouched = ""  # the certificate fingerprint the authenticated server vouched for
 
     def _start(self) -> None:
         opts, spec, log = self.opts, self.inst.spec, self.log
@@ -66,39 +74,49 @@ class DualClientCore(TunnelCore):
             raise CoreError("tunnel address %s: %s" % (tunnel, exc)) from None
         self.server_ip = ip
         sock = socket.socket(family_of(ip), socket.SOCK_STREAM)
+        server = "%s:%d" % (ip, tunnel.port)
         try:
             sock.settimeout(opts.tcp_dial_timeout)
             sock.connect((ip, tunnel.port))
             tune_tcp(sock, opts.report_interval)
-            sock.sendall(client_hello(self.key))
             sock.settimeout(opts.handshake_timeout)
-            buf = b""
-            while b"\n" not in buf:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    raise CoreError("tunnel handshake: connection closed by the server "
-                                    "(wrong tunnel key?)")
-                buf += chunk
-                if len(buf) > MAX_LINE:
-                    raise CoreError("tunnel handshake: reply too long")
-            line, _, self.leftover = buf.partition(b"\n")
-            try:
-                reply = read_reply(line + b"\n", self.key)
-            except RemoteProtocolError as exc:
-                raise CoreError("tunnel handshake: %s" % exc) from None
+            outcome = handshake.dial(sock, self.key, opts.auth)
             sock.settimeout(None)
         except socket.timeout:
             sock.close()
             raise CoreError("tunnel handshake with %s: timed out" % tunnel) from None
+        except HandshakeError as exc:
+            sock.close()
+            if exc.refused:
+                log.error("Tunnel handshake with %s refused (auth=%s): %s", tunnel, opts.auth, exc)
+            raise CoreError("tunnel handshake: %s" % exc) from None
         except OSError as exc:
             sock.close()
             raise CoreError("tunnel %s: %s" % (tunnel, exc.strerror or exc)) from None
-        except CoreError:
+        reply, self.leftover = outcome.reply, outcome.leftover
+        if outcome.keys is not None:
+            from ..protocol.auth import ControlCipher, PoolProver
+
+            AUTHENTICATED_SERVERS.add(server)
+            self.cipher = ControlCipher(outcome.keys.c2s, outcome.keys.s2c)
+            self.prover = PoolProver(outcome.keys.pool)
+            self.vouched = outcome.fingerprint
+        elif server in AUTHENTICATED_SERVERS:
             sock.close()
-            raise
+            log.error("Tunnel handshake with %s: it proved the key before and now answers with Go "
+                      "NodePass's unauthenticated handshake: refused (a downgrade attack?)", tunnel)
+            raise CoreError("tunnel handshake: an unauthenticated answer from a server that "
+                            "authenticated before")
+        elif opts.auth == "1" and server not in WARNED_GO_SERVERS:
+            WARNED_GO_SERVERS.add(server)
+            log.warn("Tunnel server %s speaks only Go NodePass's handshake: no authentication (its reply "
+                     "reveals the key to anyone on the path), control signals and pool connections "
+                     "unauthenticated; auth=2 refuses such servers", tunnel)
         self.control = sock
         self.peer = format_addr(sock.getpeername())
         self.flow, self.tls_code, self.npg = reply.flow, reply.tls, reply.npg
+        if self.cipher is not None:
+            log.info("Tunnel authenticated: %s proved the key", self.peer)
         log.info("Tunnel signal <- : %s <- %s", reply.encode(), self.peer)
         log.info("Tunnel handshaked: %s <-> %s", format_addr(sock.getsockname()), self.peer)
         connector = self._dial_pool
@@ -118,14 +136,14 @@ class DualClientCore(TunnelCore):
     def _start_quic(self, server_max: int) -> Any:
         """Start the QUIC thread and its connections; return the pool connector."""
         from ..pool.quic import QuicConnector, connection_count
+        from ..quic.config import make_configuration
         from ..quic.stream import QuicEngine
-        from ..quic.thread import make_configuration
 
         opts = self.opts
         self.engine = QuicEngine(self.log, opts.report_interval)
         self.engine.on_failure = lambda why: self.fail(CoreError("QUIC: %s" % why))
         self.engine.start()
-        from ..quic.thread import DATAGRAM_SIZE
+        from ..quic.config import DATAGRAM_SIZE
 
         # larger datagrams only towards an npgevent server: quic-go would drop them
         size = opts.quic_datagram_size if self.npg >= 1 else DATAGRAM_SIZE
@@ -133,7 +151,7 @@ class DualClientCore(TunnelCore):
                                     server_name=self.inst.spec.tunnel.host, datagram_size=size)
         self.quic = QuicConnector(self.engine, self.server_ip, self.inst.spec.tunnel.port, config,
                                   connection_count(server_max), opts.tcp_dial_timeout, POOL_ID_TIMEOUT,
-                                  self.log)
+                                  self.log, prover=self.prover, fingerprint=self.vouched)
         self.quic.start()
         return self.quic.connect
 
@@ -159,6 +177,14 @@ class DualClientCore(TunnelCore):
 
                 stream = TLSStream.client(sock, self.ctx, host)
                 stream.handshake(opts.handshake_timeout, verify_name=host if self.tls_code == "2" else "")
+                if self.vouched and stream.peer_fingerprint() != self.vouched:
+                    self.log.limited(ERROR, "cert-mismatch", "Tunnel connection to %s refused: its TLS "
+                                     "certificate %s is not the one the authenticated server vouched for "
+                                     "(%s): a man in the middle?" % (self.inst.spec.tunnel,
+                                                                     stream.peer_fingerprint(), self.vouched))
+                    raise ConnectionError("pool connection: certificate not the one vouched for")
+            if self.prover is not None:
+                stream.sendall(self.prover.proof())
             sock.settimeout(POOL_ID_TIMEOUT)
             cid = read_exact(stream, 4).hex()
             sock.settimeout(None)

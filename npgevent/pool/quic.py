@@ -20,7 +20,8 @@ import gevent
 from gevent.event import Event
 from gevent.pool import Group
 
-from ..log import InstanceLog
+from ..log import ERROR, WARN, InstanceLog
+from ..protocol.auth import POOL_PROOF, PoolProver, PoolVerifier
 from ..quic.stream import QuicEngine, QuicStream
 from .tcp import IdlePool, PoolConn, new_cid, read_exact
 
@@ -36,9 +37,10 @@ class QuicServerPool:
     """Accepts pool streams for a server's :class:`IdlePool`."""
 
     def __init__(self, engine: QuicEngine, pool: IdlePool, max_idle: int, timeout: float,
-                 log: InstanceLog, group: Group) -> None:
+                 log: InstanceLog, group: Group, verifier: PoolVerifier | None = None) -> None:
         self.engine, self.pool, self.max_idle = engine, pool, max_idle
         self.timeout, self.log, self.group = timeout, log, group
+        self.verifier = verifier  # an authenticated tunnel: every stream proves membership
         engine.on_new_stream = self._new_stream
 
     def _new_stream(self, stream: QuicStream) -> None:
@@ -55,6 +57,11 @@ class QuicServerPool:
             hello = read_exact(stream, 1)
             if hello != b"\x00":
                 raise ConnectionError("bad stream hello %r" % hello)
+            if self.verifier is not None and not self.verifier.check(read_exact(stream, POOL_PROOF)):
+                self.log.limited(WARN, "pool-proof", "Tunnel connection: QUIC stream refused: it did not "
+                                 "prove membership of the authenticated tunnel")
+                stream.close()
+                return
             cid = new_cid()
             while cid in self.pool.idle:
                 cid = new_cid()
@@ -71,9 +78,12 @@ class QuicConnector:
     """The client's QUIC connections and the pool connector that opens streams on them."""
 
     def __init__(self, engine: QuicEngine, ip: str, port: int, config: Any, count: int,
-                 dial_timeout: float, id_timeout: float, log: InstanceLog) -> None:
+                 dial_timeout: float, id_timeout: float, log: InstanceLog,
+                 prover: PoolProver | None = None, fingerprint: str = "") -> None:
         self.engine, self.ip, self.port, self.config = engine, ip, port, config
         self.count, self.dial_timeout, self.id_timeout, self.log = count, dial_timeout, id_timeout, log
+        self.prover = prover  # an authenticated tunnel: every stream proves membership
+        self.fingerprint = fingerprint  # ... and every connection shows the vouched certificate
         self.conns: list[int | None] = [None] * count
         self._changed = Event()
         self.group = Group()
@@ -90,6 +100,14 @@ class QuicConnector:
                 conn = self.engine.dial(self.ip, self.port, self.config, self.dial_timeout)
             except (OSError, gevent.Timeout) as exc:
                 self.log.debug("QUIC connection %d: %s", slot, exc)
+                gevent.sleep(REDIAL_DELAY)
+                continue
+            seen = self.engine.fingerprints.get(conn, "")
+            if self.fingerprint and seen != self.fingerprint:
+                self.log.limited(ERROR, "cert-mismatch", "QUIC connection to %s:%d refused: its certificate "
+                                 "%s is not the one the authenticated server vouched for (%s): a man in "
+                                 "the middle?" % (self.ip, self.port, seen or "(none)", self.fingerprint))
+                self.engine.close_conn(conn)
                 gevent.sleep(REDIAL_DELAY)
                 continue
             self.conns[slot] = conn
@@ -125,6 +143,8 @@ class QuicConnector:
         stream = self.engine.open_stream(conn, self.id_timeout)
         stream.settimeout(self.id_timeout)
         try:
+            if self.prover is not None:
+                stream.sendall(self.prover.proof())
             cid = read_exact(stream, 4).hex()
         except BaseException:
             stream.close()

@@ -40,11 +40,7 @@ import hmac
 import os
 import struct
 from dataclasses import dataclass
-
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from typing import Any
 
 from ..errors import RemoteProtocolError
 
@@ -77,7 +73,15 @@ def _unb64(text: bytes, size: int, what: str) -> bytes:
 
 
 def _hkdf(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
+    """HKDF-SHA256 (RFC 5869), with the standard library: ``cryptography`` (some 15 MB) is
+    loaded only by a tunnel that authenticated and needs its AEAD."""
+    prk = hmac.new(salt, ikm, hashlib.sha256).digest()
+    out, block, counter = b"", b"", 1
+    while len(out) < length:
+        block = hmac.new(prk, block + info + bytes([counter]), hashlib.sha256).digest()
+        out += block
+        counter += 1
+    return out[:length]
 
 
 def auth_key(key: bytes) -> bytes:
@@ -176,8 +180,10 @@ class ControlCipher:
     """Control lines sealed with ChaCha20-Poly1305, one sequence number per direction."""
 
     def __init__(self, send_key: bytes, recv_key: bytes) -> None:
-        self._send = ChaCha20Poly1305(send_key)
-        self._recv = ChaCha20Poly1305(recv_key)
+        from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+        self._send: Any = ChaCha20Poly1305(send_key)
+        self._recv: Any = ChaCha20Poly1305(recv_key)
         self._send_seq = 0
         self._recv_seq = 0
 
@@ -193,6 +199,8 @@ class ControlCipher:
     def open_line(self, line: bytes) -> bytes:
         """The message of the next line; RemoteProtocolError if it was forged, replayed,
         reordered or altered (the expected sequence number does not move then)."""
+        from cryptography.exceptions import InvalidTag
+
         try:
             sealed = base64.b64decode(line.strip(), validate=True)
             message = self._recv.decrypt(self._nonce(self._recv_seq), sealed, None)

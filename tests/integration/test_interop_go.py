@@ -89,26 +89,24 @@ def go_tunnel(go_end: str, flow: str, tls: str, certs, target_port: int, key: st
     if client_target:
         client_url = re.sub(r"(client://[^/]*/)[^?]*", lambda m: m.group(1) + client_target, client_url)
     env = {"SSL_CERT_FILE": str(certs["ca"]), "NP_REPORT_INTERVAL": "1s", "NP_SERVICE_COOLDOWN": "1s"}
-    server = start(go_end, "server", server_url, env)
-    client = None
+    t = Tunnel(start(go_end, "server", server_url, env), None, uport, tport,  # type: ignore[arg-type]
+               (server_url, client_url), env, go_end)
     try:
-        server.wait_for(r"Server started")
-        client = start(go_end, "client", client_url, env)
-        t = Tunnel(server, client, uport, tport, (server_url, client_url), env, go_end)
+        t.server.wait_for(r"Server started")
+        t.client = start(go_end, "client", client_url, env)
         try:
             wait_carrying(uport)
         except AssertionError:
             raise AssertionError("the tunnel never carried a session\n" + t.logs()) from None
         yield t
     finally:
-        for proc in (client, server):
-            if proc is not None:
-                proc.signal(signal.SIGTERM)
-        for proc in (client, server):
-            if proc is not None:
-                with contextlib.suppress(AssertionError):
-                    proc.wait(10)
-                proc.close()
+        procs = [p for p in (t.client, t.server) if p is not None]  # a test may have replaced them
+        for proc in procs:
+            proc.signal(signal.SIGTERM)
+        for proc in procs:
+            with contextlib.suppress(AssertionError):
+                proc.wait(10)
+            proc.close()
 
 
 # -- traffic ------------------------------------------------------------------------------
@@ -461,4 +459,36 @@ def test_user_sessions_across_the_tls_verify_signal(go_end, certs):
             lost = sum(1 for missing in results if missing)
             assert lost == 0, "%d of %d sessions lost\n%s" % (lost, len(results), t.logs())
     finally:
+        echo.close()
+
+
+@pytest.mark.parametrize("go_end", GO_ENDS)
+def test_auth2_refuses_a_go_peer_clearly_on_both_sides(go_end, certs):
+    """npgevent with auth=2 and a Go peer: no tunnel, a clear line on each side, and the key
+    never crosses the wire in a Go-style reply."""
+    echo = EchoPair()
+    tport, uport = free_port(), free_port()
+    server_url, client_url = tunnel_urls("rev", "0", tport, uport, echo.port, key="secret",
+                                         extra_server="&log=debug" + ("&auth=2" if go_end == "go-client" else ""),
+                                         extra_client="&log=debug" + ("&auth=2" if go_end == "go-server" else ""))
+    env = {"NP_REPORT_INTERVAL": "1s", "NP_SERVICE_COOLDOWN": "1s"}
+    server = start(go_end, "server", server_url, env)
+    client = None
+    try:
+        server.wait_for(r"Server started")
+        client = start(go_end, "client", client_url, env)
+        if go_end == "go-server":
+            client.wait_for(r"ERROR  Tunnel handshake with .* refused \(auth=2\)")
+            server.wait_for(r"access denied")
+        else:
+            server.wait_for(r"ERROR  tunnelHandshake: refused: the client speaks only Go NodePass's handshake")
+            client.wait_for(r"ERROR  Client error: .*(EOF|handshake|closed|reset)")
+        assert server.count(r"Tunnel handshaked") == 0 and client.count(r"Tunnel handshaked") == 0
+    finally:
+        for proc in (client, server):
+            if proc is not None:
+                proc.signal(signal.SIGTERM)
+                with contextlib.suppress(AssertionError):
+                    proc.wait(10)
+                proc.close()
         echo.close()

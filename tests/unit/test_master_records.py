@@ -104,3 +104,8 @@ def test_sse_frame_and_time():
     f = frame("update", {"id": "x"}, "")
     assert f.startswith(b"event: instance\ndata: {\"type\":\"update\",\"time\":\"") and f.endswith(b"\"logs\":\"\"}\n\n")
     assert f.count(b"\n") == 3
+
+
+def test_the_master_passes_auth_through_to_its_instances():
+    for url in ("server://k@:10101/:8080?auth=2", "client://k@h:10101/x:80?auth=0&log=debug"):
+        assert "auth=" + url.split("auth=")[1][0] in enhance_url(url, M)
