@@ -52,7 +52,7 @@ def build_parser() -> configargparse.ArgumentParser:
         default_config_files=list(DEFAULT_CONFIG_FILES),
         args_for_setting_config_path=["-c", "--config"],
         config_arg_help_message="config file path (key = value lines; keys are the long option names)",
-        formatter_class=configargparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=configargparse.HelpFormatter,  # defaults are in each help text, once
     )
     parser.add_argument("url_arg", nargs="?", metavar="URL",
                         help="the NodePass URL (server://, client:// or master://)")

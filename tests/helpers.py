@@ -188,6 +188,29 @@ def recv_all(sock: socket.socket, limit: int | None = None) -> bytes:
     return b"".join(chunks)
 
 
+def exchange(sock: socket.socket, payload: bytes, timeout: float = 15.0) -> bytes:
+    """Send *payload* on an open connection and read back as many bytes (or fewer at EOF).
+    No half-close: Go NodePass closes both directions when one ends."""
+    sock.settimeout(timeout)
+    sock.sendall(payload)
+    got = b""
+    while len(got) < len(payload):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def echo_exact(port: int, payload: bytes, timeout: float = 10.0) -> bytes:
+    """:func:`exchange` on a new connection to *port*, closed afterwards."""
+    sock = connect(port, timeout=timeout)
+    try:
+        return exchange(sock, payload, timeout)
+    finally:
+        sock.close()
+
+
 def echo_roundtrip(port: int, payload: bytes, host: str = "127.0.0.1") -> bytes:
     """Send *payload*, half-close, read everything back."""
     sock = connect_retry(port, host)

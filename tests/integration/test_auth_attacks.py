@@ -18,7 +18,7 @@ from gevent.event import Event
 from gevent.server import StreamServer
 from helpers import (
     EchoPair,
-    connect,
+    echo_exact,
     free_port,
     in_process,
     make_ca_and_cert,
@@ -36,25 +36,10 @@ pytestmark = pytest.mark.timeout(120)
 KEY = "s3cret-key-of-twenty"
 
 
-def echo_once(port: int, payload: bytes, timeout: float = 10.0) -> bytes:
-    sock = connect(port, timeout=timeout)
-    try:
-        sock.sendall(payload)
-        got = b""
-        while len(got) < len(payload):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            got += chunk
-        return got
-    finally:
-        sock.close()
-
-
 def carries(port: int, n: int = 5) -> None:
     for i in range(n):
         payload = b"user session %d " % i + os.urandom(8).hex().encode()
-        assert echo_once(port, payload) == payload
+        assert echo_exact(port, payload) == payload
 
 
 @contextlib.contextmanager
@@ -324,7 +309,7 @@ def test_a_thousand_pool_connections_from_the_clients_ip_get_nothing(tls):
                     got_ids += 1
 
         jobs = [gevent.spawn(one, i) for i in range(1000)]
-        users = [gevent.spawn(echo_once, uport, b"user %03d" % i + os.urandom(4).hex().encode())
+        users = [gevent.spawn(echo_exact, uport, b"user %03d" % i + os.urandom(4).hex().encode())
                  for i in range(150)]
         gevent.joinall(jobs + users, timeout=90)
         for sock in rogue:
@@ -396,7 +381,7 @@ def test_a_man_in_the_middle_on_tls1_with_its_own_certificate_gets_no_data(tmp_p
                                timeout=15)
             secret = b"SECRET-USER-DATA password=hunter2"
             with contextlib.suppress(OSError):
-                echo_once(uport, secret, timeout=3)
+                echo_exact(uport, secret, timeout=3)
             gevent.sleep(0.5)
             assert secret not in mitm.seen
             assert c.core.pool.active == 0  # nothing the MITM served entered the pool

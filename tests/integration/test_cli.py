@@ -82,6 +82,7 @@ def test_help_lists_every_option_with_default_and_env():
         assert s.env in flat, s.env
         assert ("default %s" % (s.fmt(s.default) or "''")) in flat, s.name
     assert "-c CONFIG" in flat or "--config" in flat
+    assert "(default:" not in flat  # each default once, from the settings table (not the formatter)
 
 
 def test_version():

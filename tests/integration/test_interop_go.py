@@ -33,6 +33,7 @@ from helpers import (
     EchoPair,
     NpProcess,
     connect,
+    echo_exact,
     free_port,
     make_ca_and_cert,
     sha_transfer,
@@ -112,27 +113,11 @@ def go_tunnel(go_end: str, flow: str, tls: str, certs, target_port: int, key: st
 # -- traffic ------------------------------------------------------------------------------
 
 
-def tcp_echo(port: int, payload: bytes, timeout: float = 10.0) -> bytes:
-    """Send *payload* and read back as many bytes (no half-close: see the module docstring)."""
-    sock = connect(port, timeout=timeout)
-    try:
-        sock.sendall(payload)
-        got = b""
-        while len(got) < len(payload):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            got += chunk
-        return got
-    finally:
-        sock.close()
-
-
 def wait_carrying(port: int, deadline: float = 20.0) -> None:
     end = time.monotonic() + deadline
     while time.monotonic() < end:
         try:
-            if tcp_echo(port, b"ready?", timeout=3) == b"ready?":
+            if echo_exact(port, b"ready?", timeout=3) == b"ready?":
                 return
         except OSError:
             pass
@@ -146,7 +131,7 @@ def exercise_tcp(port: int) -> None:
 
     def one(i: int) -> None:
         payload = (b"session-%03d|" % i) * 300
-        assert tcp_echo(port, payload, timeout=30) == payload
+        assert echo_exact(port, payload, timeout=30) == payload
 
     jobs = [gevent.spawn(one, i) for i in range(50)]
     gevent.joinall(jobs, timeout=60, raise_error=True)
@@ -222,7 +207,7 @@ def test_default_key(go_end, certs):
     echo = EchoPair()
     try:
         with go_tunnel(go_end, "rev", "0", certs, echo.port, key="") as t:
-            assert tcp_echo(t.user_port, b"default key") == b"default key"
+            assert echo_exact(t.user_port, b"default key") == b"default key"
             assert udp_echo_each(t.user_port, [b"one", b"two"]) == []
     finally:
         echo.close()
@@ -287,7 +272,7 @@ def test_target_failover(go_end, certs):
         with go_tunnel(go_end, "rev", "0", certs, echo.port,
                        client_target="127.0.0.1:%d,127.0.0.1:%d" % (dead, echo.port)) as t:
             for i in range(6):
-                assert tcp_echo(t.user_port, b"failover %d" % i) == b"failover %d" % i
+                assert echo_exact(t.user_port, b"failover %d" % i) == b"failover %d" % i
             assert udp_echo_each(t.user_port, [b"udp failover"]) == []
     finally:
         echo.close()

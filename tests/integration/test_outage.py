@@ -16,7 +16,7 @@ import pytest
 from gevent import socket
 from gevent.event import Event
 from gevent.server import StreamServer
-from helpers import EchoPair, connect, free_port, in_process, wait_pool
+from helpers import EchoPair, connect, exchange, free_port, in_process, wait_pool
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -71,18 +71,6 @@ class FreezableProxy:
             s.close()
 
 
-def roundtrip(sock: socket.socket, payload: bytes, timeout: float = 15.0) -> bytes:
-    sock.settimeout(timeout)
-    sock.sendall(payload)
-    got = b""
-    while len(got) < len(payload):
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        got += chunk
-    return got
-
-
 def test_a_long_session_survives_an_outage_that_rebuilds_the_tunnel():
     echo = EchoPair()
     tport, uport = free_port(), free_port()
@@ -94,7 +82,7 @@ def test_a_long_session_survives_an_outage_that_rebuilds_the_tunnel():
             wait_pool(lambda: s.core.pool.active, 4)
             user = connect(uport)
             try:
-                assert roundtrip(user, b"before the outage") == b"before the outage"
+                assert exchange(user, b"before the outage") == b"before the outage"
                 proxy.freeze()
                 s.capture.wait_for(r"ERROR  Server error: control connection silent", timeout=10)
                 c.capture.wait_for(r"ERROR  Client error: control connection silent", timeout=10)
@@ -104,7 +92,7 @@ def test_a_long_session_survives_an_outage_that_rebuilds_the_tunnel():
                 # the tunnel is rebuilt ...
                 c.capture.wait_for(r"INFO  Tunnel handshaked", timeout=15)
                 # ... and the session that was open all along carries on
-                assert roundtrip(user, b"after the outage") == b"after the outage"
+                assert exchange(user, b"after the outage") == b"after the outage"
                 assert time.monotonic() - began < 10
                 assert s.capture.count(r"live sessions carry on across the restart") >= 1
                 assert s.core.inst.slots.tcp == 1  # still counted against slot=
@@ -112,7 +100,7 @@ def test_a_long_session_survives_an_outage_that_rebuilds_the_tunnel():
                 wait_pool(lambda: s.core.pool.active, 1)
                 fresh = connect(uport)
                 try:
-                    assert roundtrip(fresh, b"new session") == b"new session"
+                    assert exchange(fresh, b"new session") == b"new session"
                 finally:
                     fresh.close()
             finally:
