@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         sys.stderr.write("npgevent: error: %s\n" % exc)
         return EXIT_USAGE
-    logmod.setup()
+    logmod.setup(fmt=options.log_format, instance="%s://%s" % (spec.scheme, spec.tunnel))
     ilog = logmod.InstanceLog(options.log)
     raise_fd_limit(ilog)
     ilog.debug("Init log level: %s", options.log.upper())

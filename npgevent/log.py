@@ -12,8 +12,10 @@ tests do that) keep their levels apart.  The master parses its children's
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import sys
 import time
 from typing import IO, Any
@@ -52,8 +54,40 @@ class NodePassFormatter(logging.Formatter):
         return "%s.%03d  %s  %s" % (stamp, millis, name, msg)
 
 
-def setup(stream: IO[str] | None = None, colour: bool | None = None) -> logging.Handler:
-    """Send npgevent's records to *stream* (stdout) in NodePass's format."""
+class JsonFormatter(logging.Formatter):
+    """``log-format=json``: one JSON object per line for a log collector: ``time`` (RFC 3339,
+    milliseconds), ``level``, ``message``, ``instance``, and for a ``CHECK_POINT`` line its
+    fields as numbers (``mode``, ``ping_ms``, ``pool``, ``tcps``, ``udps``, ``tcprx``,
+    ``tcptx``, ``udprx``, ``udptx``)."""
+
+    def __init__(self, instance: str = "") -> None:
+        super().__init__()
+        self.instance = instance
+
+    def format(self, record: logging.LogRecord) -> str:
+        ct = record.created
+        local = time.localtime(ct)
+        offset = time.strftime("%z", local)
+        zone = "Z" if offset in ("", "+0000") else offset[:3] + ":" + offset[3:]
+        msg = record.getMessage()
+        out: dict[str, Any] = {
+            "time": "%s.%03d%s" % (time.strftime("%Y-%m-%dT%H:%M:%S", local), int((ct % 1) * 1000), zone),
+            "level": _NAMES.get(record.levelno) or record.levelname,
+            "message": msg,
+            "instance": self.instance,
+        }
+        m = CHECKPOINT_RE.search(msg)
+        if m:
+            out.update(zip(CHECKPOINT_FIELDS, (int(v) for v in m.groups()), strict=True))
+        if record.exc_info:
+            out["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def setup(stream: IO[str] | None = None, colour: bool | None = None, fmt: str = "text",
+          instance: str = "") -> logging.Handler:
+    """Send npgevent's records to *stream* (stdout): NodePass's format, or with
+    ``fmt="json"`` :class:`JsonFormatter`'s."""
     out = stream if stream is not None else sys.stdout
     if colour is None:
         try:
@@ -71,7 +105,7 @@ def setup(stream: IO[str] | None = None, colour: bool | None = None) -> logging.
         if getattr(old, "_npgevent", False):
             logger.removeHandler(old)
     handler = logging.StreamHandler(out)
-    handler.setFormatter(NodePassFormatter(colour))
+    handler.setFormatter(JsonFormatter(instance) if fmt == "json" else NodePassFormatter(colour))
     handler._npgevent = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
     logger.setLevel(DEBUG)
@@ -160,6 +194,12 @@ class InstanceLog:
     def event(self, msg: str, *args: Any) -> None:
         if self.level <= EVENT:
             self.log(EVENT, msg, *args)
+
+
+CHECKPOINT_RE = re.compile(
+    r"CHECK_POINT\|MODE=(\d+)\|PING=(\d+)ms\|POOL=(\d+)\|TCPS=(\d+)\|UDPS=(\d+)\|"
+    r"TCPRX=(\d+)\|TCPTX=(\d+)\|UDPRX=(\d+)\|UDPTX=(\d+)")
+CHECKPOINT_FIELDS = ("mode", "ping_ms", "pool", "tcps", "udps", "tcprx", "tcptx", "udprx", "udptx")
 
 
 def checkpoint_line(mode: int, ping_ms: int, pool: int, tcps: int, udps: int,

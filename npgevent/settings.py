@@ -192,6 +192,9 @@ class Options:
 
     # -- NodePass URL query parameters (protocol.md section 1) ---------------
     log: str = opt("log", "info", _choice(*LOG_LEVELS), "minimum log level shown", query=True, roles=_ALL)
+    log_format: str = opt("log_format", "text", _choice("text", "json"),
+                          "log line format: text (NodePass's, which panels parse) or json (one object "
+                          "per line, for a log collector)", roles=_ALL, go=False)
     tls: str = opt("tls", "0", _choice("0", "1", "2"),
                    "TLS code: 0 plain, 1 self-signed in-memory cert, 2 crt/key files",
                    query=True, roles=_SRV_MASTER)

@@ -10,9 +10,10 @@ The dual-end client dials the tunnel address and runs the handshake that
 ends prove the key, and the control lines, pool connections and the server's
 certificate are bound to the session; with a Go server (auth below 2) Go's
 handshake.  It applies what the server dictates in its reply: flow, TLS code,
-QUIC, ``max`` and the extension level.  It then keeps a pool of idle connections to the server (adaptive
-capacity from ``min`` to the server's ``max``), and in forward flow (``+``)
-listens on its first target address for users.
+QUIC, ``max`` and the extension level.  It then keeps a pool of idle
+connections to the server (adaptive capacity from ``min`` to the server's
+``max``), and in forward flow (``+``) listens on its first target address for
+users.
 """
 
 from __future__ import annotations

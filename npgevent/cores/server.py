@@ -38,7 +38,7 @@ from ..net import handshake
 from ..net.handshake import HandshakeError
 from ..net.sockopt import ListenError, format_addr, listen_tcp, listen_udp, unmap
 from ..pool.tcp import IdlePool, PoolConn, new_cid, read_exact
-from ..protocol.auth import POOL_PROOF, PoolVerifier
+from ..protocol.auth import POOL_PROOF, ControlCipher, PoolVerifier
 from ..protocol.handshake import Reply
 from .common import Instance
 from .tunnel import KeepingStreamServer, TunnelCore
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 HANDSHAKES_PER_IP = 8  # handshake attempts open at once from one address
 HANDSHAKES = 64  # ... and in all
+WARNED_GO_CLIENTS: set[str] = set()  # Go clients (by IP) already warned about in this process
 
 
 def server_tls(inst: Instance) -> ServerTLS | None:
@@ -250,12 +251,11 @@ class ServerCore(TunnelCore):
         self.control, self.peer, self.peer_ip = sock, peer, unmap(addr[0])
         self.leftover, self.npg = outcome.leftover, outcome.reply.npg
         if outcome.keys is not None:
-            from ..protocol.auth import ControlCipher, PoolVerifier
-
             self.cipher = ControlCipher(outcome.keys.s2c, outcome.keys.c2s)
             self.pool_verifier = PoolVerifier(outcome.keys.pool)
             log.info("Tunnel authenticated: %s proved the key", peer)
-        elif self.opts.auth == "1":
+        elif self.opts.auth == "1" and self.peer_ip not in WARNED_GO_CLIENTS:
+            WARNED_GO_CLIENTS.add(self.peer_ip)  # one WARN per peer, not one per reconnect
             log.warn("Tunnel peer %s speaks only Go NodePass's handshake: no authentication (anyone "
                      "who knows the key length could have taken this slot), control signals and pool "
                      "connections unauthenticated; auth=2 refuses such peers", peer)

@@ -30,9 +30,9 @@ import gevent
 from gevent import subprocess
 from gevent.lock import RLock
 
-from ..log import InstanceLog
+from ..log import CHECKPOINT_RE, InstanceLog
 from .events import EventHub
-from .records import CHECKPOINT_RE, KEY_ID, MasterTLS, Record, config_url, enhance_url, split_url
+from .records import KEY_ID, MasterTLS, Record, config_url, enhance_url, split_url
 from .store import StateStore
 
 _PR_SET_PDEATHSIG = 1
@@ -76,6 +76,7 @@ class Instances:
         self._save_timer: gevent.Greenlet | None = None
         self.child_env = dict(os.environ)
         self.child_env["FORCE_COLOR"] = "1"  # NodePass children always colour their lines
+        self.child_env["NP_LOG_FORMAT"] = "text"  # the master parses its children's lines
         pkg_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         self.child_env["PYTHONPATH"] = os.pathsep.join(
             p for p in (pkg_parent, self.child_env.get("PYTHONPATH", "")) if p)

@@ -28,10 +28,6 @@ KEY_ID = "********"
 MAX_VALUE_LEN = 256
 COUNTERS = ("tcprx", "tcptx", "udprx", "udptx")
 
-CHECKPOINT_RE = re.compile(
-    r"CHECK_POINT\|MODE=(\d+)\|PING=(\d+)ms\|POOL=(\d+)\|TCPS=(\d+)\|UDPS=(\d+)\|"
-    r"TCPRX=(\d+)\|TCPTX=(\d+)\|UDPRX=(\d+)\|UDPTX=(\d+)")
-
 DEFAULTS = (("dns", "1.1.1.1,8.8.8.8"), ("mode", "0"), ("quic", "0"), ("dial", "auto"), ("read", "0s"),
             ("rate", "0"), ("slot", "65536"), ("proxy", "0"), ("notcp", "0"), ("noudp", "0"))
 

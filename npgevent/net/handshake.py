@@ -59,7 +59,6 @@ class Outcome:
     keys: SessionKeys | None  # set when both ends authenticated
     fingerprint: str  # the TLS certificate the server vouched for ('' if none / not authenticated)
     leftover: bytes  # bytes read past the last handshake line
-    go_peer: bool  # the peer spoke Go's handshake only
 
 
 class LineReader:
@@ -110,7 +109,7 @@ def serve(sock: Any, key: bytes, auth: str, make_reply: Callable[[int], Reply], 
         if not claim(reply):
             raise HandshakeError("control slot already taken")
         sock.sendall(state.finish("%s %s" % (reply.encode(), fingerprint or "-")))
-        return Outcome(reply, state.keys, fingerprint, reader.buf, False)
+        return Outcome(reply, state.keys, fingerprint, reader.buf)
     hello = check_hello(first, key)
     if not hello.key_ok:
         raise HandshakeError("access denied")
@@ -121,7 +120,7 @@ def serve(sock: Any, key: bytes, auth: str, make_reply: Callable[[int], Reply], 
     if not claim(reply):
         raise HandshakeError("control slot already taken")
     sock.sendall(server_reply(reply, key))
-    return Outcome(reply, None, "", reader.buf, True)
+    return Outcome(reply, None, "", reader.buf)
 
 
 # -- client ----------------------------------------------------------------------------------
@@ -150,7 +149,7 @@ def dial(sock: Any, key: bytes, auth: str) -> Outcome:
             reply = parse_reply(url)
         except RemoteProtocolError as exc:
             raise HandshakeError(str(exc)) from None
-        return Outcome(reply, state.keys, "" if fp in ("", "-") else fp, reader.buf, False)
+        return Outcome(reply, state.keys, "" if fp in ("", "-") else fp, reader.buf)
     if auth == "2":
         raise HandshakeError("the server answered with Go NodePass's handshake, which proves nothing; "
                              "auth=2 accepts only a server that proves the key", True)
@@ -158,4 +157,4 @@ def dial(sock: Any, key: bytes, auth: str) -> Outcome:
         reply = read_reply(first, key)
     except RemoteProtocolError as exc:
         raise HandshakeError(str(exc)) from None
-    return Outcome(reply, None, "", reader.buf, True)
+    return Outcome(reply, None, "", reader.buf)

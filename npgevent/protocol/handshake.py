@@ -88,15 +88,15 @@ def parse_reply(text: str) -> Reply:
     flow = parts.path.lstrip("/")
     if parts.scheme != "np" or not netloc_host or not flow or not parts.fragment:
         raise RemoteProtocolError("unusable tunnel reply %r (wrong tunnel key?)" % text[:64])
-    if not netloc_host.isdigit():
-        raise RemoteProtocolError("parse max pool capacity failed: %r" % netloc_host)
+    if not (netloc_host.isascii() and netloc_host.isdigit() and len(netloc_host) <= 9):
+        raise RemoteProtocolError("parse max pool capacity failed: %r" % netloc_host[:20])
     if flow not in ("-", "+"):
         raise RemoteProtocolError("unknown data flow %r in tunnel reply" % flow)
     if parts.fragment not in ("0", "1", "2"):
         raise RemoteProtocolError("unknown TLS code %r in tunnel reply" % parts.fragment)
     npg = 0
     values = parse_qs(parts.query).get("npg")
-    if values and values[0].isdigit():
+    if values and values[0].isascii() and values[0].isdigit() and len(values[0]) <= 9:
         npg = min(int(values[0]), EXTENSION_LEVEL)
     del host
     return Reply(quic=user == "1", max=int(netloc_host), flow=flow, tls=parts.fragment, npg=npg)

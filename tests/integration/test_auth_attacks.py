@@ -498,3 +498,24 @@ def test_auth2_client_refuses_a_go_style_server_clearly():
             assert s.core.control is None
     finally:
         echo.close()
+
+
+def test_a_client_that_saw_its_server_authenticate_refuses_a_downgrade():
+    """The same address answers Go's way after having proved the key (a man in the middle
+    stripping authentication, say): refused with an ERROR, never silently accepted."""
+    echo = EchoPair()
+    tport, uport = free_port(), free_port()
+    server_url, client_url = tunnel_urls("rev", "0", tport, uport, echo.port, key=KEY,
+                                         extra_server="&auth=1", extra_client="&auth=1")
+    try:
+        with in_process(client_url, wait_running=False) as c:
+            with in_process(server_url) as s:
+                wait_pool(lambda: s.core.pool.active, 1)
+                assert c.core.cipher is not None
+            with in_process(server_url.replace("auth=1", "auth=0")) as go_style:
+                c.capture.wait_for(r"ERROR  Tunnel handshake with .* proved the key before and now answers "
+                                   r"with Go NodePass's unauthenticated handshake: refused", timeout=15)
+                assert go_style.core.cipher is None
+                assert c.capture.count(r"Tunnel signal <- :") == 1  # only the authenticated one
+    finally:
+        echo.close()

@@ -32,15 +32,22 @@ SLOW = settings(max_examples=100_000, deadline=None, suppress_health_check=list(
 LIMIT = 0.05  # seconds per input
 
 
-def quick(fn: Callable[[], Any], allowed: tuple[type[BaseException], ...]) -> Any:
-    began = time.perf_counter()
+def _timed(fn: Callable[[], Any], allowed: tuple[type[BaseException], ...]) -> tuple[Any, float]:
+    began = time.thread_time()  # CPU time of this thread: preemption by other processes does not count
     try:
-        return fn()
+        return fn(), time.thread_time() - began
     except allowed:
-        return None
-    finally:
-        took = time.perf_counter() - began
-        assert took < LIMIT, "one input took %.3fs" % took
+        return None, time.thread_time() - began
+
+
+def quick(fn: Callable[[], Any], allowed: tuple[type[BaseException], ...]) -> Any:
+    """*fn()* (None if it raised one of *allowed*), which must take under LIMIT: an input over
+    it is run again, since a slow input is slow every time and a pause (GC) happens once."""
+    value, took = _timed(fn, allowed)
+    if took >= LIMIT:
+        value, took = _timed(fn, allowed)
+        assert took < LIMIT, "one input took %.3fs of CPU, twice" % took
+    return value
 
 
 URL_ALPHABET = st.sampled_from([*"0123456789:/@?&=.,[]%-_ abcxyzAZ", "\u00b2", "\u0663", "\ud800", "\u00b5"])

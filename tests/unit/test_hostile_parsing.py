@@ -79,3 +79,12 @@ def test_throttle_collapses_repeats_and_reports_the_count():
     assert t.admit("k", now=5.1) == 3
     assert t.suffix(3) == " (3 more in the last 5 s)"
     assert t.admit("other", now=5.2) == 0  # kinds are independent
+
+
+@pytest.mark.parametrize("text", ["np://0@\u00b2/-#0", "np://0@" + "9" * 5000 + "/-#0", "np://0@\u0661\u0660/-#0"])
+def test_handshake_reply_numbers_take_ascii_digits_only(text):
+    from npgevent.errors import RemoteProtocolError
+    from npgevent.protocol.handshake import parse_reply
+
+    with pytest.raises(RemoteProtocolError, match="max pool capacity"):
+        timed(parse_reply, text)

@@ -6,9 +6,9 @@ import re
 
 import pytest
 
+from npgevent.log import CHECKPOINT_RE
 from npgevent.master.events import frame, rfc3339nano
 from npgevent.master.records import (
-    CHECKPOINT_RE,
     MasterTLS,
     Record,
     URLFormatError,
