@@ -36,6 +36,17 @@ pytestmark = pytest.mark.timeout(120)
 KEY = "s3cret-key-of-twenty"
 
 
+def heals(port: int, within: float) -> None:
+    """The tunnel carries sessions again within *within* seconds (after a restart)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, AssertionError):
+            carries(port, 1)
+            break
+        gevent.sleep(0.2)
+    carries(port)
+
+
 def carries(port: int, n: int = 5) -> None:
     for i in range(n):
         payload = b"user session %d " % i + os.urandom(8).hex().encode()
@@ -125,13 +136,7 @@ def test_wrong_key_hammering_at_start_and_across_a_restart():
                 carries(uport)
                 s.core.fail(CoreError("test: control channel lost"))  # a restart, under attack
                 s.capture.wait_for(r"Server restart", timeout=10)
-                deadline = time.monotonic() + 15
-                while time.monotonic() < deadline:
-                    with contextlib.suppress(OSError, AssertionError):
-                        carries(uport, 1)
-                        break
-                    gevent.sleep(0.2)
-                carries(uport)
+                heals(uport, within=15)
                 assert s.core.cipher is not None and c.core.cipher is not None
             stop.set()
             assert attacker.get(timeout=10) > 10
@@ -176,13 +181,7 @@ def test_a_recorded_handshake_reveals_no_key_and_cannot_be_replayed():
             finally:
                 sock.close()
             s.capture.wait_for(r"access denied: the client did not prove the key")
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                with contextlib.suppress(OSError, AssertionError):
-                    carries(uport, 1)
-                    break
-                gevent.sleep(0.3)
-            carries(uport)
+            heals(uport, within=20)
             assert c.core.cipher is not None
     finally:
         tap.close()
@@ -266,13 +265,7 @@ def test_forged_replayed_and_reordered_signals_fail():
                 mitm.inject_to_server(line)
             s.capture.wait_for(r"control channel: 3 lines failed authentication: torn down", timeout=10)
             # the tunnel rebuilds itself and carries sessions again
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                with contextlib.suppress(OSError, AssertionError):
-                    carries(uport, 1)
-                    break
-                gevent.sleep(0.3)
-            carries(uport)
+            heals(uport, within=20)
             assert not any(b"6.6.6.6" in line for line in echo.tcp.first_lines)
     finally:
         mitm.close()
