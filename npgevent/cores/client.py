@@ -30,6 +30,7 @@ from ..net.handshake import HandshakeError
 from ..net.sockopt import ListenError, format_addr, listen_tcp, tune_tcp
 from ..pool.base import Adaptive
 from ..pool.tcp import ClientPool, PoolConn, read_exact
+from ..protocol.auth import ControlCipher, PoolProver
 from .common import Core, Instance
 from .forward import ForwardCore
 from .tunnel import TunnelCore
@@ -96,8 +97,6 @@ class DualClientCore(TunnelCore):
             raise CoreError("tunnel %s: %s" % (tunnel, exc.strerror or exc)) from None
         reply, self.leftover = outcome.reply, outcome.leftover
         if outcome.keys is not None:
-            from ..protocol.auth import ControlCipher, PoolProver
-
             AUTHENTICATED_SERVERS.add(server)
             self.cipher = ControlCipher(outcome.keys.c2s, outcome.keys.s2c)
             self.prover = PoolProver(outcome.keys.pool)

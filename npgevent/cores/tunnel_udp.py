@@ -175,8 +175,7 @@ class TunnelUdpSession(UdpSession):
             return None
         if self.unanswered is not None:  # answered: nothing to replay any more
             self.unanswered = None
-            if self.conn is not None and self.core.awaiting.get(self.conn.cid) is self:
-                del self.core.awaiting[self.conn.cid]
+            self._unlist()
         self.core.inst.traffic.bytes[UDP_TX] += len(datagram)
         return datagram
 
@@ -206,8 +205,12 @@ class TunnelUdpSession(UdpSession):
         for data in self.unanswered or ():
             self._write(data)
 
+    def _unlist(self) -> None:
+        """Off ``core.awaiting`` (if this session is still listed under its connection)."""
+        if self.conn is not None and self.core.awaiting.get(self.conn.cid) is self:
+            del self.core.awaiting[self.conn.cid]
+
     def close_far(self) -> None:
         if self.conn is not None:
-            if self.core.awaiting.get(self.conn.cid) is self:
-                del self.core.awaiting[self.conn.cid]
+            self._unlist()
             self.conn.close()

@@ -140,14 +140,12 @@ class Master:
     def _load_key(self) -> None:
         insts = self.instances
         key = insts.key
-        if key is not None and not key.url:  # never run without a key: make a new one, say so
-            self.log.warn("API Key record in the state has no key: a new key is created")
+        if key is None or not key.url:  # never run without a key: make one
+            if key is None:
+                key = insts.key = Record(id=KEY_ID, config=os.urandom(8).hex())
+            else:
+                self.log.warn("API Key record in the state has no key: a new key is created")
             key.url = os.urandom(16).hex()
-            insts.save_now()
-            self.log.info("API Key created: %s", key.url)
-            return
-        if key is None:
-            key = insts.key = Record(id=KEY_ID, url=os.urandom(16).hex(), config=os.urandom(8).hex())
             insts.save_now()
             self.log.info("API Key created: %s", key.url)
             return

@@ -109,7 +109,7 @@ class Record:
         for k in COUNTERS:
             raw = saved.get(k)
             if isinstance(raw, list) and len(raw) == 4:
-                rec.counters[k] = Counter(*(_count({"v": x}, "v") for x in raw))
+                rec.counters[k] = Counter(*(_as_count(x, "counters." + k) for x in raw))
             else:
                 rec.counters[k] = Counter(value=_count(data, k))
         return rec
@@ -170,9 +170,12 @@ def _flag(obj: dict[str, Any], key: str) -> bool:
 
 
 def _count(obj: dict[str, Any], key: str) -> int:
-    value = obj.get(key, 0)
+    return _as_count(obj.get(key, 0), key)
+
+
+def _as_count(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < (1 << 64):
-        raise ValueError("%s is not a count" % key)
+        raise ValueError("%s is not a count" % what)
     return value
 
 

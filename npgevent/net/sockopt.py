@@ -17,6 +17,9 @@ from gevent import socket
 from ..url import HostPort
 
 UDP_BUFFER = 4 * 1024 * 1024
+#: a UDP listener's receive buffer: a burst from many new sources waits here while their sessions
+#: open (a limit, not an allocation: the kernel charges only what is queued)
+LISTEN_UDP_BUFFER = 16 * 1024 * 1024
 _SO_RCVBUFFORCE = getattr(_stdsocket, "SO_RCVBUFFORCE", 33)
 _SO_SNDBUFFORCE = getattr(_stdsocket, "SO_SNDBUFFORCE", 32)
 
@@ -99,7 +102,7 @@ def _open(hp: HostPort, kind: int, resolve_ip: str | None) -> socket.socket:
             tune_tcp(sock)
             sock.listen(socket.SOMAXCONN)
         else:
-            tune_udp(sock)
+            tune_udp(sock, LISTEN_UDP_BUFFER)
     except OSError as exc:
         sock.close()
         reason = exc.strerror or str(exc)

@@ -29,6 +29,8 @@ from aioquic.asyncio.server import QuicServer
 from aioquic.buffer import Buffer
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
+from ..net.sockopt import unmap
+
 if TYPE_CHECKING:
     from .thread import QuicThread
 
@@ -36,11 +38,6 @@ if TYPE_CHECKING:
 MAX_HANDSHAKING = 64
 MAX_HANDSHAKING_PER_IP = 16
 _SMALLEST_INITIAL = 1200  # RFC 9000: a client's Initial datagram is padded to at least this
-
-
-def plain_ip(addr: Any) -> str:
-    ip = str(addr[0])
-    return ip[7:] if ip.startswith("::ffff:") else ip
 
 
 class AdmittingServer(QuicServer):
@@ -52,7 +49,7 @@ class AdmittingServer(QuicServer):
 
     def datagram_received(self, data: Any, addr: Any) -> None:
         owner = self.owner
-        ip = plain_ip(addr)
+        ip = unmap(str(addr[0]))  # as the server core wrote the admitted address
         allowed = owner.allowed_ip
         if allowed is not None and ip != allowed:
             owner.drop("foreign", "QUIC datagram from %s dropped: not the tunnel client" % ip)

@@ -36,7 +36,8 @@ from aioquic.quic.connection import QuicConnection
 from gevent import monkey
 
 from ..log import Throttle
-from .admission import AdmittingServer, plain_ip
+from ..net.sockopt import unmap
+from .admission import AdmittingServer
 from .bridge import Bridge
 from .connection import CREDIT_STEP, WindowedConnection
 from .loop import NativeLoop, tune
@@ -76,7 +77,7 @@ class NpProtocol(QuicConnectionProtocol):
             super().datagram_received(data, addr)
         except Exception as exc:
             self.owner.drop("error", "QUIC datagram from %s dropped: %s: %s"
-                            % (plain_ip(addr), type(exc).__name__, exc))
+                            % (unmap(str(addr[0])), type(exc).__name__, exc))
 
     def transmit(self) -> None:
         super().transmit()

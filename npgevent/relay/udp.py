@@ -24,16 +24,14 @@ import gevent
 from gevent import socket
 from gevent.server import DatagramServer
 
-from ..log import ERROR, InstanceLog
+from ..log import DEBUG, ERROR, InstanceLog
 from ..net.dial import Dialer
-from ..net.sockopt import format_addr, tune_udp
+from ..net.sockopt import format_addr
 from .limit import RateLimiter, Slots
 from .stats import UDP_RX, UDP_TX
 
 MAX_DATAGRAM = 65535
 BACKLOG = 256
-RCVBUF = 16 << 20  # a burst of new sources waits here while their sessions open (a limit, not
-# an allocation: the kernel charges only what is queued)
 
 
 class UdpListener(DatagramServer):
@@ -166,12 +164,12 @@ class SessionTable:
         self._inode = 0
 
     def attach(self, sock: socket.socket) -> UdpListener:
-        tune_udp(sock, RCVBUF)
         try:
             self._inode = os.fstat(sock.fileno()).st_ino
         except OSError:
             self._inode = 0
-        self._kernel_drops = kernel_drops(self._inode)
+        if self.log.enabled(DEBUG):  # the drop summary is a DEBUG line: no /proc scan otherwise
+            self._kernel_drops = kernel_drops(self._inode)
         self.listener = UdpListener(sock, self.on_datagram)
         return self.listener
 
