@@ -104,6 +104,8 @@ class TunnelCore(Core):
         self.listeners = Listeners(self.opts, inst.slots, self.log, self.sessions.spawn)
         #: receiving side: UDP sessions launched on a pool connection and not answered yet, by cid
         self.awaiting: dict[str, TunnelUdpSession] = {}
+        #: sending side of the verify signal: the connection it named, until the peer closes it
+        self.verifying: dict[str, PoolConn] = {}
 
     @property
     def receives(self) -> bool:
@@ -254,7 +256,9 @@ class TunnelCore(Core):
 
     # -- dialling side ------------------------------------------------------------------
     def _take_named(self, sig: Launch | Verify, what: str) -> PoolConn | None:
-        conn = self.pool.take(sig.cid, self.opts.pool_get_timeout)
+        # the connection our verify signal named is still the peer's to launch on: a Go client
+        # may hand it to a user before it reads the signal
+        conn = self.verifying.pop(sig.cid, None) or self.pool.take(sig.cid, self.opts.pool_get_timeout)
         if conn is None:
             self.log.limited(ERROR, "pool-miss", "%s: pool connection %s not found within %ss", what, sig.cid,
                            _num(self.opts.pool_get_timeout))
@@ -285,7 +289,7 @@ class TunnelCore(Core):
                 try:
                     if sig.udp:
                         log.debug("Starting transfer: %s <-> %s", sig.addr, where)
-                        self._udp_exchange(conn, target)
+                        udp_exchange(self, conn, target)
                         log.debug("Transfer complete: %s <-> %s", sig.addr, where)
                     else:
                         self._tcp_exchange(conn, target, where, sig)
@@ -311,9 +315,6 @@ class TunnelCore(Core):
                              user[:80])
             return
         target.sendall(proxy_v1(src, target.getpeername()))
-
-    def _udp_exchange(self, conn: PoolConn, usock: socket.socket) -> None:
-        udp_exchange(self, conn, usock)
 
     def _on_verify(self, sig: Verify, conn: PoolConn | None = None) -> None:
         """Client side of ``#v``: log the fingerprint of the certificate seen on *cid* (*conn*
@@ -348,19 +349,23 @@ class TunnelCore(Core):
             raise
         self.log.info("TLS cert verified: %s", fingerprint)
         self.log.debug("TLS verify signal: cid %s -> %s", conn.cid, self.peer)
-        # keep it open until the peer has taken and closed it, so the peer's pool
-        # sweep cannot drop it as dead before the signal arrives
+        # keep it open until the peer has taken and closed it, so the peer's pool sweep cannot
+        # drop it as dead before the signal arrives; and keep it claimable by a launch
+        self.verifying[conn.cid] = conn
         self.sessions.spawn(self._close_after_peer, conn)
         return True
 
     def _close_after_peer(self, conn: PoolConn) -> None:
-        try:
-            conn.stream.settimeout(self.opts.pool_get_timeout)
-            while conn.stream.recv(4096):
-                pass
-        except (OSError, socket.timeout):
-            pass
-        finally:
+        """Close the verify connection once the peer closed it, or after NP_POOL_GET_TIMEOUT.
+        Nothing is read from it: if the peer gave it to a user instead, what arrives is that
+        session's, and the launch signal naming it claims it from :attr:`verifying`."""
+        deadline = time.monotonic() + self.opts.pool_get_timeout
+        while self.verifying.get(conn.cid) is conn and time.monotonic() < deadline:
+            if not conn.alive(strict=False):
+                break  # closed by the peer, nothing waiting
+            gevent.sleep(0.05)
+        if self.verifying.get(conn.cid) is conn:
+            del self.verifying[conn.cid]
             conn.close()
 
     # -- teardown ------------------------------------------------------------------------
@@ -369,6 +374,9 @@ class TunnelCore(Core):
 
     def _close(self) -> None:
         self.listeners.close()
+        for conn in self.verifying.values():
+            conn.close()
+        self.verifying.clear()
         if getattr(self, "pool", None) is not None:
             self.pool.close()
         if self.control is not None:
