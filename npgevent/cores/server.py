@@ -7,11 +7,11 @@ listens, the server dials its targets).  Mode 1 forces reverse, 2 forward.
 
 The tunnel listener serves two phases:
 
-1. *handshake*: attempts run concurrently, each with its own
-   ``NP_HANDSHAKE_TIMEOUT`` (at most 8 per address and 64 in all; unlike Go, a
-   failed attempt makes nobody wait).  Go's handshake or npgevent's
-   authenticated one, as ``auth=`` decides (:mod:`npgevent.net.handshake`); the
-   first attempt to succeed becomes the control connection, the rest are closed.
+1. *handshake*: concurrent attempts, Go's handshake or npgevent's
+   authenticated one as ``auth=`` decides (:mod:`npgevent.net.handshake`); the
+   first to succeed becomes the control connection
+   (:mod:`npgevent.cores.control_slot`, which also lets a peer that proves the
+   key take over a slot held by an unauthenticated one, with ``auth=1``).
 2. *pool*: every later connection is a pool connection: refused unless it comes
    from the control connection's IP and fewer than ``max`` are idle; TLS
    handshake for codes 1/2 (a failure is logged at debug and dropped); in an
@@ -24,30 +24,25 @@ restarted after the cooldown; live sessions carry on (see ``Core.close``).
 
 from __future__ import annotations
 
-import collections
 from typing import TYPE_CHECKING, Any
 
 import gevent
 from gevent import socket
-from gevent.event import AsyncResult
-from gevent.pool import Group
 
 from ..errors import CoreError
-from ..log import ERROR, WARN
+from ..log import WARN
 from ..net import handshake
-from ..net.handshake import HandshakeError
 from ..net.sockopt import ListenError, format_addr, listen_tcp, listen_udp, unmap
 from ..pool.tcp import IdlePool, PoolConn, new_cid, read_exact
 from ..protocol.auth import POOL_PROOF, ControlCipher, PoolVerifier
 from ..protocol.handshake import Reply
 from .common import Instance
+from .control_slot import ControlSlot
 from .tunnel import KeepingStreamServer, TunnelCore
 
 if TYPE_CHECKING:
     from ..net.tls import ServerTLS
 
-HANDSHAKES_PER_IP = 8  # handshake attempts open at once from one address
-HANDSHAKES = 64  # ... and in all
 WARNED_GO_CLIENTS: set[str] = set()  # Go clients (by IP) already warned about in this process
 
 
@@ -101,7 +96,8 @@ class ServerCore(TunnelCore):
         self.pool = IdlePool(self.log)
         self.engine: Any = None  # QuicEngine when quic=1
         self.pool_verifier: PoolVerifier | None = None  # set when the client authenticated
-        self._claimer = 0
+        self.quic_pool: Any = None  # QuicServerPool when quic=1
+        self.slot = ControlSlot(self)
         self._quic_config: Any = None
         self._quic_cert: Any = None
 
@@ -151,96 +147,34 @@ class ServerCore(TunnelCore):
 
     def _serve(self) -> None:
         assert self.listener is not None
-        self._handshake_phase()
+        self._adopt(*self.slot.first(self.listener))
         self.tunnel_server = KeepingStreamServer(self.listener, self._pool_accept,
                                                  spawn=self.tasks.spawn)
         self.tunnel_server.start()
         if self.engine is not None:
             from ..pool.quic import QuicServerPool
 
-            QuicServerPool(self.engine, self.pool, self.opts.max, self.opts.handshake_timeout,
-                           self.log, self.tasks, verifier=self.pool_verifier)
+            self.quic_pool = QuicServerPool(self.engine, self.pool, self.opts.max,
+                                            self.opts.handshake_timeout, self.log, self.tasks,
+                                            verifier=self.pool_verifier)
         if self.flow == "-":
             tcp, udp = self._user_socks
             self._user_socks = (None, None)
             self.open_user_listeners(self.inst.spec.targets[0], tcp, udp)
         self.start_control()
 
-    def _handshake_phase(self) -> None:
-        """Take handshake attempts concurrently, each with its own deadline, until one wins
-        the control slot.  A failed attempt costs nobody else anything (no pause); at most
-        HANDSHAKES_PER_IP attempts per address and HANDSHAKES in total are open at once."""
-        assert self.listener is not None
-        self._won: AsyncResult = AsyncResult()
-        self._claimer = 0  # id() of the attempt's socket that took the control slot
-        attempts = Group()
-        per_ip: collections.Counter[str] = collections.Counter()
-
-        def accept_loop() -> None:
-            while True:
-                try:
-                    sock, addr = self.listener.accept()  # type: ignore[union-attr]
-                except OSError:  # the listener was closed: the core is going away
-                    return
-                ip = unmap(addr[0])
-                if per_ip[ip] >= HANDSHAKES_PER_IP or len(attempts) >= HANDSHAKES:
-                    self.log.limited(WARN, "handshake-busy", "tunnelHandshake: %s refused: %d handshakes "
-                                     "open from that address, %d in all" % (format_addr(addr), per_ip[ip],
-                                                                            len(attempts)))
-                    sock.close()
-                    continue
-                per_ip[ip] += 1
-                attempts.spawn(self._attempt, sock, addr, ip, per_ip)
-
-        acceptor = gevent.spawn(accept_loop)
-        try:
-            sock, addr, outcome = self._won.get()
-        finally:
-            acceptor.kill(block=True)
-            attempts.kill(block=False)
-        self._adopt(sock, addr, outcome)
-
-    def _attempt(self, sock: socket.socket, addr: Any, ip: str, per_ip: collections.Counter[str]) -> None:
-        opts, log = self.opts, self.log
-        peer = format_addr(addr)
-        won = False
-        try:
-            with gevent.Timeout(opts.handshake_timeout, HandshakeError("handshake timeout")):
-                outcome = handshake.serve(sock, self.key, opts.auth, self._reply, self._fingerprint(),
-                                          lambda reply: self._claim(sock, ip, reply))
-            self._won.set((sock, addr, outcome))
-            won = True
-        except (HandshakeError, CoreError, OSError) as exc:
-            why = (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
-            if self._claimer == id(sock):  # failed after taking the slot: start over
-                self._won.set_exception(CoreError("tunnelHandshake: %s: %s" % (why, peer)))
-            refused = isinstance(exc, HandshakeError) and exc.refused
-            # one rate-limited line per kind (as Go words them: access denied, timeout, ...)
-            log.limited(ERROR if refused else WARN, "handshake:" + why.split(":")[0],
-                        "tunnelHandshake: %s: %s" % (why, peer))
-        finally:
-            per_ip[ip] -= 1
-            if per_ip[ip] <= 0:
-                del per_ip[ip]
-            if not won:
-                sock.close()
-
-    def _claim(self, sock: socket.socket, ip: str, reply: Reply) -> bool:
-        """Take the control slot for the attempt from *ip* (False if taken).  With QUIC, admit
-        the client's address before the reply leaves: a Go client dials its QUIC pool the
-        instant it reads the reply.  Larger datagrams only towards an npgevent peer."""
-        if self._claimer:
-            return False
-        self._claimer = id(sock)
+    def on_claim(self, ip: str, reply: Reply) -> None:
+        """An attempt from *ip* took the control slot, just before its reply leaves.  With
+        QUIC, admit the client's address now: a Go client dials its QUIC pool the instant it
+        reads the reply.  Larger datagrams only towards an npgevent peer."""
         if self.engine is not None:
             self.engine.admit(ip, self.opts.quic_datagram_size if reply.npg >= 1 else 0)
-        return True
 
-    def _reply(self, level: int) -> Reply:
+    def reply_for(self, level: int) -> Reply:
         opts = self.opts
         return Reply(quic=bool(opts.quic), max=opts.max, flow=self.flow, tls=self.tls_code, npg=level)
 
-    def _fingerprint(self) -> str:
+    def fingerprint(self) -> str:
         return self.tls.fingerprint if self.tls is not None else ""
 
     def _adopt(self, sock: socket.socket, addr: Any, outcome: handshake.Outcome) -> None:
@@ -264,6 +198,11 @@ class ServerCore(TunnelCore):
 
     def _pool_accept(self, sock: socket.socket, addr: Any) -> None:
         log, opts = self.log, self.opts
+        if self.slot.open_to_takeover() and self.slot.is_challenger(sock, unmap(addr[0])):
+            if self.slot.challenge(sock, addr):
+                assert self.tunnel_server is not None
+                self.tunnel_server.keep(sock)
+            return
         if self.engine is not None:
             log.debug("Tunnel connection: %s refused: the pool is QUIC", format_addr(addr))
             return
@@ -296,6 +235,23 @@ class ServerCore(TunnelCore):
         assert self.tunnel_server is not None
         self.tunnel_server.keep(sock)
         self.pool.add(PoolConn(cid, stream, sock))
+
+    def take_over(self, sock: socket.socket, addr: Any, outcome: handshake.Outcome) -> None:
+        """A peer that proved the key replaces the unauthenticated control connection: the
+        old control loop stops, its idle pool connections go, sessions in flight carry on."""
+        old = self.peer
+        self.stop_control()
+        self.pool.flush()
+        for conn in self.verifying.values():
+            conn.close()
+        self.verifying.clear()
+        self.forged, self.ticks, self._verified, self._ping_sent = 0, 0, False, 0.0
+        self._adopt(sock, addr, outcome)
+        if self.quic_pool is not None:
+            self.quic_pool.verifier = self.pool_verifier
+        self.log.warn("Tunnel control taken over: %s proved the key; the unauthenticated peer %s "
+                      "is dropped", self.peer, old)
+        self.start_control()
 
     def _proven(self, stream: Any, sock: socket.socket, addr: Any) -> bool:
         """An authenticated tunnel: the connection must prove membership before it gets an id."""
@@ -337,6 +293,7 @@ class ServerCore(TunnelCore):
 
     def _close(self) -> None:
         super()._close()
+        self.slot.close()
         if self.engine is not None:
             self.engine.stop()
         for s in self._user_socks:

@@ -106,6 +106,7 @@ class TunnelCore(Core):
         self.awaiting: dict[str, TunnelUdpSession] = {}
         #: sending side of the verify signal: the connection it named, until the peer closes it
         self.verifying: dict[str, PoolConn] = {}
+        self.control_tasks: list[gevent.Greenlet] = []
 
     @property
     def receives(self) -> bool:
@@ -124,8 +125,16 @@ class TunnelCore(Core):
 
     def start_control(self) -> None:
         """Start the control reader and the ticker (after the handshake)."""
-        self.spawn_task(self._control_loop)
-        self.spawn_task(self._ticker)
+        self.control_tasks = [self.spawn_task(self._control_loop), self.spawn_task(self._ticker)]
+
+    def stop_control(self) -> None:
+        """Stop the control reader and the ticker without failing the core, and close the
+        control connection (the server hands the slot to a peer that proved the key)."""
+        gevent.killall(self.control_tasks, block=True)
+        self.control_tasks = []
+        if self.control is not None:
+            self.control.close()
+            self.control = None
 
     def _control_loop(self) -> None:
         assert self.control is not None
