@@ -307,10 +307,11 @@ class Path_:
 
 class ForwardPath(Path_):
     name = "forward"
+    env: dict[str, str] | None = None
 
     def open(self, target_port: int) -> int:
         port = free_port()
-        self.launch("client://127.0.0.1:%d/127.0.0.1:%d?mode=1&log=warn" % (port, target_port))
+        self.launch("client://127.0.0.1:%d/127.0.0.1:%d?mode=1&log=warn" % (port, target_port), env=self.env)
         wait_port(port)
         return port
 
@@ -350,6 +351,8 @@ def tunnel_path(flow: str, tls: str, quic: bool = False) -> type[Path_]:
 
 
 PATHS: dict[str, type[Path_]] = {"forward": ForwardPath}
+# single-end over 2 worker processes (NP_WORKERS: a Go peer ignores it); RSS is the parent's only
+PATHS["forward-w2"] = type("ForwardW2", (ForwardPath,), {"name": "forward-w2", "env": {"NP_WORKERS": "2"}})
 for _flow in ("rev", "fwd"):
     for _tls in ("0", "1"):
         PATHS["tunnel-%s-tls%s" % (_flow, _tls)] = tunnel_path(_flow, _tls)

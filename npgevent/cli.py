@@ -84,7 +84,10 @@ def parse(argv: Sequence[str] | None = None) -> tuple[TunnelSpec, Any, list[str]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .workers import WorkerRole
+
     try:
+        worker = WorkerRole.from_env()
         spec, options, warnings = parse(argv)
     except ConfigError as exc:
         sys.stderr.write("npgevent: error: %s\n" % exc)
@@ -99,10 +102,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .cores import build_runner
 
     try:
+        if options.workers > 1 and worker is None:
+            from .workers import Supervisor, check_single_end
+
+            check_single_end(spec, options, None)
+            return serve(Supervisor(spec, options, ilog, sys.argv[1:] if argv is None else argv))
         runner = build_runner(spec, options, ilog)
     except ConfigError as exc:
         sys.stderr.write("npgevent: error: %s\n" % exc)
         return EXIT_USAGE
+    if worker is not None:
+        worker.adapt(runner)
     return serve(runner)
 
 

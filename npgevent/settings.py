@@ -22,6 +22,7 @@ Precedence, lowest to highest: default < config file < environment < CLI flag
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from typing import Any
@@ -29,6 +30,7 @@ from typing import Any
 from .durations import format_go_duration, parse_go_duration
 from .errors import ConfigError
 from .numbers import ascii_int, ascii_port
+from .url import HostPort, parse_hostport
 
 LOG_LEVELS = ("none", "debug", "info", "warn", "error", "event")
 DEFAULT_DNS = "1.1.1.1,8.8.8.8"
@@ -132,6 +134,26 @@ def _dial(text: str) -> str:
         raise ValueError("expected 'auto' or a local IP address") from None
 
 
+def _workers(text: str) -> int:
+    value = text.strip().lower()
+    if value == "auto":
+        return os.cpu_count() or 1
+    try:
+        return ascii_int(value)
+    except ValueError:
+        raise ValueError("expected a number of processes or 'auto' (one per CPU)") from None
+
+
+def _metrics_address(text: str) -> HostPort | None:
+    value = text.strip()
+    if value == "":
+        return None
+    try:
+        return parse_hostport(value, "metrics address", allow_empty_host=True)
+    except ConfigError as exc:
+        raise ValueError("expected host:port to serve /metrics on (%s)" % exc) from None
+
+
 def _str(text: str) -> str:
     return text
 
@@ -230,6 +252,15 @@ class Options:
                     "tunnel authentication: 0 Go NodePass's handshake only; 1 npgevent peers prove the "
                     "key (Go peers still accepted, with a warning); 2 strict: only peers that prove "
                     "the key (docs/security.md)", query=True, roles=_ALL, go=False)
+    metrics: HostPort | None = opt("metrics", None, _metrics_address,  # noqa: RUF009 (frozen)
+                                   "host:port serving Prometheus /metrics (off when empty; a "
+                                   "master also serves /metrics behind its API key)", query=True,
+                                   fmt=lambda v: "" if v is None else str(v), roles=_ALL, go=False)
+    workers: int = opt("workers", 1, _workers,
+                       "single-end forwarding: processes sharing the listeners (SO_REUSEPORT), or "
+                       "auto = one per CPU (docs/scaling.md)", query=True,
+                       in_range=lambda v: 1 <= v <= 256, range_help="must be 1..256", roles=_CLI,
+                       go=False)
 
     # -- NP_* tunables (environment in Go; here also CLI and config file) ----
     semaphore_limit: int = opt("semaphore_limit", 65536, _int, "signal queue length",

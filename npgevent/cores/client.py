@@ -89,6 +89,7 @@ class DualClientCore(TunnelCore):
             raise CoreError("tunnel handshake with %s: timed out" % tunnel) from None
         except HandshakeError as exc:
             sock.close()
+            self.inst.events.failure("auth" if exc.refused or "authentication" in str(exc) else "handshake")
             if exc.refused:
                 log.error("Tunnel handshake with %s refused (auth=%s): %s", tunnel, opts.auth, exc)
             raise CoreError("tunnel handshake: %s" % exc) from None

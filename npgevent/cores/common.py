@@ -29,6 +29,7 @@ from gevent.pool import Group
 from ..durations import format_go_duration
 from ..errors import CoreError
 from ..log import InstanceLog
+from ..metrics import Events
 from ..net.resolver import Resolver
 from ..relay.limit import RateLimiter, Slots
 from ..relay.stats import Traffic
@@ -48,6 +49,10 @@ class Instance:
         self.limiter = RateLimiter.from_mbps(opts.rate)
         self.resolver = Resolver(opts.dns, ttl=opts.dns_caching_ttl, log=log)
         self.title = spec.scheme.capitalize()  # "Server" / "Client"
+        self.events = Events()  # counters for the metrics (npgevent.metrics)
+        #: a worker process (npgevent.workers) hands its CHECK_POINT figures to its parent:
+        #: (ping, tcps, udps, tcp_rx, tcp_tx, udp_rx, udp_tx)
+        self.checkpoint_sink: Callable[[tuple[int, ...]], None] | None = None
 
     def start_url(self, mode: str | int | None = None) -> str:
         """The URL of the ``started``/``restart`` line, in NodePass's order."""
@@ -170,8 +175,12 @@ class Runner:
         self._wake = Event()
         self._greenlet: gevent.Greenlet | None = None
         self.running = Event()  # set while a core is started
+        self.metrics: Any = None  # MetricsServer when metrics= is set
 
     def start(self) -> None:
+        from ..metrics import serve_instance
+
+        self.metrics = serve_instance(self)  # metrics=host:port, before the first core
         self._greenlet = gevent.spawn(self._run)
 
     def _run(self) -> None:
@@ -194,6 +203,7 @@ class Runner:
             except (CoreError, OSError) as exc:
                 if not self._stopping:
                     self.log.error("%s error: %s", inst.title, _one_line(exc))
+                    inst.events.restart(str(exc))
             except gevent.GreenletExit:
                 raise
             except Exception as exc:  # a bug: log it with the traceback, keep the daemon alive
@@ -224,6 +234,8 @@ class Runner:
         if self._greenlet is not None:
             self._greenlet.join(timeout=2)
             self._greenlet.kill(block=True, timeout=1)
+        if self.metrics is not None:
+            self.metrics.close()
         self.log.info("%s shutdown complete", self.inst.title)
 
     def _keep(self, sessions: Group | None) -> None:

@@ -113,6 +113,7 @@ class ControlSlot:
             if self.claimer == id(sock):  # failed after taking the slot: start over
                 self.won.set_exception(CoreError("tunnelHandshake: %s: %s" % (why, format_addr(addr))))
             refused = isinstance(exc, HandshakeError) and exc.refused
+            self.core.inst.events.failure(failure_kind(why, refused))
             # one rate-limited line per kind (as Go words them: access denied, timeout, ...)
             self.log.limited(ERROR if refused else WARN, "handshake:" + why.split(":")[0],
                              "tunnelHandshake: %s: %s" % (why, format_addr(addr)))
@@ -177,6 +178,7 @@ class ControlSlot:
             # auth "2": only a peer that proves the key; a Go-style hello gets no reply at all
             outcome = self._serve(sock, ip, "2", claim)
         except (HandshakeError, CoreError, OSError) as exc:
+            self.core.inst.events.failure(failure_kind(_why(exc), True))
             if claimed:  # failed after claiming (QUIC admits the new address): start over
                 self.core.fail(CoreError("tunnel takeover by %s failed: %s" % (format_addr(addr), _why(exc))))
             self.log.limited(WARN, "takeover", "Tunnel control slot held by %s: %s refused: %s"
@@ -192,6 +194,12 @@ class ControlSlot:
 
     def close(self) -> None:
         self.attempts.kill(block=False)
+
+
+def failure_kind(why: str, refused: bool) -> str:
+    """The metrics' kind of a failed handshake: the key or the auth policy ("auth"), else
+    a broken, slow or malformed attempt ("handshake")."""
+    return "auth" if refused or "access denied" in why else "handshake"
 
 
 def _why(exc: BaseException) -> str:

@@ -7,7 +7,8 @@ connected UDP socket to the target) to the target group, with failover,
 ``dial=``, ``read=``, ``rate=``, ``slot=``, ``proxy=1`` and ``notcp``/``noudp``.
 
 Every ``NP_REPORT_INTERVAL`` it logs the CHECK_POINT line with ``MODE=1``,
-``POOL=0`` and ``PING`` = TCP connect time to a target (0 if unreachable).
+``POOL=0`` and ``PING`` = TCP connect time to a target (0 if unreachable); a
+worker process hands the figures to its parent instead (:mod:`npgevent.workers`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class ForwardCore(Core):
         super().__init__(inst)
         self._pre_listener = tcp_listener
         self.dialer = Dialer(inst.spec.targets, inst.resolver, source_ip=self.opts.dial,
-                             tcp_timeout=self.opts.tcp_dial_timeout, log=self.log)
+                             tcp_timeout=self.opts.tcp_dial_timeout, log=self.log,
+                             events=inst.events)
         self.listeners = Listeners(self.opts, inst.slots, self.log, self.sessions.spawn)
 
     def _start(self) -> None:
@@ -82,8 +84,12 @@ class ForwardCore(Core):
         while True:
             ping = self.dialer.probe_ms()
             t = inst.traffic
-            self.log.event(checkpoint_line(1, ping, 0, inst.slots.tcp, inst.slots.udp,
-                                           t.tcp_rx, t.tcp_tx, t.udp_rx, t.udp_tx))
+            if inst.checkpoint_sink is not None:  # a worker: the parent logs the sum
+                inst.checkpoint_sink((ping, inst.slots.tcp, inst.slots.udp, t.tcp_rx, t.tcp_tx,
+                                      t.udp_rx, t.udp_tx))
+            else:
+                self.log.event(checkpoint_line(1, ping, 0, inst.slots.tcp, inst.slots.udp,
+                                               t.tcp_rx, t.tcp_tx, t.udp_rx, t.udp_tx))
             self.listeners.report_drops()
             gevent.sleep(self.opts.report_interval)
 

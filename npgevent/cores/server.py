@@ -207,6 +207,7 @@ class ServerCore(TunnelCore):
             log.debug("Tunnel connection: %s refused: the pool is QUIC", format_addr(addr))
             return
         if unmap(addr[0]) != self.peer_ip:
+            self.inst.events.failure("pool_admission")
             log.debug("Tunnel connection: %s refused: not the tunnel client", format_addr(addr))
             return
         if self.pool.active >= opts.max:
@@ -220,9 +221,11 @@ class ServerCore(TunnelCore):
             try:
                 stream.handshake(opts.handshake_timeout)
             except (TLSError, OSError) as exc:
+                self.inst.events.failure("pool_admission")
                 log.debug("Tunnel connection: %s dropped: %s", format_addr(addr), exc)
                 return
         if self.pool_verifier is not None and not self._proven(stream, sock, addr):
+            self.inst.events.failure("pool_admission")
             return
         cid = new_cid()
         while cid in self.pool.idle:

@@ -88,7 +88,8 @@ class TunnelCore(Core):
         super().__init__(inst)
         self.key = inst.spec.key.encode()
         self.dialer = Dialer(inst.spec.targets, inst.resolver, source_ip=self.opts.dial,
-                             tcp_timeout=self.opts.tcp_dial_timeout, log=self.log)
+                             tcp_timeout=self.opts.tcp_dial_timeout, log=self.log,
+                             events=inst.events)
         self.control: socket.socket | None = None
         self.peer = ""  # the peer's control address, as text
         self.flow = "-"
@@ -226,7 +227,10 @@ class TunnelCore(Core):
 
     def _checkpoint(self) -> None:
         inst = self.inst
-        ping = int((time.monotonic() - self._ping_sent) * 1000) if self._ping_sent else 0
+        rtt = (time.monotonic() - self._ping_sent) if self._ping_sent else 0.0
+        ping = int(rtt * 1000)
+        if self._ping_sent:
+            inst.events.ping(rtt)
         t = inst.traffic
         self.log.event(checkpoint_line(self.mode, ping, self.pool.active, inst.slots.tcp, inst.slots.udp,
                                        t.tcp_rx, t.tcp_tx, t.udp_rx, t.udp_tx))

@@ -76,6 +76,8 @@ class Api:
                     return route, rel[len(stem):]
             elif rel == route.path:
                 return route, ""
+        if rel == "/metrics":  # npgevent's own path, behind the key; not in NodePass's OpenAPI
+            return oa.Route("/metrics", ops=(oa.Op("GET", "get_metrics", ""),)), ""
         if rel.startswith("/docs/assets/"):
             return oa.Route("/docs/assets", ops=(oa.Op("GET", "docs_asset", ""),), public=True), rel[13:]
         return None, ""
@@ -267,6 +269,13 @@ class Api:
         return Response(200, sub.stream(initial), ctype="text/event-stream",
                         extra=[("Cache-Control", "no-cache"), ("Connection", "keep-alive"),
                                ("X-Accel-Buffering", "no")])
+
+    # -- /metrics -------------------------------------------------------------------------
+    def get_metrics(self, req: Request) -> Response:
+        from .metrics import exposition
+
+        body, ctype = exposition(self.master.metrics_registry())
+        return Response(200, body, ctype=ctype)
 
     # -- /info, /tcping ---------------------------------------------------------------------
     def info(self) -> dict[str, Any]:

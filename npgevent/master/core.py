@@ -85,6 +85,8 @@ class Master:
         self.started_at = time.monotonic()
         self.address = ""
         self.running = gevent.event.Event()
+        self._metrics_registry: Any = None
+        self.metrics_server: Any = None  # MetricsServer on metrics= (no key), when set
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -108,6 +110,15 @@ class Master:
         self.server.start()
         self.address = format_addr(listener.getsockname())
         self.log.info("Master started: %s%s/v1", self.address, self.prefix)
+        if self.opts.metrics is not None:
+            from ..metrics import MetricsServer
+
+            self.metrics_server = MetricsServer(self.opts.metrics, self.metrics_registry(), self.log)
+            try:
+                self.metrics_server.start()
+            except OSError as exc:
+                self.server.stop(timeout=0.1)
+                raise CoreError(str(exc)) from None
         self.tasks = [gevent.spawn(self._every, self.opts.report_interval, self.instances.check_stale),
                       gevent.spawn(self._every, self.opts.reload_interval, self._hourly),
                       gevent.spawn(self.instances.autostart)]
@@ -123,11 +134,21 @@ class Master:
         self.log.info("Instances saved: %s", self.store.path)
         if self.server is not None:
             self.server.stop(timeout=max(0.1, min(grace, 2.0)))
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         self.running.clear()
         self.log.info("Master shutdown complete")
 
     def close(self) -> None:
         self.stop(0)
+
+    def metrics_registry(self) -> Any:
+        """The prometheus_client registry of every instance's series (made on first use)."""
+        if self._metrics_registry is None:
+            from .metrics import registry_for
+
+            self._metrics_registry = registry_for(self)
+        return self._metrics_registry
 
     def __enter__(self) -> Master:
         self.start()

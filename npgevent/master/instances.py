@@ -31,6 +31,7 @@ from gevent import subprocess
 from gevent.lock import RLock
 
 from ..log import CHECKPOINT_RE, InstanceLog
+from ..metrics import RESTART_REASONS, restart_reason
 from .events import EventHub
 from .records import KEY_ID, MasterTLS, Record, config_url, enhance_url, split_url
 from .store import StateStore
@@ -50,7 +51,7 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 class Managed:
     """A record plus its running child (if any)."""
 
-    __slots__ = ("deleting", "last_checkpoint", "lock", "proc", "rec", "stopping")
+    __slots__ = ("deleting", "last_checkpoint", "lock", "proc", "rec", "restarts", "stopping")
 
     def __init__(self, rec: Record) -> None:
         self.rec = rec
@@ -59,6 +60,7 @@ class Managed:
         self.last_checkpoint = 0.0
         self.deleting = False
         self.stopping = False
+        self.restarts = dict.fromkeys(RESTART_REASONS, 0)  # the child's error lines, for /metrics
 
 
 class Instances:
@@ -85,6 +87,10 @@ class Instances:
     def all_records(self) -> list[Record]:
         out = [self.key] if self.key is not None else []
         return out + [m.rec for m in self.items.values()]
+
+    def restarts_of(self, rid: str) -> dict[str, int]:
+        m = self.items.get(rid)
+        return dict(m.restarts) if m is not None else {}
 
     def get(self, rid: str) -> Record | None:
         if rid == KEY_ID:
@@ -179,6 +185,7 @@ class Instances:
                 continue
             self.echo("%s [%s]" % (line, rec.id))
             if "Server error:" in line or "Client error:" in line:
+                m.restarts[restart_reason(line)] += 1
                 rec.status = "error"
                 rec.zero_live()
             if not m.deleting:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import itertools
 import time
+from typing import Any
 
 from gevent import socket
 
@@ -46,6 +47,7 @@ class Dialer:
         source_ip: str = "auto",
         tcp_timeout: float = 5.0,
         log: InstanceLog | None = None,
+        events: Any = None,
     ) -> None:
         if not targets:
             raise ValueError("at least one target is required")
@@ -54,6 +56,7 @@ class Dialer:
         self.source_ip = None if source_ip == "auto" else source_ip
         self.tcp_timeout = tcp_timeout
         self.log = log or InstanceLog("none")
+        self.events = events  # npgevent.metrics.Events: counts dials that failed on every target
         self._rr = itertools.count()
 
     def _order(self) -> list[HostPort]:
@@ -83,6 +86,8 @@ class Dialer:
                 return self._connect_tcp(target, timeout or self.tcp_timeout), target
             except OSError as exc:
                 failures.append("%s: %s" % (target, _reason(exc)))
+        if self.events is not None:
+            self.events.dial_failures += 1
         raise DialError("dial tcp failed: " + "; ".join(failures))
 
     def _connect_tcp(self, target: HostPort, timeout: float) -> socket.socket:
@@ -121,6 +126,8 @@ class Dialer:
                         raise
             except OSError as exc:
                 failures.append("%s: %s" % (target, _reason(exc)))
+        if self.events is not None:
+            self.events.dial_failures += 1
         raise DialError("dial udp failed: " + "; ".join(failures))
 
     def probe_ms(self) -> int:

@@ -80,7 +80,23 @@ def bind_address(hp: HostPort) -> tuple[int, tuple[str, int]]:
     return socket.AF_INET, (host, hp.port)
 
 
-def _open(hp: HostPort, kind: int, resolve_ip: str | None) -> socket.socket:
+#: set in a worker process (npgevent.workers): listeners join the instance's SO_REUSEPORT group
+REUSE_PORT = False
+
+
+def probe_local(hp: HostPort, resolve_ip: str | None = None) -> None:
+    """ListenError unless this host can listen on *hp* (bound with SO_REUSEPORT, not listening,
+    closed at once: workers sharing the address are not disturbed)."""
+    global REUSE_PORT
+    saved, REUSE_PORT = REUSE_PORT, True
+    try:
+        sock = _open(hp, socket.SOCK_STREAM, resolve_ip, listen=False)
+    finally:
+        REUSE_PORT = saved
+    sock.close()
+
+
+def _open(hp: HostPort, kind: int, resolve_ip: str | None, listen: bool = True) -> socket.socket:
     family, addr = bind_address(hp)
     if resolve_ip is not None:
         family = socket.AF_INET6 if ":" in resolve_ip else socket.AF_INET
@@ -95,7 +111,11 @@ def _open(hp: HostPort, kind: int, resolve_ip: str | None) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         if kind == socket.SOCK_STREAM:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if REUSE_PORT:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(addr)
+        if not listen:
+            return sock
         if kind == socket.SOCK_STREAM:
             # accepted sockets inherit TCP_NODELAY and keepalive from the listener:
             # set once here instead of four syscalls per connection

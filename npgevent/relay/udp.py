@@ -91,6 +91,7 @@ class UdpSession:
                 self.backlog.append(data)
             else:
                 self.table.dropped_backlog += 1
+                self.table.total_backlog_drops += 1
             return
         try:
             self.send(data)
@@ -160,22 +161,23 @@ class SessionTable:
         self.listener: UdpListener | None = None
         self.dropped_slot = 0  # datagrams refused at the slot limit
         self.dropped_backlog = 0  # datagrams over a still-opening session's backlog
+        self.total_slot_drops = self.total_backlog_drops = 0  # since the start (metrics)
         self._kernel_drops = 0
-        self._inode = 0
+        self.inode = 0
 
     def attach(self, sock: socket.socket) -> UdpListener:
         try:
-            self._inode = os.fstat(sock.fileno()).st_ino
+            self.inode = os.fstat(sock.fileno()).st_ino
         except OSError:
-            self._inode = 0
+            self.inode = 0
         if self.log.enabled(DEBUG):  # the drop summary is a DEBUG line: no /proc scan otherwise
-            self._kernel_drops = kernel_drops(self._inode)
+            self._kernel_drops = kernel_drops(self.inode)
         self.listener = UdpListener(sock, self.on_datagram)
         return self.listener
 
     def drops_report(self) -> str:
         """Datagrams dropped since the last report, by cause ('' if none); then reset."""
-        kernel = kernel_drops(self._inode)
+        kernel = kernel_drops(self.inode)
         counts = (("slot limit", self.dropped_slot), ("session backlog full", self.dropped_backlog),
                   ("socket buffer full", max(0, kernel - self._kernel_drops)))
         self.dropped_slot = self.dropped_backlog = 0
@@ -187,6 +189,7 @@ class SessionTable:
         if session is None:
             if not self.slots.acquire_udp():
                 self.dropped_slot += 1
+                self.total_slot_drops += 1
                 self.log.limited(ERROR, "udp-slot", "UDP slot limit reached (%d): datagram from %s dropped",
                                self.slots.limit, format_addr(addr))
                 return

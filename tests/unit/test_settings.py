@@ -16,9 +16,9 @@ GO_ENV = {
 
 
 def test_every_go_query_parameter_is_in_the_table():
-    ours = [name for name, s in BY_QUERY.items() if not s.go]  # npgevent's own (auth=)
+    ours = [name for name, s in BY_QUERY.items() if not s.go]  # npgevent's own (auth=, metrics=, workers=)
     assert sorted(name for name in BY_QUERY if name not in ours) == sorted(GO_QUERY_KEYS)
-    assert ours == ["auth"]
+    assert ours == ["auth", "metrics", "workers"]
 
 
 def test_every_go_env_variable_with_go_default():

@@ -1,0 +1,282 @@
+"""Workers: N processes serving one single-end forwarding instance (``workers=``).
+
+The parent (:class:`Supervisor`) serves nothing itself.  It starts N copies of
+the same command line (``python -m npgevent <argv>``, the same environment and
+config file) with ``NPG_WORKER=<index>,<count>,<fd>``; each worker opens the
+instance's TCP and UDP listeners with ``SO_REUSEPORT``, so the kernel spreads
+new connections over them and keeps every datagram of one user address
+(the 4-tuple hash) on the same worker, hence one UDP session per address.
+
+* **Counters**: each worker writes its CHECK_POINT figures into its row of a
+  shared memory block (``memfd``) every ``NP_REPORT_INTERVAL`` instead of
+  logging them; the parent logs **one** CHECK_POINT line per interval with the
+  counters summed (byte counters of workers that died are kept).
+* **Limits**: ``slot=`` and ``rate=`` stay the instance's totals: each worker
+  gets ``ceil(slot / N)`` sessions and ``rate / N``.
+* **Supervision**: a worker that exits is started again after
+  ``NP_SERVICE_COOLDOWN``; SIGTERM/SIGINT go to every worker, which drain
+  within ``NP_SHUTDOWN_TIMEOUT``; workers die with the parent (PDEATHSIG).
+
+Tunnels (server://, dual-end client://) run in one process: see docs/scaling.md.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import signal
+import struct
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import gevent
+from gevent.pool import Group
+
+from .errors import ConfigError
+from .log import DEBUG, InstanceLog, checkpoint_line
+from .settings import Options
+from .url import TunnelSpec
+
+ENV = "NPG_WORKER"
+ROW = struct.Struct("<8q")  # pid (once serving), ping, tcps, udps, tcp_rx, tcp_tx, udp_rx, udp_tx
+EMPTY = (0,) * 8
+_PR_SET_PDEATHSIG = 1
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _worker_preexec() -> None:  # runs in the child between fork and exec
+    # own process group: a terminal's Ctrl-C reaches the parent only, which passes one
+    # signal on (a second one would skip the drain); and die with the parent
+    os.setpgid(0, 0)
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except Exception:
+        pass
+
+
+class Board:
+    """The shared counters: one row of :data:`ROW` per worker."""
+
+    def __init__(self, count: int, fd: int | None = None) -> None:
+        self.count = count
+        if fd is None:
+            fd = os.memfd_create("npgevent-workers", 0)  # inherited by the workers (pass_fds)
+            os.ftruncate(fd, count * ROW.size)
+        self.fd = fd
+        self.mm = mmap.mmap(fd, count * ROW.size)
+
+    def write(self, index: int, row: Sequence[int]) -> None:
+        ROW.pack_into(self.mm, index * ROW.size, *row)
+
+    def read(self, index: int) -> tuple[int, ...]:
+        return ROW.unpack_from(self.mm, index * ROW.size)
+
+    def close(self) -> None:
+        self.mm.close()
+        os.close(self.fd)
+
+
+@dataclass
+class WorkerRole:
+    """This process is worker *index* of *count* (parsed from ``NPG_WORKER``)."""
+
+    index: int
+    count: int
+    board: Board
+
+    @classmethod
+    def from_env(cls) -> WorkerRole | None:
+        raw = os.environ.pop(ENV, "")
+        if not raw:
+            return None
+        try:
+            index, count, fd = (int(x) for x in raw.split(","))
+            return cls(index, count, Board(count, fd))
+        except (ValueError, OSError) as exc:
+            raise ConfigError("%s=%r: expected <index>,<count>,<fd> from a parent npgevent (%s)"
+                              % (ENV, raw, exc)) from None
+
+    def adapt(self, runner: Any) -> None:
+        """Make *runner*'s instance a share of the whole: SO_REUSEPORT listeners, its part of
+        ``slot=`` and ``rate=``, and CHECK_POINT figures into the board instead of the log."""
+        from .net import sockopt
+        from .relay.limit import MBIT, RateLimiter, Slots
+
+        sockopt.REUSE_PORT = True
+        inst = runner.inst
+        inst.opts = runner.inst.opts.with_(metrics=None)  # the parent serves the summed series
+        inst.slots = Slots(math.ceil(inst.opts.slot / self.count))
+        if inst.opts.rate > 0:
+            inst.limiter = RateLimiter(inst.opts.rate * MBIT / self.count)
+        pid = os.getpid()
+        inst.checkpoint_sink = lambda row: self.board.write(self.index, (pid, *row))
+
+
+def check_single_end(spec: TunnelSpec, opts: Options, resolve_ip: str | None) -> None:
+    """ConfigError unless *spec* is single-end forwarding on a local address."""
+    from .net.sockopt import ListenError, probe_local
+
+    why = ("workers=%d applies to single-end forwarding (client:// on a local address); a "
+           "tunnel runs in one process (docs/scaling.md)" % opts.workers)
+    if spec.scheme != "client" or opts.mode == "2":
+        raise ConfigError(why)
+    try:
+        probe_local(spec.tunnel, resolve_ip)
+    except ListenError as exc:
+        if opts.mode == "1":
+            raise ConfigError("workers=%d: %s" % (opts.workers, exc)) from None
+        raise ConfigError("%s: %s" % (why, exc)) from None
+
+
+class Supervisor:
+    """The parent of N workers (see module docstring); runs under :func:`npgevent.cli.serve`."""
+
+    def __init__(self, spec: TunnelSpec, opts: Options, log: InstanceLog, argv: Sequence[str]) -> None:
+        self.spec, self.opts, self.log = spec, opts, log
+        self.argv = list(argv)
+        self.count = opts.workers
+        self.board = Board(self.count)
+        self.procs: list[subprocess.Popen[bytes] | None] = [None] * self.count
+        self.dead_bytes = [0, 0, 0, 0]  # byte counters of workers that exited
+        self.restarts = 0
+        self.tasks = Group()
+        self.metrics: Any = None
+        self._stopping = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        self.log.info("Workers: %d processes share %s (SO_REUSEPORT)", self.count, self.spec.tunnel)
+        for index in range(self.count):
+            self.tasks.spawn(self._keep_running, index)
+        self.tasks.spawn(self._report)
+        if self.opts.metrics is not None:
+            from prometheus_client import CollectorRegistry
+
+            from .metrics import MetricsServer
+
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(self)
+            self.metrics = MetricsServer(self.opts.metrics, registry, self.log)
+            self.metrics.start()
+
+    def collect(self) -> Any:
+        """The workers' series, summed (a prometheus_client collector)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        _ping, tcps, udps, trx, ttx, urx, utx = self.totals()
+        byts = CounterMetricFamily("npgevent_bytes", "Bytes relayed on the target side, as CHECK_POINT "
+                                   "counts", labels=["protocol", "direction"])
+        for proto, rx, tx in (("tcp", trx, ttx), ("udp", urx, utx)):
+            byts.add_metric([proto, "rx"], rx)
+            byts.add_metric([proto, "tx"], tx)
+        sessions = GaugeMetricFamily("npgevent_sessions", "Live user sessions", labels=["protocol"])
+        sessions.add_metric(["tcp"], tcps)
+        sessions.add_metric(["udp"], udps)
+        limit = GaugeMetricFamily("npgevent_session_limit", "The slot= limit of live sessions")
+        limit.add_metric([], self.opts.slot)
+        workers = GaugeMetricFamily("npgevent_workers", "Worker processes running")
+        workers.add_metric([], sum(1 for p in self.procs if p is not None and p.poll() is None))
+        restarts = CounterMetricFamily("npgevent_worker_restarts", "Workers started again after exiting")
+        restarts.add_metric([], self.restarts)
+        yield from (byts, sessions, limit, workers, restarts)
+
+    def _spawn(self, index: int) -> subprocess.Popen[bytes]:
+        self.board.write(index, EMPTY)
+        env = dict(os.environ, **{ENV: "%d,%d,%d" % (index, self.count, self.board.fd)})
+        # the same package, installed or not (bin/npgevent from a checkout)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (PACKAGE_ROOT, env.get("PYTHONPATH"))))
+        return subprocess.Popen([sys.executable, "-m", "npgevent", *self.argv], env=env,
+                                stdin=subprocess.DEVNULL, pass_fds=(self.board.fd,),
+                                preexec_fn=_worker_preexec)
+
+    def _keep_running(self, index: int) -> None:
+        while not self._stopping:
+            try:
+                proc = self.procs[index] = self._spawn(index)
+            except OSError as exc:
+                self.log.error("Worker %d: cannot start: %s", index, exc)
+                gevent.sleep(self.opts.service_cooldown)
+                continue
+            self.log.debug("Worker %d started: pid %d", index, proc.pid)
+            status = proc.wait()
+            self._bank(index)
+            if self._stopping:
+                return
+            self.restarts += 1
+            self.log.error("Worker %d (pid %d) exited with status %d: restart in %gs", index, proc.pid,
+                           status, self.opts.service_cooldown)
+            gevent.sleep(self.opts.service_cooldown)
+
+    def _bank(self, index: int) -> None:
+        """Keep the byte counters of a worker that exited in the totals."""
+        row = self.board.read(index)
+        for i in range(4):
+            self.dead_bytes[i] += row[4 + i]
+        self.board.write(index, EMPTY)
+
+    def totals(self) -> tuple[int, ...]:
+        """(ping, tcps, udps, tcp_rx, tcp_tx, udp_rx, udp_tx) over every worker, living or not."""
+        rows = [self.board.read(i)[1:] for i in range(self.count)]
+        ping = max((r[0] for r in rows), default=0)
+        sums = [sum(r[i] for r in rows) for i in range(1, 7)]
+        for i in range(4):
+            sums[2 + i] += self.dead_bytes[i]
+        return (ping, *sums)
+
+    def _report(self) -> None:
+        serving = [0] * self.count
+        while True:
+            gevent.sleep(self.opts.report_interval)
+            for i in range(self.count):  # a worker writes its row once its listeners are open
+                pid = self.board.read(i)[0]
+                if pid and pid != serving[i]:
+                    serving[i] = pid
+                    self.log.info("Worker %d serving: pid %d", i, pid)
+            ping, tcps, udps, trx, ttx, urx, utx = self.totals()
+            self.log.event(checkpoint_line(1, ping, 0, tcps, udps, trx, ttx, urx, utx))
+            if self.log.enabled(DEBUG):
+                self.log.debug("Workers: %s", "; ".join(self._row_text(i) for i in range(self.count)))
+
+    def _row_text(self, index: int) -> str:
+        proc = self.procs[index]
+        _pid, _ping, tcps, udps, trx, ttx, urx, utx = self.board.read(index)
+        return "%d pid %s TCPS=%d UDPS=%d TCPRX=%d TCPTX=%d UDPRX=%d UDPTX=%d" % (
+            index, proc.pid if proc is not None else "-", tcps, udps, trx, ttx, urx, utx)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Signal every worker to drain, wait for them (SIGKILL after the grace), and exit."""
+        grace = self.opts.shutdown_timeout if timeout is None else timeout
+        if self._stopping:
+            self._signal(signal.SIGKILL if timeout == 0 else signal.SIGTERM)
+            return
+        self._stopping = True
+        self._signal(signal.SIGTERM)
+        live = [p for p in self.procs if p is not None]
+        with gevent.Timeout(grace + 2, False):
+            for p in live:
+                p.wait()
+        self._signal(signal.SIGKILL)
+        for p in live:
+            p.wait()
+        self.tasks.kill(block=True, timeout=2)
+        if self.metrics is not None:
+            self.metrics.close()
+        self.board.close()
+        self.log.info("Client shutdown complete")
+
+    def _signal(self, signum: int) -> None:
+        for p in self.procs:
+            if p is not None and p.poll() is None:
+                try:
+                    p.send_signal(signum)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.stop(0)

@@ -1,0 +1,251 @@
+"""Prometheus metrics: metrics=host:port on an instance, /metrics on the master, and a real
+Prometheus server scraping npgevent (skipped with the reason where the package is missing)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+import urllib.parse
+
+import gevent
+import pytest
+from helpers import (
+    EchoPair,
+    MasterProcess,
+    NpProcess,
+    echo_exact,
+    free_port,
+    http,
+    in_process,
+    tunnel_urls,
+    udp_roundtrip,
+    wait_pool,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Denied(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+SERIES = ("npgevent_bytes_total", "npgevent_sessions", "npgevent_session_limit", "npgevent_pool_idle",
+          "npgevent_pool_capacity", "npgevent_control_ping_seconds_bucket", "npgevent_tunnel_restarts_total",
+          "npgevent_handshake_failures_total", "npgevent_dial_failures_total", "npgevent_udp_dropped_total")
+
+
+def scrape(port: int, path: str = "/metrics", key: str | None = None) -> dict[str, float]:
+    r = http("GET", port, path, key=key)  # a gevent socket: in-process daemons keep running
+    if r.status != 200:
+        raise Denied(r.status)
+    assert r.headers["content-type"].startswith("text/plain")
+    text = r.body.decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def test_a_tunnel_server_exposes_every_series_and_they_move():
+    echo = EchoPair()
+    tport, uport, mport = free_port(), free_port(), free_port()
+    server_url, client_url = tunnel_urls("rev", "0", tport, uport, echo.port, key="metrics-key",
+                                         extra_server="&metrics=127.0.0.1:%d" % mport)
+    try:
+        with in_process(server_url) as s, in_process(client_url):
+            s.capture.wait_for(r"Metrics: http://127\.0\.0\.1:%d/metrics" % mport)
+            wait_pool(lambda: s.core.pool.active, 4)
+            for _ in range(5):
+                assert echo_exact(uport, b"m" * 1000) == b"m" * 1000
+            assert udp_roundtrip(uport, b"u" * 100) == b"u" * 100
+            s.capture.wait_for(r"CHECK_POINT.*PING", timeout=5)
+            m = scrape(mport)
+            for name in SERIES:
+                assert any(k.startswith(name) for k in m), name
+            assert m['npgevent_bytes_total{direction="rx",protocol="tcp"}'] >= 5000
+            assert m['npgevent_bytes_total{direction="tx",protocol="udp"}'] >= 100
+            assert m["npgevent_session_limit"] == 65536
+            assert m["npgevent_pool_capacity"] == 1024 and m["npgevent_pool_idle"] >= 1
+            assert m["npgevent_control_ping_seconds_count"] >= 1
+            assert m['npgevent_handshake_failures_total{kind="auth"}'] == 0
+    finally:
+        echo.close()
+
+
+def test_failures_and_restarts_are_counted_by_kind_and_reason():
+    """A wrong key (handshake failure), a dial to a dead target and a restart, as counters."""
+    tport, uport, mport = free_port(), free_port(), free_port()
+    dead = free_port()
+    server_url, _ = tunnel_urls("rev", "0", tport, uport, dead, key="the-right-key-1",
+                                extra_server="&metrics=127.0.0.1:%d" % mport)
+    _, wrong_client = tunnel_urls("rev", "0", tport, uport, dead, key="the-wrong-key-1")
+    _, client_url = tunnel_urls("rev", "0", tport, uport, dead, key="the-right-key-1")
+    with in_process(server_url) as s:
+        with in_process(wrong_client, wait_running=False) as c:
+            c.capture.wait_for(r"Client error: tunnel handshake", timeout=15)
+        s.capture.wait_for(r"tunnelHandshake: access denied", timeout=10)
+        with in_process(client_url) as c:
+            wait_pool(lambda: s.core.pool.active, 1)
+            from gevent import socket as std
+
+            user = std.create_connection(("127.0.0.1", uport), timeout=5)
+            user.settimeout(10)
+            assert user.recv(10) == b""  # the client could not dial the dead target
+            user.close()
+            c.capture.wait_for(r"Dial target failed", timeout=10)
+            cm = c.core.inst.events
+            assert cm.dial_failures >= 1
+        s.capture.wait_for(r"Server error: control connection", timeout=15)
+        gevent.sleep(0.2)
+        m = scrape(mport)
+        assert m['npgevent_handshake_failures_total{kind="auth"}'] >= 1
+        assert sum(v for k, v in m.items() if k.startswith("npgevent_tunnel_restarts_total")) >= 1
+        assert m['npgevent_tunnel_restarts_total{reason="control_closed"}'] >= 1
+
+
+def test_metrics_address_in_use_or_bad_is_a_clear_error():
+    echo = EchoPair()
+    port = free_port()
+    proc = NpProcess("client://127.0.0.1:%d/127.0.0.1:%d?metrics=nonsense" % (port, echo.port))
+    try:
+        assert proc.wait(15) == 2
+        assert "invalid URL parameter metrics= 'nonsense': expected host:port" in proc.output
+        assert "Traceback" not in proc.output
+    finally:
+        proc.close()
+        echo.close()
+
+
+def test_master_metrics_behind_the_key_labelled_by_instance(tmp_path):
+    echo = EchoPair()
+    master = MasterProcess(tmp_path)
+    try:
+        port = free_port()
+        r = master.api("POST", "/instances", {"url": "client://127.0.0.1:%d/127.0.0.1:%d" % (port, echo.port)})
+        assert r.status == 201, r.body
+        rid = r.json["id"]
+        assert master.api("PATCH", "/instances/" + rid, {"alias": "web"}).status == 200
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                assert echo_exact(port, b"through the master's instance") == b"through the master's instance"
+                break
+            except (OSError, AssertionError):
+                if time.monotonic() > deadline:
+                    raise
+                gevent.sleep(0.2)
+        with pytest.raises(Denied) as denied:
+            scrape(master.port, "/api/v1/metrics")
+        assert denied.value.status == 401
+        deadline = time.monotonic() + 10
+        key = 'npgevent_bytes_total{alias="web",direction="rx",instance_id="%s",protocol="tcp"}' % rid
+        while True:
+            m = scrape(master.port, "/api/v1/metrics", key=master.key)
+            if m.get(key, 0) >= len(b"through the master's instance"):
+                break
+            assert time.monotonic() < deadline, m
+            gevent.sleep(0.3)
+        assert m['npgevent_instance_running{alias="web",instance_id="%s"}' % rid] == 1
+    finally:
+        master.stop()
+        master.close()
+        echo.close()
+
+
+# -- a real Prometheus server ---------------------------------------------------------------
+
+def prometheus_binary() -> str | None:
+    return shutil.which("prometheus") or (os.path.exists("/usr/bin/prometheus") and "/usr/bin/prometheus") or None
+
+
+@pytest.mark.skipif(prometheus_binary() is None,
+                    reason="no prometheus binary (Debian package 'prometheus'; .ci/run installs it)")
+def test_a_real_prometheus_scrapes_a_series_that_moved(tmp_path):
+    echo = EchoPair()
+    port, mport, pport = free_port(), free_port(), free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: npgevent\n"
+                      "    static_configs:\n      - targets: ['127.0.0.1:%d']\n" % mport)
+    inst = NpProcess("client://127.0.0.1:%d/127.0.0.1:%d?metrics=127.0.0.1:%d" % (port, echo.port, mport))
+    prom = subprocess.Popen([prometheus_binary(), "--config.file=%s" % config,
+                             "--storage.tsdb.path=%s" % (tmp_path / "data"),
+                             "--web.listen-address=127.0.0.1:%d" % pport],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        inst.wait_for(r"Metrics: http://")
+        payload = b"p" * 4096
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                assert echo_exact(port, payload) == payload
+                break
+            except (OSError, AssertionError):
+                assert time.monotonic() < deadline
+                gevent.sleep(0.2)
+        query = 'npgevent_bytes_total{job="npgevent",protocol="tcp",direction="tx"}'
+        deadline = time.monotonic() + 40
+        value = None
+        while time.monotonic() < deadline:
+            try:
+                r = http("GET", pport, "/api/v1/query?query=%s" % urllib.parse.quote(query), timeout=3)
+                data = json.loads(r.body)
+                result = data["data"]["result"]
+                if result and float(result[0]["value"][1]) >= len(payload):
+                    value = float(result[0]["value"][1])
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            gevent.sleep(0.5)
+        assert value is not None and value >= len(payload), "Prometheus never saw the bytes move"
+    finally:
+        prom.terminate()
+        try:
+            prom.wait(10)
+        except subprocess.TimeoutExpired:
+            prom.kill()
+            prom.wait(5)
+        if prom.stderr is not None:
+            prom.stderr.close()
+        inst.close()
+        echo.close()
+
+
+def test_series_names_are_stable():
+    """The dashboard in etc/ and operators' alerts depend on these names."""
+    from npgevent.metrics import FAILURE_KINDS, RESTART_REASONS
+
+    assert FAILURE_KINDS == ("handshake", "auth", "pool_admission")
+    assert "control_closed" in RESTART_REASONS and "other" in RESTART_REASONS
+    assert all(re.fullmatch(r"[a-z_]+", r) for r in RESTART_REASONS)
+
+
+def test_the_grafana_dashboard_is_valid_json_and_queries_only_existing_series():
+    from pathlib import Path
+
+    dashboard = json.loads((Path(__file__).parents[2] / "etc" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(exprs) >= 8 and all(p["datasource"]["type"] == "prometheus" for p in dashboard["panels"])
+    echo = EchoPair()
+    tport, uport, mport = free_port(), free_port(), free_port()
+    server_url, client_url = tunnel_urls("rev", "0", tport, uport, echo.port, key="dash-key",
+                                         extra_server="&metrics=127.0.0.1:%d" % mport)
+    try:
+        with in_process(server_url) as s, in_process(client_url):
+            wait_pool(lambda: s.core.pool.active, 1)
+            scraped = scrape(mport)
+    finally:
+        echo.close()
+    names = {k.split("{")[0] for k in scraped}
+    labels = {m for k in scraped for m in re.findall(r"(\w+)=", k.partition("{")[2])} | {"le", "job", "instance"}
+    for expr in exprs:
+        used = set(re.findall(r"\bnpgevent_[a-z_]+", expr))
+        assert used and used <= names, (expr, used - names)
+        for group in re.findall(r"by \(([^)]*)\)", expr):
+            assert {g.strip() for g in group.split(",")} <= labels, expr

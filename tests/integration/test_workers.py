@@ -1,0 +1,235 @@
+"""workers=N: single-end forwarding over N processes sharing the listeners (SO_REUSEPORT).
+
+Everything runs through the CLI as real processes: the parent supervises, the workers serve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import time
+
+import gevent
+import pytest
+from gevent import socket
+from gevent.server import DatagramServer
+from helpers import EchoPair, NpProcess, TcpEcho, echo_exact, free_port, run_cli, udp_socket
+
+pytestmark = pytest.mark.timeout(120)
+ROW = re.compile(r"(\d+) pid (\d+) TCPS=\d+ UDPS=\d+ TCPRX=(\d+) TCPTX=\d+ UDPRX=(\d+)")
+CHECK = re.compile(r"CHECK_POINT\|MODE=1\|PING=\d+ms\|POOL=0\|TCPS=(\d+)\|UDPS=(\d+)\|TCPRX=(\d+)\|"
+                   r"TCPTX=(\d+)\|UDPRX=(\d+)\|UDPTX=(\d+)")
+
+
+@contextlib.contextmanager
+def workers(n: int, target: int, query: str = "", **env: str):
+    port = free_port()
+    proc = NpProcess("client://127.0.0.1:%d/127.0.0.1:%d?workers=%d&log=debug%s" % (port, target, n, query),
+                     env=env)
+    try:
+        proc.wait_for(r"Workers: %d processes share" % n)
+        for i in range(n):
+            proc.wait_for(r"Worker %d serving: pid" % i)
+        wait_serving(port)
+        yield proc, port
+    finally:
+        proc.close()
+
+
+def wait_serving(port: int, within: float = 15) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            assert echo_exact(port, b"ready?") == b"ready?"
+            return
+        except (OSError, AssertionError):
+            if time.monotonic() > deadline:
+                raise
+            gevent.sleep(0.1)
+
+
+def worker_pids(proc: NpProcess) -> dict[int, int]:
+    pids = {}
+    for line in proc.lines:
+        m = re.search(r"Worker (\d+) serving: pid (\d+)", line)
+        if m:
+            pids[int(m.group(1))] = int(m.group(2))
+    return pids
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open("/proc/%d/stat" % pid) as f:
+        return f.read().split()[2] != "Z"
+
+
+def last_rows(proc: NpProcess, after: int) -> dict[int, tuple[int, int]]:
+    """worker index -> (TCPRX, UDPRX) from the newest per-worker debug line after line *after*."""
+    for line in reversed(proc.lines[after:]):
+        if "DEBUG" in line and "Workers: 0 pid" in line:
+            return {int(m[0]): (int(m[2]), int(m[3])) for m in ROW.findall(line)}
+    return {}
+
+
+def test_connections_spread_over_workers_and_one_summed_checkpoint():
+    echo = EchoPair()
+    try:
+        with workers(2, echo.port) as (proc, port):
+            payload = b"w" * 1000
+            for _ in range(60):
+                assert echo_exact(port, payload) == payload
+            mark = len(proc.lines)
+            gevent.sleep(2.5)  # two report intervals
+            rows = last_rows(proc, mark)
+            assert set(rows) == {0, 1} and all(rx > 0 for rx, _ in rows.values()), rows  # both served
+            checks = [CHECK.search(line) for line in proc.lines[mark:]]
+            checks = [m for m in checks if m]
+            # one CHECK_POINT per interval (not one per worker), with the workers' counters summed
+            assert 1 <= len(checks) <= 3, proc.output[-3000:]
+            total = int(checks[-1].group(3))
+            assert total == sum(rx for rx, _ in rows.values())
+            assert total >= 60 * len(payload)
+    finally:
+        echo.close()
+
+
+class TaggedUdpEcho:
+    """UDP echo that remembers from which source address each user tag arrived."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.sources: dict[bytes, set] = {}
+        self.server = DatagramServer(("127.0.0.1", port), self._handle)
+        self.server.start()
+
+    def _handle(self, data: bytes, addr) -> None:
+        self.sources.setdefault(data.split(b":")[0], set()).add(addr)
+        self.server.sendto(data, addr)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_a_user_address_stays_on_one_worker():
+    """The kernel's SO_REUSEPORT hash keeps each user address on one worker: one session (one
+    upstream socket) per user, so the target sees each user from exactly one address."""
+    udp_target = TaggedUdpEcho(free_port())
+    echo = TcpEcho(port=udp_target.port)  # readiness is checked over TCP
+    try:
+        with workers(2, udp_target.port) as (proc, port):
+            users = [udp_socket() for _ in range(24)]
+            try:
+                for rnd in range(8):
+                    for i, user in enumerate(users):
+                        user.sendto(b"user%d:%d" % (i, rnd), ("127.0.0.1", port))
+                    for i, user in enumerate(users):
+                        data, _ = user.recvfrom(100)
+                        assert data == b"user%d:%d" % (i, rnd)
+                assert len(udp_target.sources) == 24
+                assert all(len(v) == 1 for v in udp_target.sources.values()), udp_target.sources
+                mark = len(proc.lines)
+                gevent.sleep(2.5)
+                rows = last_rows(proc, mark)
+                assert all(udp > 0 for _, udp in rows.values()), rows  # both workers had users
+            finally:
+                for user in users:
+                    user.close()
+    finally:
+        udp_target.close()
+        echo.close()
+
+
+def test_a_killed_worker_is_replaced_and_its_bytes_stay_counted():
+    echo = EchoPair()
+    try:
+        with workers(2, echo.port) as (proc, port):
+            for _ in range(40):
+                assert echo_exact(port, b"k" * 500) == b"k" * 500
+            gevent.sleep(1.5)
+            before = max(int(m.group(3)) for m in map(CHECK.search, proc.lines) if m)
+            pids = worker_pids(proc)
+            os.kill(pids[0], signal.SIGKILL)
+            proc.wait_for(r"ERROR\s+Worker 0 \(pid %d\) exited with status -9: restart" % pids[0])
+            new = int(proc.wait_for(r"Worker 0 serving: pid (?!%d)(\d+)" % pids[0], timeout=10).group(1))
+            assert new != pids[0] and alive(new) and alive(pids[1])
+            wait_serving(port)
+            for _ in range(20):
+                assert echo_exact(port, b"after") == b"after"
+            mark = len(proc.lines)
+            proc.wait_for(r"CHECK_POINT", start=mark)
+            after = int(CHECK.search(proc.wait_for(r"CHECK_POINT", start=len(proc.lines)).string).group(3))
+            assert after >= before + 20 * 5  # nothing the dead worker counted was lost
+    finally:
+        echo.close()
+
+
+def test_sigterm_drains_every_worker():
+    echo = EchoPair()
+    try:
+        with workers(2, echo.port, NP_SHUTDOWN_TIMEOUT="5s") as (proc, port):
+            pids = worker_pids(proc)
+            live = socket.create_connection(("127.0.0.1", port), timeout=5)
+            try:
+                live.sendall(b"before")
+                assert live.recv(100) == b"before"
+                proc.signal(signal.SIGTERM)
+                gevent.sleep(0.5)
+                live.sendall(b"during the drain")  # a session in flight finishes its exchange
+                assert live.recv(100) == b"during the drain"
+            finally:
+                live.close()
+            assert proc.wait(15) == 0
+            assert not any(alive(pid) for pid in pids.values())
+            assert proc.count(r"Client shutdown complete") == 3, proc.output[-3000:]  # workers, parent
+            assert "Client shutdown complete" in proc.lines[-1]
+    finally:
+        echo.close()
+
+
+@pytest.mark.parametrize("url,expected", [
+    ("server://k@127.0.0.1:%d/127.0.0.1:9?workers=2", "workers=2 applies to single-end forwarding"),
+    ("client://k@127.0.0.1:%d/127.0.0.1:9?mode=2&workers=2", "workers=2 applies to single-end forwarding"),
+    ("client://127.0.0.1:%d/127.0.0.1:9?workers=two", "expected a number of processes or 'auto'"),
+])
+def test_workers_outside_single_end_or_unparseable_exits_2(url, expected):
+    rc, out, err = run_cli(url % free_port())
+    assert rc == 2 and expected in err and "Traceback" not in err + out
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_workers_out_of_range_keeps_one_process_with_a_warning():
+    echo = EchoPair()
+    port = free_port()
+    proc = NpProcess("client://127.0.0.1:%d/127.0.0.1:%d?workers=0" % (port, echo.port))
+    try:
+        proc.wait_for(r"WARN\s+URL parameter workers= '0' is out of range \(must be 1\.\.256\): using default 1")
+        wait_serving(port)
+        assert proc.count(r"Workers:") == 0
+    finally:
+        proc.close()
+        echo.close()
+
+
+def test_metrics_of_workers_are_summed_by_the_parent():
+    from helpers import http
+
+    echo = EchoPair()
+    mport = free_port()
+    try:
+        with workers(2, echo.port, query="&metrics=127.0.0.1:%d" % mport) as (proc, port):
+            assert proc.count(r"Metrics: http://127\.0\.0\.1:%d/metrics" % mport) == 1  # the parent's only
+            for _ in range(40):
+                assert echo_exact(port, b"s" * 250) == b"s" * 250
+            gevent.sleep(2.5)
+            body = http("GET", mport, "/metrics").body.decode()
+            rx = float(re.search(r'npgevent_bytes_total\{direction="rx",protocol="tcp"\} (\S+)', body).group(1))
+            rows = last_rows(proc, 0)
+            assert rx >= 40 * 250 and rx >= sum(r for r, _ in rows.values()) > 0
+            assert "npgevent_workers 2.0" in body
+    finally:
+        echo.close()
