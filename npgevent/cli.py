@@ -35,7 +35,11 @@ EXIT_USAGE = 2
 class _Parser(configargparse.ArgumentParser):
     """configargparse with one-line errors (no usage dump) and exit status 2."""
 
+    raise_errors = False  # True while reloading: a bad value must not end the daemon
+
     def error(self, message: str) -> NoReturn:
+        if self.raise_errors:
+            raise ConfigError(" ".join(message.split()))
         sys.stderr.write("npgevent: error: %s\n" % " ".join(message.split()))
         sys.exit(EXIT_USAGE)
 
@@ -67,9 +71,10 @@ def build_parser() -> configargparse.ArgumentParser:
     return parser
 
 
-def parse(argv: Sequence[str] | None = None) -> tuple[TunnelSpec, Any, list[str]]:
+def parse(argv: Sequence[str] | None = None, reloading: bool = False) -> tuple[TunnelSpec, Any, list[str]]:
     """Parse argv/env/config into (spec, options, warnings); raise ConfigError on bad input."""
     parser = build_parser()
+    parser.raise_errors = reloading
     # an empty variable counts as unset, as Go's os.Getenv checks do
     env = {k: v for k, v in os.environ.items() if v.strip() != ""}
     ns = parser.parse_args(argv, env_vars=env)
@@ -106,14 +111,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .workers import Supervisor, check_single_end
 
             check_single_end(spec, options, None)
-            return serve(Supervisor(spec, options, ilog, sys.argv[1:] if argv is None else argv))
+            supervisor = Supervisor(spec, options, ilog, sys.argv[1:] if argv is None else argv)
+            return serve(supervisor, supervisor.reload)
         runner = build_runner(spec, options, ilog)
     except ConfigError as exc:
         sys.stderr.write("npgevent: error: %s\n" % exc)
         return EXIT_USAGE
     if worker is not None:
         worker.adapt(runner)
-    return serve(runner)
+    return serve(runner, lambda: reload(runner, argv))
+
+
+def reload(runner: Any, argv: Sequence[str] | None) -> None:
+    """SIGHUP: read the config file, the environment given at start and the CLI again, and
+    hand the result to the runner; a value that fails validation changes nothing."""
+    runner.log.info("Reload: SIGHUP received: reading the settings again")
+    try:
+        spec, options, warnings = parse(argv, reloading=True)
+    except ConfigError as exc:
+        runner.log.error("Reload failed: %s: keeping the current settings", exc)
+        return
+    for warning in warnings:
+        runner.log.warn(warning)
+    runner.reload(spec, options)
 
 
 def raise_fd_limit(log: logmod.InstanceLog, want: int = 1 << 20) -> None:
@@ -131,8 +151,9 @@ def raise_fd_limit(log: logmod.InstanceLog, want: int = 1 << 20) -> None:
         log.debug("Open files limit unchanged: %s", exc)
 
 
-def serve(runner: Any) -> int:
-    """Run *runner* until SIGTERM/SIGINT, then stop it gracefully; return the exit status."""
+def serve(runner: Any, on_reload: Any = None) -> int:
+    """Run *runner* until SIGTERM/SIGINT, then stop it gracefully; return the exit status.
+    SIGHUP calls *on_reload* (in a greenlet of its own), or is ignored without one."""
     import gevent
     from gevent.queue import Empty, Queue
 
@@ -142,6 +163,20 @@ def serve(runner: Any) -> int:
         # gevent runs these callbacks in the hub, outside the real signal handler;
         # they only enqueue, the main greenlet does the work.
         handlers.append(gevent.signal_handler(signum, tokens.put_nowait, signum))
+    reloads: Queue = Queue()
+    handlers.append(gevent.signal_handler(signal.SIGHUP, reloads.put_nowait, signal.SIGHUP))
+
+    def reloader() -> None:
+        while True:
+            reloads.get()
+            if on_reload is None:
+                continue
+            try:
+                on_reload()
+            except Exception as exc:  # a bug must not take the daemon down with it
+                runner.log.error("Reload failed: internal error: %r", exc, exc_info=True)
+
+    reload_task = gevent.spawn(reloader)
     try:
         try:
             runner.start()
@@ -163,6 +198,7 @@ def serve(runner: Any) -> int:
             break
         stopper.join()
     finally:
+        reload_task.kill(block=False)
         for h in handlers:
             h.cancel()
     sys.stdout.flush()

@@ -110,11 +110,12 @@ class WorkerRole:
 
         sockopt.REUSE_PORT = True
         inst = runner.inst
-        inst.opts = runner.inst.opts.with_(metrics=None)  # the parent serves the summed series
+        runner.serve_metrics = False  # the parent serves the summed series
         inst.slots = Slots(math.ceil(inst.opts.slot / self.count))
         if inst.opts.rate > 0:
             inst.limiter = RateLimiter(inst.opts.rate * MBIT / self.count)
         pid = os.getpid()
+        runner.share = self.count
         inst.checkpoint_sink = lambda row: self.board.write(self.index, (pid, *row))
 
 
@@ -269,6 +270,12 @@ class Supervisor:
             self.metrics.close()
         self.board.close()
         self.log.info("Client shutdown complete")
+
+    def reload(self) -> None:
+        """SIGHUP: each worker reads its settings again (the parent keeps its own)."""
+        live = sum(1 for p in self.procs if p is not None and p.poll() is None)
+        self.log.info("Reload: SIGHUP passed on to %d workers", live)
+        self._signal(signal.SIGHUP)
 
     def _signal(self, signum: int) -> None:
         for p in self.procs:

@@ -35,6 +35,7 @@ from ..relay.limit import RateLimiter, Slots
 from ..relay.stats import Traffic
 from ..settings import Options
 from ..url import TunnelSpec
+from .reload import Reloading, apply_live, keep_process_only, plan
 
 
 class Instance:
@@ -176,11 +177,14 @@ class Runner:
         self._greenlet: gevent.Greenlet | None = None
         self.running = Event()  # set while a core is started
         self.metrics: Any = None  # MetricsServer when metrics= is set
+        self.serve_metrics = True  # False in a worker: its parent serves the sum
+        self.share = 1  # worker processes the instance's slot= and rate= are split over
 
     def start(self) -> None:
         from ..metrics import serve_instance
 
-        self.metrics = serve_instance(self)  # metrics=host:port, before the first core
+        if self.serve_metrics:  # metrics=host:port, before the first core
+            self.metrics = serve_instance(self)
         self._greenlet = gevent.spawn(self._run)
 
     def _run(self) -> None:
@@ -201,7 +205,9 @@ class Runner:
                 self.running.set()
                 core.wait()
             except (CoreError, OSError) as exc:
-                if not self._stopping:
+                if isinstance(exc, Reloading):
+                    self.log.info("%s reload: %s", inst.title, _one_line(exc))
+                elif not self._stopping:
                     self.log.error("%s error: %s", inst.title, _one_line(exc))
                     inst.events.restart(str(exc))
             except gevent.GreenletExit:
@@ -237,6 +243,34 @@ class Runner:
         if self.metrics is not None:
             self.metrics.close()
         self.log.info("%s shutdown complete", self.inst.title)
+
+    def reload(self, spec: TunnelSpec, opts: Options) -> None:
+        """SIGHUP: apply re-read settings (:mod:`npgevent.cores.reload`)."""
+        inst, log, core = self.inst, self.log, self.core
+        listens = core is None or bool(getattr(core, "receives", False))
+        p = plan(inst.spec, inst.opts, spec, opts, listens_on_target=listens)
+        if p.process:
+            log.warn("Reload: %s can't change in a running process: kept (restart npgevent to apply)",
+                     ", ".join(p.process))
+            if "scheme" in p.process:
+                return
+        opts = keep_process_only(inst.opts, opts)
+        tls_changed = any(name in p.restart for name in ("tls", "crt", "key", "quic"))
+        apply_live(self, spec, opts, self.share)
+        if p.restart:
+            if tls_changed:
+                inst.server_tls = None  # type: ignore[attr-defined]  # made again by the next core
+                inst.tls_logged = False  # type: ignore[attr-defined]
+            self.mode = opts.mode
+            log.info("Reload: %s changed: the core restarts after the cooldown, live sessions carry on",
+                     ", ".join(p.restart))
+            if core is not None:
+                core.fail(Reloading("settings changed: " + ", ".join(p.restart)))
+        else:
+            log.info("Reload: %s", ("applied " + ", ".join(p.live)) if p.live else "no setting changed")
+        tls = getattr(inst, "server_tls", None)
+        if tls is not None and not tls_changed:
+            tls.reload_now()
 
     def _keep(self, sessions: Group | None) -> None:
         if sessions is not None:

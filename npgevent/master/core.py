@@ -142,6 +142,33 @@ class Master:
     def close(self) -> None:
         self.stop(0)
 
+    def reload(self, spec: TunnelSpec, opts: Options) -> None:
+        """SIGHUP: the master's own settings.  Its children are not signalled (each instance
+        is reloaded, stopped or restarted through the API).  Applied: the log level, the
+        HTTP deadlines and per-address cap, and the crt/key files (tls=2); the address,
+        prefix, TLS code, state directory and metrics address need a new process."""
+        from ..log import LEVELS
+
+        fixed = [name for name, old, new in (
+            ("scheme", self.spec.scheme, spec.scheme), ("address", self.spec.tunnel, spec.tunnel),
+            ("prefix", self.spec.prefix, spec.prefix), ("tls", self.spec.query_map.get("tls", ""),
+                                                        spec.query_map.get("tls", "")),
+            ("crt/key paths", (self.raw_crt, self.raw_key), (spec.query_map.get("crt", ""),
+                                                             spec.query_map.get("key", ""))),
+            ("state_dir", self.opts.state_dir, opts.state_dir), ("metrics", self.opts.metrics, opts.metrics),
+            ("log_format", self.opts.log_format, opts.log_format)) if old != new]
+        if fixed:
+            self.log.warn("Reload: %s can't change in a running master: kept (restart it to apply)",
+                          ", ".join(fixed))
+        self.opts = opts.with_(state_dir=self.opts.state_dir, metrics=self.opts.metrics,
+                               log_format=self.opts.log_format)
+        self.log.level = LEVELS.get(opts.log, self.log.level)
+        if self.server is not None:
+            self.server.configure(self.opts)
+        if self._tls is not None:
+            self._tls.reload_now()
+        self.log.info("Reload: master settings applied (log=%s); instances not signalled", opts.log)
+
     def metrics_registry(self) -> Any:
         """The prometheus_client registry of every instance's series (made on first use)."""
         if self._metrics_registry is None:

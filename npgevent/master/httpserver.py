@@ -134,12 +134,16 @@ class ApiServer(WSGIServer):
 
     def __init__(self, listener: Any, app: Any, opts: Any, error_log: DebugLog, max_body: int) -> None:
         super().__init__(listener, app, log=None, error_log=error_log)
+        self.configure(opts)
+        self.max_body = max_body
+        self.per_ip: collections.Counter[str] = collections.Counter()
+
+    def configure(self, opts: Any) -> None:
+        """The deadlines and the per-address cap (at start, and on SIGHUP for new connections)."""
         self.header_timeout = opts.http_header_timeout
         self.body_timeout = opts.http_body_timeout
         self.idle_timeout = opts.http_idle_timeout
         self.max_per_ip = opts.http_max_conns_per_ip
-        self.max_body = max_body
-        self.per_ip: collections.Counter[str] = collections.Counter()
 
     def handle(self, sock: Any, address: Any) -> None:
         ip = str(address[0]) if isinstance(address, tuple) else ""

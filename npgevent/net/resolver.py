@@ -115,6 +115,13 @@ class Resolver:
         self._cache: dict[str, _Entry] = {}
         self._inflight: dict[str, AsyncResult] = {}
 
+    def set_servers(self, servers: tuple[str, ...]) -> None:
+        """New DNS servers (SIGHUP); the cache is dropped when they change."""
+        new = tuple(_split_server(s) for s in servers)
+        if new != self.servers:
+            self.servers = new
+            self._cache.clear()
+
     def listen_ip(self, host: str) -> str | None:
         """The IP to bind a listener on *host*, or None when *host* can be bound as given
         (all interfaces, an IP literal, or ``localhost``)."""

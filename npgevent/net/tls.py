@@ -167,6 +167,24 @@ class ServerTLS:
                 self.log.error("TLS cert reload failed (%s): keeping the current certificate", _reason(exc))
         return self.context
 
+    def reload_now(self) -> bool:
+        """Re-read the code-2 files at once (SIGHUP); on failure keep the current pair.
+        True when a new certificate is in use."""
+        if self.code != "2":
+            return False
+        old = fingerprint(self.cert)
+        try:
+            self._load_files()
+        except (OSError, ValueError, SSL.Error) as exc:
+            self.log.error("TLS cert reload failed (%s): keeping the current certificate", _reason(exc))
+            return False
+        if fingerprint(self.cert) == old:
+            self.log.info("TLS cert reloaded: unchanged (%s)", old)
+            return False
+        self.log.info("TLS cert reloaded: %s %s (was %s)", common_name(self.cert) or self.crt,
+                      fingerprint(self.cert), old)
+        return True
+
     @property
     def fingerprint(self) -> str:
         return fingerprint(self.cert)

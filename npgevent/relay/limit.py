@@ -31,6 +31,12 @@ class RateLimiter:
     def from_mbps(cls, mbps: int) -> RateLimiter | None:
         return cls(mbps * MBIT) if mbps > 0 else None
 
+    def set_rate(self, rate_bytes: float) -> None:
+        """A new rate for every connection sharing this bucket (SIGHUP)."""
+        self.rate = float(rate_bytes)
+        self.burst = max(16384.0, self.rate / 10)
+        self._tokens = min(self._tokens, self.burst)
+
     @property
     def chunk(self) -> int:
         """Largest read worth doing at once under this limit."""
