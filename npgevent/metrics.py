@@ -20,6 +20,7 @@ tunnel_restarts_total                 counter    reason (:data:`RESTART_REASONS`
 handshake_failures_total              counter    kind (:data:`FAILURE_KINDS`)
 dial_failures_total                   counter
 udp_dropped_total                     counter    cause (slot_limit/session_backlog/socket_buffer)
+pool_tls_handshakes_total             counter    kind (full/resumed): the client's TLS pool dials
 ====================================  =========  ===========================================
 """
 
@@ -52,7 +53,8 @@ def restart_reason(message: str) -> str:
 class Events:
     """Event counters of one instance (survive core restarts)."""
 
-    __slots__ = ("dial_failures", "failures", "ping_buckets", "ping_count", "ping_sum", "restarts")
+    __slots__ = ("dial_failures", "failures", "ping_buckets", "ping_count", "ping_sum", "restarts",
+                 "tls_handshakes")
 
     def __init__(self) -> None:
         self.restarts = dict.fromkeys(RESTART_REASONS, 0)
@@ -61,6 +63,10 @@ class Events:
         self.ping_buckets = [0] * len(PING_BUCKETS)  # not cumulative: one count per bucket
         self.ping_count = 0
         self.ping_sum = 0.0
+        self.tls_handshakes = {"full": 0, "resumed": 0}  # the client's TLS pool connections
+
+    def tls_handshake(self, resumed: bool) -> None:
+        self.tls_handshakes["resumed" if resumed else "full"] += 1
 
     def restart(self, message: str) -> None:
         self.restarts[restart_reason(message)] += 1
@@ -124,6 +130,11 @@ def instance_families(inst: Any, core: Any, labels: dict[str, str] | None = None
     yield fam
     fam = CounterMetricFamily("npgevent_dial_failures", "Target dials that failed", labels=names)
     fam.add_metric(values, ev.dial_failures)
+    yield fam
+    fam = CounterMetricFamily("npgevent_pool_tls_handshakes", "TLS handshakes of the client's pool "
+                              "connections: full, or resumed from a session ticket", labels=[*names, "kind"])
+    for kind, n in ev.tls_handshakes.items():
+        fam.add_metric([*values, kind], n)
     yield fam
     fam = CounterMetricFamily("npgevent_udp_dropped", "UDP datagrams dropped, by cause",
                               labels=[*names, "cause"])

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import gevent
 from gevent import socket
+from gevent.event import Event
 
 from ..errors import CoreError
 from ..log import ERROR
@@ -66,6 +68,9 @@ class DualClientCore(TunnelCore):
         self.quic: Any = None
         self.prover: Any = None  # PoolProver when both ends authenticated
         self.vouched = ""  # the certificate fingerprint the authenticated server vouched for
+        self.tls_session: Any = None  # the latest TLS session, to resume pool connections from
+        self._ticket: Event | None = None  # set once the first TLS pool dial is over
+        self._leader: Any = None  # the greenlet of that first dial
 
     def _start(self) -> None:
         opts, spec, log = self.opts, self.inst.spec, self.log
@@ -163,6 +168,18 @@ class DualClientCore(TunnelCore):
         if self.engine is not None:
             self.engine.stop()
 
+    def _await_ticket(self) -> None:
+        """The first TLS pool dial leads; the others of the first burst wait for its ticket
+        (at most one handshake timeout), so that they resume instead of each doing a full
+        handshake.  A failed leader releases them all the same."""
+        if self.tls_session is not None:
+            return
+        if self._ticket is None:
+            self._ticket, self._leader = Event(), gevent.getcurrent()
+            return
+        if self._leader is not gevent.getcurrent():
+            self._ticket.wait(self.opts.handshake_timeout)
+
     def _dial_pool(self) -> PoolConn:
         """One pool connection: TCP, TLS for codes 1/2, then the server's 4-byte id."""
         opts = self.opts
@@ -176,8 +193,10 @@ class DualClientCore(TunnelCore):
             if self.ctx is not None:
                 from ..net.tls import TLSStream
 
-                stream = TLSStream.client(sock, self.ctx, host)
+                self._await_ticket()
+                stream = TLSStream.client(sock, self.ctx, host, self.tls_session)
                 stream.handshake(opts.handshake_timeout, verify_name=host if self.tls_code == "2" else "")
+                self.inst.events.tls_handshake(stream.resumed)
                 if self.vouched and stream.peer_fingerprint() != self.vouched:
                     self.log.limited(ERROR, "cert-mismatch", "Tunnel connection to %s refused: its TLS "
                                      "certificate %s is not the one the authenticated server vouched for "
@@ -189,7 +208,12 @@ class DualClientCore(TunnelCore):
             sock.settimeout(POOL_ID_TIMEOUT)
             cid = read_exact(stream, 4).hex()
             sock.settimeout(None)
+            if self.ctx is not None:  # the server's tickets came before the id: resume from them
+                self.tls_session = stream.session()
         except BaseException:
             sock.close()
             raise
+        finally:
+            if self._ticket is not None and not self._ticket.is_set() and self._leader is gevent.getcurrent():
+                self._ticket.set()
         return PoolConn(cid, stream, sock)

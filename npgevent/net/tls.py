@@ -236,12 +236,31 @@ class TLSStream:
         return cls(sock, conn)
 
     @classmethod
-    def client(cls, sock: socket.socket, ctx: SSL.Context, server_name: str = "") -> TLSStream:
+    def client(cls, sock: socket.socket, ctx: SSL.Context, server_name: str = "",
+               session: SSL.Session | None = None) -> TLSStream:
+        """A client stream; with *session* (a ticket from an earlier connection to the same
+        server, same *ctx*) the handshake offers TLS 1.3 resumption."""
         conn = SSL.Connection(ctx, sock)
         if server_name and not _is_ip(server_name):
             conn.set_tlsext_host_name(server_name.encode("idna"))
+        if session is not None:
+            conn.set_session(session)
         conn.set_connect_state()
         return cls(sock, conn)
+
+    @property
+    def resumed(self) -> bool:
+        """True when the handshake resumed a session (no certificate, no signature)."""
+        try:
+            from OpenSSL._util import lib  # pyOpenSSL has no public SSL_session_reused
+
+            return bool(lib.SSL_session_reused(self.conn._ssl))
+        except (ImportError, AttributeError):
+            return False
+
+    def session(self) -> SSL.Session | None:
+        """The session to resume next time (holds the server's ticket once data was read)."""
+        return self.conn.get_session()
 
     # -- handshake --------------------------------------------------------------------
     def handshake(self, timeout: float, verify_name: str = "") -> None:
@@ -355,6 +374,13 @@ class TLSStream:
             self.sock.shutdown(how)
 
     def close(self) -> None:
+        # mark the connection as shut down before it is freed: OpenSSL would otherwise flag
+        # its session "not resumable" (a truncation guard of older TLS) and spoil the ticket
+        # the next pool connection resumes from; nothing is sent
+        try:
+            self.conn.set_shutdown(SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN)
+        except SSL.Error:
+            pass
         self.sock.close()
 
     def settimeout(self, value: float | None) -> None:
