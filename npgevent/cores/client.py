@@ -1,9 +1,4 @@
-"""Client cores: run-mode detection, and the dual-end tunnel client.
-
-Mode 0 (auto) tries to listen on the tunnel address: success means single-end
-forwarding (the listener is handed over, so nothing races for the port);
-failure (a remote address, or the port is taken) means dual-end tunnel mode.
-Mode 1 forces single-end, mode 2 dual-end.
+"""The dual-end tunnel client (run-mode detection is :func:`npgevent.cores.client_core`).
 
 The dual-end client dials the tunnel address and runs the handshake that
 ``auth=`` asks for (:mod:`npgevent.net.handshake`): with an npgevent server both
@@ -29,32 +24,17 @@ from ..log import ERROR
 from ..net import handshake
 from ..net.dial import family_of
 from ..net.handshake import HandshakeError
-from ..net.sockopt import ListenError, format_addr, listen_tcp, tune_tcp
+from ..net.sockopt import format_addr, tune_tcp
 from ..pool.base import Adaptive
 from ..pool.tcp import ClientPool, PoolConn, read_exact
 from ..protocol.auth import ControlCipher, PoolProver
-from .common import Core, Instance
-from .forward import ForwardCore
+from .common import Instance
 from .tunnel import TunnelCore
 
 POOL_ID_TIMEOUT = 60.0  # Go waits up to a minute for the server's 4-byte id
 #: servers (ip:port) that proved the key in this process: a later Go-style answer is refused
 AUTHENTICATED_SERVERS: set[str] = set()
 WARNED_GO_SERVERS: set[str] = set()  # one WARN per Go server, not one per reconnect
-
-
-def client_core(inst: Instance) -> Core:
-    mode = inst.opts.mode
-    if mode == "1":
-        return ForwardCore(inst)
-    if mode == "0":
-        try:
-            sock = listen_tcp(inst.spec.tunnel, inst.resolver.listen_ip(inst.spec.tunnel.host))
-        except (ListenError, OSError) as exc:
-            inst.log.debug("Single-end listen failed (%s): using dual-end mode", exc)
-            return DualClientCore(inst)
-        return ForwardCore(inst, tcp_listener=sock)
-    return DualClientCore(inst)
 
 
 class DualClientCore(TunnelCore):

@@ -136,7 +136,7 @@ class TunnelUdpSession(UdpSession):
             core.awaiting[conn.cid] = self
         if not self.framed:
             keep_datagrams_whole(conn.stream)
-        conn.stream.settimeout(self.table.idle)
+        conn.stream.settimeout(None)  # the session's idle watchdog ends it
         core.log.debug("Tunnel connection: get %s <- pool active %d", conn.cid, core.pool.active)
         core.send_signal(Launch(True, format_addr(self.addr), conn.cid))
         core.log.debug("UDP launch signal: cid %s -> %s", conn.cid, core.peer)
@@ -150,10 +150,6 @@ class TunnelUdpSession(UdpSession):
         self._write(data)
         if core.inst.limiter is not None:
             core.inst.limiter.take(len(data))
-
-    def wait_for(self, seconds: float) -> None:
-        if self.conn is not None:
-            self.conn.stream.settimeout(seconds)
 
     def _write(self, data: bytes) -> None:
         assert self.conn is not None

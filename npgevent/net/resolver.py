@@ -14,23 +14,37 @@ single query.
 
 from __future__ import annotations
 
+import importlib
 import ipaddress
 import os
 import random
 import struct
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import dns.exception
-import dns.flags
-import dns.message
-import dns.rcode
-import dns.rdatatype
 import gevent
 from gevent import socket
 from gevent.event import AsyncResult
 
 from ..log import InstanceLog
+
+if TYPE_CHECKING:
+    import dns.exception
+    import dns.flags
+    import dns.message
+    import dns.rcode
+    import dns.rdatatype
+else:
+    dns: Any = None  # dnspython (~3 MB): imported by the first lookup that asks a DNS server
+
+
+def _need_dnspython() -> None:
+    global dns
+    if dns is None:
+        for name in ("dns.exception", "dns.flags", "dns.message", "dns.rcode", "dns.rdatatype"):
+            importlib.import_module(name)
+        dns = importlib.import_module("dns")
 
 HOSTS_PATH = "/etc/hosts"
 
@@ -172,6 +186,7 @@ class Resolver:
             return addrs
         if not self.servers:
             raise ResolveError("cannot resolve %s: no DNS servers configured" % name)
+        _need_dnspython()
         deadline = time.monotonic() + self.timeout
         jobs = [gevent.spawn(self._query_all, name, rdtype, deadline)
                 for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA)]

@@ -60,6 +60,7 @@ class UdpSession:
         self.closed = False
         self.backlog: list[bytes] = []
         self.greenlet: gevent.Greenlet | None = None
+        self._timer: Any = None  # the idle watchdog's loop timer
 
     # -- implemented by subclasses ------------------------------------------
     def open(self) -> None:
@@ -71,17 +72,12 @@ class UdpSession:
         raise NotImplementedError
 
     def recv(self) -> bytes | None:
-        """Block for one datagram for the user; None = session over.
-
-        Raises socket.timeout when nothing came within the idle period."""
+        """Block for one datagram for the user; None = session over.  No socket timeout: the
+        idle watchdog (:meth:`_watch`) ends the session."""
         raise NotImplementedError
 
     def close_far(self) -> None:
         raise NotImplementedError
-
-    def wait_for(self, seconds: float) -> None:
-        """Make the next :meth:`recv` give up after *seconds* (subclasses set their socket's
-        timeout); the idle check then waits only what is left of the idle period."""
 
     # -- driven by the table ------------------------------------------------
     def deliver(self, data: bytes) -> None:
@@ -111,16 +107,10 @@ class UdpSession:
             backlog, self.backlog = self.backlog, []
             for data in backlog:
                 self.send(data)
-            idle = table.idle
+            self._watch()
             while not self.closed:
-                left = idle - (time.monotonic() - self.last)
-                if left <= 0:
-                    break
-                self.wait_for(left)
                 try:
                     got = self.recv()
-                except socket.timeout:
-                    continue  # the loop's check decides: traffic may have moved self.last
                 except ConnectionRefusedError:
                     continue  # ICMP port unreachable from the target: keep the session
                 if got is None:
@@ -131,11 +121,32 @@ class UdpSession:
             table.log.debug("UDP session for %s ended: %s", format_addr(self.addr), exc)
         finally:
             self.closed = True
+            if self._timer is not None:
+                self._timer.close()
             table.forget(self)
             try:
                 self.close_far()
             except OSError:
                 pass
+
+    def _watch(self) -> None:
+        """End the session exactly ``idle`` seconds after its last datagram either way: one
+        loop timer, re-armed only when it fires (no timeout object per blocking read)."""
+        loop = gevent.get_hub().loop
+
+        def check() -> None:
+            left = self.table.idle - (time.monotonic() - self.last)
+            if self._timer is not None:
+                self._timer.close()
+            if left > 0 and not self.closed:
+                self._timer = loop.timer(left)
+                self._timer.start(check)
+            else:
+                self._timer = None
+                self.stop()  # GreenletExit in the blocked read; run()'s finally cleans up
+
+        self._timer = loop.timer(max(0.0, self.table.idle - (time.monotonic() - self.last)))
+        self._timer.start(check)
 
     def stop(self) -> None:
         self.closed = True
@@ -242,13 +253,9 @@ class UdpTargetSession(UdpSession):
         self.limiter = limiter
         self.sock: socket.socket | None = None
 
-    def wait_for(self, seconds: float) -> None:
-        if self.sock is not None:
-            self.sock.settimeout(seconds)
-
     def open(self) -> None:
         self.sock, target = self.dialer.dial_udp()
-        self.sock.settimeout(self.table.idle)
+        self.sock.settimeout(None)
         self.table.log.debug("Target connection: %s <-> %s", format_addr(self.addr), target)
 
     def send(self, data: bytes) -> None:
