@@ -127,6 +127,7 @@ class Resolver:
         self.log = log or InstanceLog("none")
         self.hosts = hosts or HostsFile()
         self._cache: dict[str, _Entry] = {}
+        self._literals: dict[str, str | None] = {}  # host -> canonical IP, or None for a name
         self._inflight: dict[str, AsyncResult] = {}
 
     def set_servers(self, servers: tuple[str, ...]) -> None:
@@ -149,10 +150,18 @@ class Resolver:
 
     def resolve(self, host: str) -> list[str]:
         """Return the IPs of *host* (an IP literal is returned as is)."""
-        try:
-            return [str(ipaddress.ip_address(host))]
-        except ValueError:
-            pass
+        if host in self._literals:
+            literal = self._literals[host]
+        else:  # parse once: every dial of a target asks again
+            try:
+                literal = str(ipaddress.ip_address(host))
+            except ValueError:
+                literal = None
+            if len(self._literals) >= 1024:
+                self._literals.clear()
+            self._literals[host] = literal
+        if literal is not None:
+            return [literal]
         name = host.lower().rstrip(".")
         now = time.monotonic()
         entry = self._cache.get(name)
