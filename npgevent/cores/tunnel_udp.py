@@ -14,7 +14,7 @@ import gevent
 from gevent import socket
 from gevent.event import Event
 
-from ..net.sockopt import format_addr
+from ..net.sockopt import format_addr, send_all
 from ..pool.tcp import PoolConn
 from ..protocol.signals import Launch
 from ..protocol.udpframe import Deframer, frame
@@ -55,7 +55,7 @@ def udp_exchange(core: TunnelCore, conn: PoolConn, usock: socket.socket) -> None
                 continue
             last[0] = time.monotonic()
             acct[UDP_RX] += len(data)
-            stream.sendall(frame(data) if framed else data)
+            send_all(stream, frame(data) if framed else data)
             if limiter is not None:
                 limiter.take(len(data))
 
@@ -153,7 +153,7 @@ class TunnelUdpSession(UdpSession):
 
     def _write(self, data: bytes) -> None:
         assert self.conn is not None
-        self.conn.stream.sendall(frame(data) if self.framed else data)
+        send_all(self.conn.stream, frame(data) if self.framed else data)
 
     def recv(self) -> bytes | None:
         while True:

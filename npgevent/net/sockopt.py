@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import socket as _stdsocket
+from typing import Any
 
 from gevent import socket
 
@@ -57,6 +58,21 @@ def tune_udp(sock: socket.socket, size: int = UDP_BUFFER) -> None:
                 sock.setsockopt(socket.SOL_SOCKET, plain, size)
             except OSError:
                 pass
+
+
+def send_all(stream: Any, data: Any) -> None:
+    """``stream.sendall(data)``, with one non-blocking ``send`` first on a plain gevent socket:
+    gevent's ``sendall`` asks the kernel for SO_SNDBUF on every call (a syscall per small
+    write); a datagram frame or a short reply nearly always fits the send buffer at once."""
+    if type(stream) is socket.socket:
+        try:
+            sent = stream._sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(data):
+            return
+        data = memoryview(data)[sent:]
+    stream.sendall(data)
 
 
 def peek(sock: socket.socket) -> bytes | None:

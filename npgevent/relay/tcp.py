@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import gevent
 from gevent import socket
 
+from ..net.sockopt import send_all
 from .limit import RateLimiter
 
 SPLICE_OK = sys.platform.startswith("linux") and hasattr(os, "splice")
@@ -238,7 +239,7 @@ def _copy_socket(
             pool.put(buf)
             return
         try:
-            dst.sendall(memoryview(buf)[:n])
+            send_all(dst, memoryview(buf)[:n])
         finally:
             pool.put(buf)
         acct[idx] += n
@@ -273,7 +274,7 @@ def _copy_stream(
             raise IdleTimeout() from None
         if not n:
             return
-        dst.sendall(view[:n])
+        send_all(dst, view[:n])
         acct[idx] += n
         if sess is not None:
             sess.last = time.monotonic()
