@@ -299,9 +299,10 @@ class Options:
     # -- npgevent's own tunables (no Go equivalent) ---------------------------
     quic_datagram_size: int = opt("quic_datagram_size", 1452, _int,
                                   "QUIC datagram size between npgevent peers (Go peers always get 1452; "
-                                  "larger only pays on loopback or jumbo-frame links)",
-                                  in_range=lambda v: 1200 <= v <= 65000,
-                                  range_help="must be 1200..65000", go=False)
+                                  "larger only pays on loopback or jumbo-frame links; aioquic carries "
+                                  "packets up to 16384 bytes)",
+                                  in_range=lambda v: 1200 <= v <= 16384,
+                                  range_help="must be 1200..16384", go=False)
     state_dir: str = opt("state_dir", "", _str,
                          "master: directory of the state file (default $XDG_STATE_HOME/npgevent, "
                          "i.e. ~/.local/state/npgevent)", roles=("master",), go=False)

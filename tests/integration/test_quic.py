@@ -307,6 +307,30 @@ def test_quic_large_datagrams_only_between_npgevent_peers():
         echo.close()
 
 
+@pytest.mark.parametrize("size", ["16384"])
+def test_quic_largest_datagram_size_carries_data(size):
+    """The top of the setting's range works end to end (aioquic fails above ~16.4 KB, so the
+    range stops at 16384: a larger value is a WARN and the default)."""
+    echo = EchoPair()
+    tport, uport = free_port(), free_port()
+    server_url, client_url = tunnel_urls("rev", "1", tport, uport, echo.port, extra_server="&quic=1")
+    try:
+        with in_process(server_url, quic_datagram_size=size) as s, \
+                in_process(client_url, quic_datagram_size=size):
+            wait_pool(lambda: s.core.pool.active, 2)
+            exercise_tcp_sha(uport, 8 * MiB)
+    finally:
+        echo.close()
+
+
+def test_quic_datagram_size_above_what_aioquic_carries_is_refused_with_a_warning():
+    from npgevent.settings import resolve
+
+    opts, warnings = resolve("server", {}, {"quic_datagram_size": "20000"})
+    assert opts.quic_datagram_size == 1452
+    assert any("'20000' is out of range (must be 1200..16384): using default 1452" in w for w in warnings)
+
+
 def test_quic_go_client_keeps_standard_datagrams():
     from npgevent.protocol.handshake import client_hello
 
