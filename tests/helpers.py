@@ -377,6 +377,19 @@ class NpProcess:
         self.close()
 
 
+def ppid(pid: int) -> int:
+    """The parent of process *pid* (-1 once it is gone)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and ppid(int(p)) == pid]
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 20.0) -> tuple[int, str, str]:
     """Run the CLI to completion; return (exit status, stdout, stderr)."""
     full_env = dict(os.environ)

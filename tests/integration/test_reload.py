@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import gevent
 import pytest
 from gevent import socket
-from helpers import EchoPair, NpProcess, echo_exact, exchange, free_port, make_ca_and_cert
+from helpers import EchoPair, NpProcess, children, echo_exact, exchange, free_port, make_ca_and_cert, ppid
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -163,14 +162,14 @@ def test_the_master_reloads_its_own_settings_and_not_its_children(tmp_path):
                  key=key)
         assert r.status == 201, r.body
         serving(port)
-        children = [p for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == proc.pid]
-        assert len(children) == 1
-        child = int(children[0])
+        kids = children(proc.pid)
+        assert len(kids) == 1
+        child = kids[0]
         write_conf(conf, log="debug", http_idle_timeout="30s")
         mark = hup(proc)
         proc.wait_for(r"Reload: master settings applied \(log=debug\); instances not signalled", start=mark)
         gevent.sleep(1)
-        assert _ppid(child) == proc.pid  # the same child, untouched
+        assert ppid(child) == proc.pid  # the same child, untouched
         assert not any("Reload" in line and "[" in line for line in proc.lines[mark:])  # no child reloaded
         serving(port)
         assert http("GET", mport, "/api/v1/instances", key=key).status == 200
@@ -179,13 +178,6 @@ def test_the_master_reloads_its_own_settings_and_not_its_children(tmp_path):
         proc.close()
         echo.close()
 
-
-def _ppid(pid: int) -> int:
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except OSError:
-        return -1
 
 
 def test_workers_pass_sighup_on(tmp_path):

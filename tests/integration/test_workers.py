@@ -15,7 +15,7 @@ import gevent
 import pytest
 from gevent import socket
 from gevent.server import DatagramServer
-from helpers import EchoPair, NpProcess, TcpEcho, echo_exact, free_port, run_cli, udp_socket
+from helpers import EchoPair, NpProcess, TcpEcho, children, echo_exact, free_port, run_cli, udp_socket
 
 pytestmark = pytest.mark.timeout(120)
 ROW = re.compile(r"(\d+) pid (\d+) TCPS=\d+ UDPS=\d+ TCPRX=(\d+) TCPTX=\d+ UDPRX=(\d+)")
@@ -233,3 +233,39 @@ def test_metrics_of_workers_are_summed_by_the_parent():
             assert "npgevent_workers 2.0" in body
     finally:
         echo.close()
+
+
+def test_an_instance_with_workers_under_the_master(tmp_path):
+    """One instance = one process group: the master sees one summed CHECK_POINT, and stopping
+    the instance ends every worker."""
+    from helpers import MasterProcess
+
+    echo = EchoPair()
+    master = MasterProcess(tmp_path)
+    try:
+        port = free_port()
+        r = master.api("POST", "/instances",
+                       {"url": "client://127.0.0.1:%d/127.0.0.1:%d?workers=2" % (port, echo.port)})
+        assert r.status == 201, r.body
+        rid = r.json["id"]
+        wait_serving(port)
+        for _ in range(30):
+            assert echo_exact(port, b"m" * 100) == b"m" * 100
+        deadline = time.monotonic() + 15
+        while master.api("GET", "/instances/" + rid).json["tcprx"] < 3000:
+            assert time.monotonic() < deadline, master.api("GET", "/instances/" + rid).json
+            gevent.sleep(0.3)
+        parent = children(master.pid)
+        assert len(parent) == 1
+        kids = children(parent[0])
+        assert len(kids) == 2
+        assert master.api("PATCH", "/instances/" + rid, {"action": "stop"}).status == 200
+        deadline = time.monotonic() + 15
+        while any(alive(pid) for pid in [*parent, *kids]):
+            assert time.monotonic() < deadline
+            gevent.sleep(0.2)
+    finally:
+        master.stop()
+        master.close()
+        echo.close()
+
