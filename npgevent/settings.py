@@ -149,6 +149,9 @@ def _metrics_address(text: str) -> HostPort | None:
     if value == "":
         return None
     try:
+        if value.endswith(":0"):  # an ephemeral port, logged at start (the master's children)
+            hp = parse_hostport(value[:-2] + ":1", "metrics address", allow_empty_host=True)
+            return HostPort(hp.host, 0)
         return parse_hostport(value, "metrics address", allow_empty_host=True)
     except ConfigError as exc:
         raise ValueError("expected host:port to serve /metrics on (%s)" % exc) from None

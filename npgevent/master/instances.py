@@ -21,6 +21,7 @@ Each instance runs as a child process of npgevent itself
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
@@ -31,12 +32,13 @@ from gevent import subprocess
 from gevent.lock import RLock
 
 from ..log import CHECKPOINT_RE, InstanceLog
-from ..metrics import RESTART_REASONS, restart_reason
 from .events import EventHub
+from .metrics import CHILD_METRICS
 from .records import KEY_ID, MasterTLS, Record, config_url, enhance_url, split_url
 from .store import StateStore
 
 _PR_SET_PDEATHSIG = 1
+METRICS_LINE = re.compile(r"Metrics: http://(127\.0\.0\.1:\d+)/metrics")
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -51,7 +53,7 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 class Managed:
     """A record plus its running child (if any)."""
 
-    __slots__ = ("deleting", "last_checkpoint", "lock", "proc", "rec", "restarts", "stopping")
+    __slots__ = ("deleting", "last_checkpoint", "lock", "metrics_addr", "proc", "rec", "stopping")
 
     def __init__(self, rec: Record) -> None:
         self.rec = rec
@@ -60,7 +62,7 @@ class Managed:
         self.last_checkpoint = 0.0
         self.deleting = False
         self.stopping = False
-        self.restarts = dict.fromkeys(RESTART_REASONS, 0)  # the child's error lines, for /metrics
+        self.metrics_addr = ""  # where the running child serves /metrics (from its log line)
 
 
 class Instances:
@@ -79,6 +81,9 @@ class Instances:
         self.child_env = dict(os.environ)
         self.child_env["FORCE_COLOR"] = "1"  # NodePass children always colour their lines
         self.child_env["NP_LOG_FORMAT"] = "text"  # the master parses its children's lines
+        # each child serves its series on an ephemeral loopback port, the master gathers them
+        # (and a metrics= of the master's own environment is never inherited)
+        self.child_env["NP_METRICS"] = CHILD_METRICS
         pkg_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         self.child_env["PYTHONPATH"] = os.pathsep.join(
             p for p in (pkg_parent, self.child_env.get("PYTHONPATH", "")) if p)
@@ -88,9 +93,10 @@ class Instances:
         out = [self.key] if self.key is not None else []
         return out + [m.rec for m in self.items.values()]
 
-    def restarts_of(self, rid: str) -> dict[str, int]:
+    def metrics_address(self, rid: str) -> str:
+        """``host:port`` of a running instance's own /metrics ('' if none)."""
         m = self.items.get(rid)
-        return dict(m.restarts) if m is not None else {}
+        return m.metrics_addr if m is not None and m.proc is not None else ""
 
     def get(self, rid: str) -> Record | None:
         if rid == KEY_ID:
@@ -162,6 +168,7 @@ class Instances:
             self.publish("update", rec)
             return
         m.proc = proc
+        m.metrics_addr = ""
         m.last_checkpoint = 0.0
         rec.status = "running"
         self.log.info("Instance starting: %s [%s]", rec.url, rid)
@@ -183,9 +190,11 @@ class Instances:
                 if not m.deleting:
                     self.publish("update", rec)
                 continue
+            if not m.metrics_addr and "Metrics: http://" in line:
+                found = METRICS_LINE.search(line)
+                m.metrics_addr = found.group(1) if found else ""
             self.echo("%s [%s]" % (line, rec.id))
             if "Server error:" in line or "Client error:" in line:
-                m.restarts[restart_reason(line)] += 1
                 rec.status = "error"
                 rec.zero_live()
             if not m.deleting:

@@ -153,6 +153,12 @@ def test_master_metrics_behind_the_key_labelled_by_instance(tmp_path):
             assert time.monotonic() < deadline, m
             gevent.sleep(0.3)
         assert m['npgevent_instance_running{alias="web",instance_id="%s"}' % rid] == 1
+        # the instance's own series, gathered from its process and labelled
+        labels = '{alias="web",instance_id="%s"}' % rid
+        assert m["npgevent_session_limit" + labels] == 65536
+        assert m["npgevent_dial_failures_total" + labels] == 0
+        assert m['npgevent_udp_dropped_total{alias="web",cause="slot_limit",instance_id="%s"}' % rid] == 0
+        assert sum(1 for k in m if k.startswith("npgevent_bytes_total{")) == 4  # one set, from the record
     finally:
         master.stop()
         master.close()
