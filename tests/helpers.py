@@ -377,6 +377,19 @@ class NpProcess:
         self.close()
 
 
+def wait_serving(port: int, within: float = 15.0, payload: bytes = b"up?") -> None:
+    """Wait until *port* echoes *payload* back (a forwarder or tunnel that is up)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            assert echo_exact(port, payload) == payload
+            return
+        except (OSError, AssertionError):
+            if time.monotonic() > deadline:
+                raise
+            gevent.sleep(0.1)
+
+
 def ppid(pid: int) -> int:
     """The parent of process *pid* (-1 once it is gone)."""
     try:

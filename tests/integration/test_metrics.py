@@ -24,6 +24,7 @@ from helpers import (
     tunnel_urls,
     udp_roundtrip,
     wait_pool,
+    wait_serving,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -132,15 +133,7 @@ def test_master_metrics_behind_the_key_labelled_by_instance(tmp_path):
         assert r.status == 201, r.body
         rid = r.json["id"]
         assert master.api("PATCH", "/instances/" + rid, {"alias": "web"}).status == 200
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                assert echo_exact(port, b"through the master's instance") == b"through the master's instance"
-                break
-            except (OSError, AssertionError):
-                if time.monotonic() > deadline:
-                    raise
-                gevent.sleep(0.2)
+        wait_serving(port, payload=b"through the master's instance")
         with pytest.raises(Denied) as denied:
             scrape(master.port, "/api/v1/metrics")
         assert denied.value.status == 401
@@ -187,14 +180,7 @@ def test_a_real_prometheus_scrapes_a_series_that_moved(tmp_path):
     try:
         inst.wait_for(r"Metrics: http://")
         payload = b"p" * 4096
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                assert echo_exact(port, payload) == payload
-                break
-            except (OSError, AssertionError):
-                assert time.monotonic() < deadline
-                gevent.sleep(0.2)
+        wait_serving(port, payload=payload)
         query = 'npgevent_bytes_total{job="npgevent",protocol="tcp",direction="tx"}'
         deadline = time.monotonic() + 40
         value = None

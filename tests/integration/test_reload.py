@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import time
 from pathlib import Path
@@ -10,23 +9,23 @@ from pathlib import Path
 import gevent
 import pytest
 from gevent import socket
-from helpers import EchoPair, NpProcess, children, echo_exact, exchange, free_port, make_ca_and_cert, ppid
+from helpers import (
+    EchoPair,
+    NpProcess,
+    children,
+    echo_exact,
+    exchange,
+    free_port,
+    make_ca_and_cert,
+    ppid,
+    wait_serving,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
 
 def write_conf(path: Path, **items: str) -> None:
     path.write_text("".join("%s = %s\n" % (k.replace("_", "-"), v) for k, v in items.items()))
-
-
-def serving(port: int, within: float = 15) -> None:
-    deadline = time.monotonic() + within
-    while True:
-        with contextlib.suppress(OSError, AssertionError):
-            assert echo_exact(port, b"up?") == b"up?"
-            return
-        assert time.monotonic() < deadline, "port %d never served" % port
-        gevent.sleep(0.1)
 
 
 def hup(proc: NpProcess) -> int:
@@ -44,7 +43,7 @@ def test_live_settings_apply_without_dropping_a_session(tmp_path):
     proc = NpProcess("-c", str(conf))
     live = None
     try:
-        serving(port)
+        wait_serving(port)
         live = socket.create_connection(("127.0.0.1", port), timeout=10)
         assert exchange(live, b"before the reload") == b"before the reload"
         accepted = old.tcp.accepted
@@ -75,7 +74,7 @@ def test_a_structural_change_restarts_the_core_and_live_sessions_carry_on(tmp_pa
     proc = NpProcess("-c", str(conf))
     live = None
     try:
-        serving(port)
+        wait_serving(port)
         live = socket.create_connection(("127.0.0.1", port), timeout=10)
         assert exchange(live, b"one") == b"one"
         write_conf(conf, url="client://127.0.0.1:%d/127.0.0.1:%d" % (port2, echo.port))
@@ -83,7 +82,7 @@ def test_a_structural_change_restarts_the_core_and_live_sessions_carry_on(tmp_pa
         proc.wait_for(r"Reload: tunnel address or key changed: the core restarts after the cooldown", start=mark)
         proc.wait_for(r"Client reload: settings changed", start=mark)
         proc.wait_for(r"Client restart: client://.*@127\.0\.0\.1:%d/" % port2, start=mark)
-        serving(port2)
+        wait_serving(port2)
         assert exchange(live, b"two: the session survived") == b"two: the session survived"
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
@@ -102,16 +101,16 @@ def test_a_reload_that_fails_validation_keeps_the_old_settings(tmp_path):
     write_conf(conf, url="client://127.0.0.1:%d/127.0.0.1:%d" % (port, echo.port))
     proc = NpProcess("-c", str(conf))
     try:
-        serving(port)
+        wait_serving(port)
         write_conf(conf, url="client://127.0.0.1:%d/127.0.0.1:%d" % (port, echo.port), slot="lots")
         mark = hup(proc)
         proc.wait_for(r"ERROR\s+Reload failed: invalid --slot/NP_SLOT 'lots': expected an integer.*: keeping "
                       r"the current settings", start=mark)
-        serving(port)
+        wait_serving(port)
         conf.unlink()  # a config file that went away: also refused, still serving
         mark = hup(proc)
         proc.wait_for(r"ERROR\s+Reload failed: .*: keeping the current settings", start=mark)
-        serving(port)
+        wait_serving(port)
         assert "Traceback" not in proc.output and proc.proc.poll() is None
     finally:
         assert proc.stop() == 0
@@ -161,7 +160,7 @@ def test_the_master_reloads_its_own_settings_and_not_its_children(tmp_path):
         r = http("POST", mport, "/api/v1/instances", {"url": "client://127.0.0.1:%d/127.0.0.1:%d" % (port, echo.port)},
                  key=key)
         assert r.status == 201, r.body
-        serving(port)
+        wait_serving(port)
         kids = children(proc.pid)
         assert len(kids) == 1
         child = kids[0]
@@ -171,7 +170,7 @@ def test_the_master_reloads_its_own_settings_and_not_its_children(tmp_path):
         gevent.sleep(1)
         assert ppid(child) == proc.pid  # the same child, untouched
         assert not any("Reload" in line and "[" in line for line in proc.lines[mark:])  # no child reloaded
-        serving(port)
+        wait_serving(port)
         assert http("GET", mport, "/api/v1/instances", key=key).status == 200
     finally:
         assert proc.stop(20) == 0
@@ -198,7 +197,7 @@ def test_workers_pass_sighup_on(tmp_path):
         while proc.count(r"Reload: applied") < 2:  # one per worker
             assert time.monotonic() < deadline, proc.output[-2000:]
             gevent.sleep(0.1)
-        serving(port)
+        wait_serving(port)
     finally:
         assert proc.stop() == 0
         proc.close()

@@ -15,7 +15,17 @@ import gevent
 import pytest
 from gevent import socket
 from gevent.server import DatagramServer
-from helpers import EchoPair, NpProcess, TcpEcho, children, echo_exact, free_port, run_cli, udp_socket
+from helpers import (
+    EchoPair,
+    NpProcess,
+    TcpEcho,
+    children,
+    echo_exact,
+    free_port,
+    run_cli,
+    udp_socket,
+    wait_serving,
+)
 
 pytestmark = pytest.mark.timeout(120)
 ROW = re.compile(r"(\d+) pid (\d+) TCPS=\d+ UDPS=\d+ TCPRX=(\d+) TCPTX=\d+ UDPRX=(\d+)")
@@ -36,18 +46,6 @@ def workers(n: int, target: int, query: str = "", **env: str):
         yield proc, port
     finally:
         proc.close()
-
-
-def wait_serving(port: int, within: float = 15) -> None:
-    deadline = time.monotonic() + within
-    while True:
-        try:
-            assert echo_exact(port, b"ready?") == b"ready?"
-            return
-        except (OSError, AssertionError):
-            if time.monotonic() > deadline:
-                raise
-            gevent.sleep(0.1)
 
 
 def worker_pids(proc: NpProcess) -> dict[int, int]:
