@@ -185,6 +185,7 @@ def serve(runner: Any, on_reload: Any = None) -> int:
             sys.stdout.flush()
             return 1
         tokens.get()
+        reload_task.kill(block=False)  # no reload while draining
         stopper = gevent.spawn(runner.stop)
         # a second signal while draining skips the grace period
         while not stopper.ready():

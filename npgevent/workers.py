@@ -152,11 +152,7 @@ class Supervisor:
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
-        self.log.info("Workers: %d processes share %s (SO_REUSEPORT)", self.count, self.spec.tunnel)
-        for index in range(self.count):
-            self.tasks.spawn(self._keep_running, index)
-        self.tasks.spawn(self._report)
-        if self.opts.metrics is not None:
+        if self.opts.metrics is not None:  # first: an address in use fails before any worker runs
             from prometheus_client import CollectorRegistry
 
             from .metrics import MetricsServer
@@ -165,6 +161,10 @@ class Supervisor:
             registry.register(self)
             self.metrics = MetricsServer(self.opts.metrics, registry, self.log)
             self.metrics.start()
+        self.log.info("Workers: %d processes share %s (SO_REUSEPORT)", self.count, self.spec.tunnel)
+        for index in range(self.count):
+            self.tasks.spawn(self._keep_running, index)
+        self.tasks.spawn(self._report)
 
     def collect(self) -> Any:
         """The workers' series, summed (a prometheus_client collector)."""
