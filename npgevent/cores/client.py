@@ -24,7 +24,7 @@ from ..log import ERROR
 from ..net import handshake
 from ..net.dial import family_of
 from ..net.handshake import HandshakeError
-from ..net.sockopt import format_addr, tune_tcp
+from ..net.sockopt import format_addr, send_all, tune_tcp
 from ..pool.base import Adaptive
 from ..pool.tcp import ClientPool, PoolConn, read_exact
 from ..protocol.auth import ControlCipher, PoolProver
@@ -184,7 +184,7 @@ class DualClientCore(TunnelCore):
                                                                      stream.peer_fingerprint(), self.vouched))
                     raise ConnectionError("pool connection: certificate not the one vouched for")
             if self.prover is not None:
-                stream.sendall(self.prover.proof())
+                send_all(stream, self.prover.proof())
             sock.settimeout(POOL_ID_TIMEOUT)
             cid = read_exact(stream, 4).hex()
             sock.settimeout(None)

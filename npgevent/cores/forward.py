@@ -20,7 +20,7 @@ from gevent import socket
 
 from ..log import ERROR, checkpoint_line
 from ..net.dial import Dialer, DialError
-from ..net.sockopt import format_addr
+from ..net.sockopt import format_addr, send_all
 from ..protocol.proxyproto import proxy_v1
 from ..relay.listeners import Listeners
 from ..relay.stats import TCP_RX, TCP_TX
@@ -62,7 +62,7 @@ class ForwardCore(Core):
             if log.enabled(10):
                 log.debug("Target connection: %s <-> %s", format_addr(addr), where)
             if self.opts.proxy:
-                target.sendall(proxy_v1(addr, target.getpeername()))
+                send_all(target, proxy_v1(addr, target.getpeername()))
             reason = relay(conn, target, inst.traffic.bytes, TCP_RX, TCP_TX,
                            limiter=inst.limiter, idle=self.opts.read,
                            bufsize=self.opts.tcp_data_buf_size)

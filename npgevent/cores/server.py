@@ -32,7 +32,7 @@ from gevent import socket
 from ..errors import CoreError
 from ..log import WARN
 from ..net import handshake
-from ..net.sockopt import ListenError, format_addr, listen_tcp, listen_udp, unmap
+from ..net.sockopt import ListenError, format_addr, listen_tcp, listen_udp, send_all, unmap
 from ..pool.tcp import IdlePool, PoolConn, new_cid, read_exact
 from ..protocol.auth import POOL_PROOF, ControlCipher, PoolVerifier
 from ..protocol.handshake import Reply
@@ -231,7 +231,7 @@ class ServerCore(TunnelCore):
         while cid in self.pool.idle:
             cid = new_cid()
         try:
-            stream.sendall(bytes.fromhex(cid))
+            send_all(stream, bytes.fromhex(cid))
         except OSError as exc:
             log.debug("Tunnel connection: %s dropped: %s", format_addr(addr), exc)
             return

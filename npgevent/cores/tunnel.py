@@ -38,7 +38,7 @@ from gevent.server import StreamServer
 from ..errors import ConfigError, CoreError, RemoteProtocolError
 from ..log import ERROR, WARN, checkpoint_line
 from ..net.dial import Dialer, DialError
-from ..net.sockopt import format_addr
+from ..net.sockopt import format_addr, send_all
 from ..pool.tcp import IdlePool, PoolConn
 from ..protocol.auth import ControlCipher
 from ..protocol.proxyproto import proxy_v1
@@ -122,7 +122,7 @@ class TunnelCore(Core):
             message = sig.encode()
             line = self.cipher.seal_line(message.encode()) if self.cipher is not None \
                 else encode_line(message, self.key)
-            self.control.sendall(line)
+            send_all(self.control, line)
 
     def start_control(self) -> None:
         """Start the control reader and the ticker (after the handshake)."""
@@ -327,7 +327,7 @@ class TunnelCore(Core):
             self.log.limited(ERROR, "proxy-skip", "PROXY line skipped: bad user address %r in launch signal",
                              user[:80])
             return
-        target.sendall(proxy_v1(src, target.getpeername()))
+        send_all(target, proxy_v1(src, target.getpeername()))
 
     def _on_verify(self, sig: Verify, conn: PoolConn | None = None) -> None:
         """Client side of ``#v``: log the fingerprint of the certificate seen on *cid* (*conn*
