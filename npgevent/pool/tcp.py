@@ -200,6 +200,9 @@ class IdlePool:
         self._any.clear()
 
 
+REFILL_DEFER = 0.001  # s: a reactive refill starts this long after the take that woke it
+
+
 class ClientPool(IdlePool):
     """The client's pool: keeps ``capacity`` idle connections, refilled adaptively.
 
@@ -247,7 +250,10 @@ class ClientPool(IdlePool):
                 self._fails = min(self._fails, 2)  # after failures, retry once per interval
                 continue
             self._wake.clear()
-            self._wake.wait(left)
+            if self._wake.wait(left) and REFILL_DEFER:
+                # woken by a take: let the session that took the connection dial its target
+                # first, so the refill's connect and handshake are not in its path
+                gevent.sleep(REFILL_DEFER)
 
     def _dial_one(self) -> None:
         try:
