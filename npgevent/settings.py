@@ -262,8 +262,8 @@ class Options:
     workers: int = opt("workers", 1, _workers,
                        "single-end forwarding: processes sharing the listeners (SO_REUSEPORT), or "
                        "auto = one per CPU (docs/scaling.md)", query=True,
-                       in_range=lambda v: 1 <= v <= 256, range_help="must be 1..256", roles=_CLI,
-                       go=False)
+                       in_range=lambda v: 1 <= v <= 256, range_help="must be 1..256",
+                       roles=_TUN, go=False)  # a server is refused with a clear error, not a WARN
 
     # -- NP_* tunables (environment in Go; here also CLI and config file) ----
     semaphore_limit: int = opt("semaphore_limit", 65536, _int, "signal queue length",
