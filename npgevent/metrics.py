@@ -27,7 +27,7 @@ pool_tls_handshakes_total             counter    kind (full/resumed): the client
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 PING_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -91,63 +91,63 @@ class Events:
         return out
 
 
-def instance_families(inst: Any, core: Any, labels: dict[str, str] | None = None) -> Iterator[Any]:
+def traffic_families(rows: Iterable[tuple[list[str], Sequence[int], Sequence[int]]],
+                     labels: Sequence[str] = ()) -> tuple[Any, Any]:
+    """``npgevent_bytes_total`` and ``npgevent_sessions`` from *rows* of (label values,
+    (tcp_rx, tcp_tx, udp_rx, udp_tx), (tcp sessions, udp sessions)): one instance, a master's
+    instances, or a workers parent's sum."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    byts = CounterMetricFamily("npgevent_bytes", "Bytes relayed on the target side, as CHECK_POINT "
+                               "counts", labels=[*labels, "protocol", "direction"])
+    sessions = GaugeMetricFamily("npgevent_sessions", "Live user sessions", labels=[*labels, "protocol"])
+    for values, (trx, ttx, urx, utx), (tcps, udps) in rows:
+        for proto, rx, tx, live in (("tcp", trx, ttx, tcps), ("udp", urx, utx, udps)):
+            byts.add_metric([*values, proto, "rx"], rx)
+            byts.add_metric([*values, proto, "tx"], tx)
+            sessions.add_metric([*values, proto], live)
+    return byts, sessions
+
+
+def instance_families(inst: Any, core: Any) -> Iterator[Any]:
     """The metric families of one running instance (*core* may be None between restarts)."""
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+    from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
-    names = list(labels or {})
-    values = list((labels or {}).values())
     t, slots, ev = inst.traffic, inst.slots, inst.events
-    fam = CounterMetricFamily("npgevent_bytes", "Bytes relayed on the target side, as CHECK_POINT counts",
-                              labels=[*names, "protocol", "direction"])
-    for proto, rx, tx in (("tcp", t.tcp_rx, t.tcp_tx), ("udp", t.udp_rx, t.udp_tx)):
-        fam.add_metric([*values, proto, "rx"], rx)
-        fam.add_metric([*values, proto, "tx"], tx)
-    yield fam
-    sessions = GaugeMetricFamily("npgevent_sessions", "Live user sessions", labels=[*names, "protocol"])
-    sessions.add_metric([*values, "tcp"], slots.tcp)
-    sessions.add_metric([*values, "udp"], slots.udp)
-    yield sessions
-    yield _gauge("npgevent_session_limit", "The slot= limit of live sessions", names, values, slots.limit)
+    yield from traffic_families([([], t.bytes, (slots.tcp, slots.udp))])
+    yield _gauge("npgevent_session_limit", "The slot= limit of live sessions", slots.limit)
     pool = getattr(core, "pool", None)
-    yield _gauge("npgevent_pool_idle", "Idle pool connections", names, values,
-                 pool.active if pool is not None else 0)
+    yield _gauge("npgevent_pool_idle", "Idle pool connections", pool.active if pool is not None else 0)
     yield _gauge("npgevent_pool_capacity", "Pool capacity (server: max=; client: its adaptive target)",
-                 names, values, _capacity(inst, core))
-    hist = HistogramMetricFamily("npgevent_control_ping_seconds", "Control channel ping round trip",
-                                 labels=names)
-    hist.add_metric(values, ev.ping_cumulative(), ev.ping_sum)
+                 _capacity(inst, core))
+    hist = HistogramMetricFamily("npgevent_control_ping_seconds", "Control channel ping round trip")
+    hist.add_metric([], ev.ping_cumulative(), ev.ping_sum)
     yield hist
-    fam = CounterMetricFamily("npgevent_tunnel_restarts", "Core restarts after an error, by reason",
-                              labels=[*names, "reason"])
-    for reason, n in ev.restarts.items():
-        fam.add_metric([*values, reason], n)
+    yield _by_label("npgevent_tunnel_restarts", "Core restarts after an error, by reason", "reason",
+                    ev.restarts)
+    yield _by_label("npgevent_handshake_failures", "Refused handshakes, authentications and pool "
+                    "admissions", "kind", ev.failures)
+    fam = CounterMetricFamily("npgevent_dial_failures", "Target dials that failed")
+    fam.add_metric([], ev.dial_failures)
     yield fam
-    fam = CounterMetricFamily("npgevent_handshake_failures", "Refused handshakes, authentications "
-                              "and pool admissions", labels=[*names, "kind"])
-    for kind, n in ev.failures.items():
-        fam.add_metric([*values, kind], n)
-    yield fam
-    fam = CounterMetricFamily("npgevent_dial_failures", "Target dials that failed", labels=names)
-    fam.add_metric(values, ev.dial_failures)
-    yield fam
-    fam = CounterMetricFamily("npgevent_pool_tls_handshakes", "TLS handshakes of the client's pool "
-                              "connections: full, or resumed from a session ticket", labels=[*names, "kind"])
-    for kind, n in ev.tls_handshakes.items():
-        fam.add_metric([*values, kind], n)
-    yield fam
-    fam = CounterMetricFamily("npgevent_udp_dropped", "UDP datagrams dropped, by cause",
-                              labels=[*names, "cause"])
-    for cause, n in udp_drops(core).items():
-        fam.add_metric([*values, cause], n)
-    yield fam
+    yield _by_label("npgevent_pool_tls_handshakes", "TLS handshakes of the client's pool connections: "
+                    "full, or resumed from a session ticket", "kind", ev.tls_handshakes)
+    yield _by_label("npgevent_udp_dropped", "UDP datagrams dropped, by cause", "cause", udp_drops(core))
 
 
-def _gauge(name: str, doc: str, names: list[str], values: list[str], value: float) -> Any:
+def _gauge(name: str, doc: str, value: float) -> Any:
     from prometheus_client.core import GaugeMetricFamily
 
-    fam = GaugeMetricFamily(name, doc, labels=names)
-    fam.add_metric(values, value)
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def _by_label(name: str, doc: str, label: str, counts: dict[str, int]) -> Any:
+    """A counter with one sample per key of *counts*, the key as *label*."""
+    from prometheus_client.core import CounterMetricFamily
+
+    fam = CounterMetricFamily(name, doc, labels=[label])
+    for key, n in counts.items():
+        fam.add_metric([key], n)
     return fam
 
 

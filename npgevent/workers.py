@@ -170,15 +170,10 @@ class Supervisor:
         """The workers' series, summed (a prometheus_client collector)."""
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+        from .metrics import traffic_families
+
         _ping, tcps, udps, trx, ttx, urx, utx = self.totals()
-        byts = CounterMetricFamily("npgevent_bytes", "Bytes relayed on the target side, as CHECK_POINT "
-                                   "counts", labels=["protocol", "direction"])
-        for proto, rx, tx in (("tcp", trx, ttx), ("udp", urx, utx)):
-            byts.add_metric([proto, "rx"], rx)
-            byts.add_metric([proto, "tx"], tx)
-        sessions = GaugeMetricFamily("npgevent_sessions", "Live user sessions", labels=["protocol"])
-        sessions.add_metric(["tcp"], tcps)
-        sessions.add_metric(["udp"], udps)
+        byts, sessions = traffic_families([([], (trx, ttx, urx, utx), (tcps, udps))])
         limit = GaugeMetricFamily("npgevent_session_limit", "The slot= limit of live sessions")
         limit.add_metric([], self.opts.slot)
         workers = GaugeMetricFamily("npgevent_workers", "Worker processes running")

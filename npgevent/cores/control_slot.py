@@ -59,7 +59,6 @@ class ControlSlot:
         self.claimer = 0  # id() of the socket whose attempt holds (or is taking) the slot
         self.won: AsyncResult = AsyncResult()
         self.taking = False  # a takeover is between its claim and its last line
-        self.takeovers = 0
 
     # -- caps --------------------------------------------------------------------------
     def _enter(self, addr: Any) -> str | None:
@@ -188,7 +187,6 @@ class ControlSlot:
             self.taking = False
             self.attempts.discard(me)
             self._leave(ip)
-        self.takeovers += 1
         self.core.take_over(sock, addr, outcome)
         return True
 

@@ -49,8 +49,10 @@ class MasterCollector:
         self.master = master
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+        from prometheus_client.core import GaugeMetricFamily, Metric
         from prometheus_client.parser import text_string_to_metric_families
+
+        from ..metrics import traffic_families
 
         instances = self.master.instances
         records = [r for r in instances.all_records() if r.type in ("server", "client")]
@@ -75,22 +77,15 @@ class MasterCollector:
                     out = families[fam.name] = Metric(fam.name, fam.documentation, fam.type)
                 for s in fam.samples:
                     out.add_sample(s.name, {**s.labels, "instance_id": rec.id, "alias": rec.alias}, s.value)
-        byts = CounterMetricFamily("npgevent_bytes", "Bytes relayed on the target side, as CHECK_POINT "
-                                   "counts", labels=[*LABELS, "protocol", "direction"])
-        sessions = GaugeMetricFamily("npgevent_sessions", "Live user sessions", labels=[*LABELS, "protocol"])
         pool = GaugeMetricFamily("npgevent_pool_idle", "Idle pool connections", labels=LABELS)
         up = GaugeMetricFamily("npgevent_instance_running", "1 while the instance's process runs",
                                labels=LABELS)
         for rec in records:
-            labels = [rec.id, rec.alias]
-            c = rec.counters
-            for proto in ("tcp", "udp"):
-                byts.add_metric([*labels, proto, "rx"], c[proto + "rx"].value)
-                byts.add_metric([*labels, proto, "tx"], c[proto + "tx"].value)
-            sessions.add_metric([*labels, "tcp"], rec.tcps)
-            sessions.add_metric([*labels, "udp"], rec.udps)
-            pool.add_metric(labels, rec.pool)
-            up.add_metric(labels, 1 if rec.status == "running" else 0)
+            pool.add_metric([rec.id, rec.alias], rec.pool)
+            up.add_metric([rec.id, rec.alias], 1 if rec.status == "running" else 0)
+        byts, sessions = traffic_families(
+            (([rec.id, rec.alias], [rec.counters[k].value for k in ("tcprx", "tcptx", "udprx", "udptx")],
+              (rec.tcps, rec.udps)) for rec in records), LABELS)
         yield from (byts, sessions, pool, up)
         yield from families.values()
 

@@ -141,7 +141,8 @@ def test_master_metrics_behind_the_key_labelled_by_instance(tmp_path):
         key = 'npgevent_bytes_total{alias="web",direction="rx",instance_id="%s",protocol="tcp"}' % rid
         while True:
             m = scrape(master.port, "/api/v1/metrics", key=master.key)
-            if m.get(key, 0) >= len(b"through the master's instance"):
+            child_series = 'npgevent_session_limit{alias="web",instance_id="%s"}' % rid
+            if m.get(key, 0) >= len(b"through the master's instance") and child_series in m:
                 break
             assert time.monotonic() < deadline, m
             gevent.sleep(0.3)
