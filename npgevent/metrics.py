@@ -180,20 +180,22 @@ class InstanceCollector:
 
 
 class MetricsServer:
-    """``/metrics`` over HTTP on *address* (``host:port``), from *registry*."""
+    """``/metrics`` over HTTP on *address* (``host:port``), from *registry*.  The master API's
+    hardened server carries it: header, idle and body deadlines and the per-address connection
+    cap (``http_*`` in the settings table), so a scraper's port can't be held open by anyone."""
 
-    def __init__(self, address: Any, registry: Any, log: Any) -> None:
-        self.address, self.registry, self.log = address, registry, log
+    def __init__(self, address: Any, registry: Any, log: Any, opts: Any) -> None:
+        self.address, self.registry, self.log, self.opts = address, registry, log, opts
         self.server: Any = None
 
     def start(self) -> None:
-        from gevent.pywsgi import WSGIServer
         from prometheus_client import make_wsgi_app
 
+        from .master.httpserver import ApiServer, DebugLog
         from .net.sockopt import format_addr, listen_tcp
 
         sock = listen_tcp(self.address)
-        self.server = WSGIServer(sock, make_wsgi_app(self.registry), log=None, error_log=None)
+        self.server = ApiServer(sock, make_wsgi_app(self.registry), self.opts, DebugLog(self.log), max_body=0)
         self.server.start()
         self.log.info("Metrics: http://%s/metrics", format_addr(sock.getsockname()))
 
@@ -215,6 +217,6 @@ def serve_instance(runner: Any) -> MetricsServer | None:
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(InstanceCollector(runner))
-    server = MetricsServer(address, registry, runner.log)
+    server = MetricsServer(address, registry, runner.log, runner.inst.opts)
     server.start()
     return server

@@ -310,20 +310,22 @@ class Options:
                          "master: directory of the state file (default $XDG_STATE_HOME/npgevent, "
                          "i.e. ~/.local/state/npgevent)", roles=("master",), go=False)
     http_header_timeout: float = opt("http_header_timeout", 10.0, _duration,
-                                     "master API: time to send a request line and its headers",
+                                     "master API and metrics=: time to send a request line and its headers",
                                      fmt=format_go_duration, in_range=_positive, range_help="must be > 0",
-                                     roles=("master",), go=False)
+                                     roles=_ALL, go=False)
     http_body_timeout: float = opt("http_body_timeout", 30.0, _duration,
-                                   "master API: time to send a request body",
+                                   "master API and metrics=: time to send a request body",
                                    fmt=format_go_duration, in_range=_positive, range_help="must be > 0",
-                                   roles=("master",), go=False)
+                                   roles=_ALL, go=False)
     http_idle_timeout: float = opt("http_idle_timeout", 60.0, _duration,
-                                   "master API: idle keep-alive connection lifetime (SSE streams exempt)",
+                                   "master API and metrics=: idle keep-alive connection lifetime "
+                                   "(SSE streams exempt)",
                                    fmt=format_go_duration, in_range=_positive, range_help="must be > 0",
-                                   roles=("master",), go=False)
+                                   roles=_ALL, go=False)
     http_max_conns_per_ip: int = opt("http_max_conns_per_ip", 64, _int,
-                                     "master API: concurrent connections from one source address",
-                                     in_range=_positive, range_help="must be > 0", roles=("master",),
+                                     "master API and metrics=: concurrent connections from one source "
+                                     "address",
+                                     in_range=_positive, range_help="must be > 0", roles=_ALL,
                                      go=False)
 
     def with_(self, **changes: Any) -> Options:

@@ -159,7 +159,7 @@ class Supervisor:
 
             registry = CollectorRegistry(auto_describe=False)
             registry.register(self)
-            self.metrics = MetricsServer(self.opts.metrics, registry, self.log)
+            self.metrics = MetricsServer(self.opts.metrics, registry, self.log, self.opts)
             self.metrics.start()
         self.log.info("Workers: %d processes share %s (SO_REUSEPORT)", self.count, self.spec.tunnel)
         for index in range(self.count):

@@ -113,7 +113,8 @@ class Master:
         if self.opts.metrics is not None:
             from ..metrics import MetricsServer
 
-            self.metrics_server = MetricsServer(self.opts.metrics, self.metrics_registry(), self.log)
+            self.metrics_server = MetricsServer(self.opts.metrics, self.metrics_registry(), self.log,
+                                                self.opts)
             try:
                 self.metrics_server.start()
             except OSError as exc:

@@ -242,3 +242,43 @@ def test_the_grafana_dashboard_is_valid_json_and_queries_only_existing_series():
         assert used and used <= names, (expr, used - names)
         for group in re.findall(r"by \(([^)]*)\)", expr):
             assert {g.strip() for g in group.split(",")} <= labels, expr
+
+
+def test_the_metrics_port_holds_against_idle_and_garbage_connections():
+    """An attacker who reaches metrics=: connections that never send a request are closed
+    after the header deadline, more than the per-address cap are refused at once, garbage
+    gets a 400, and a scrape still answers (the master API's limits, http_* settings)."""
+    from gevent import socket as gsocket
+
+    echo = EchoPair()
+    port, mport = free_port(), free_port()
+    url = "client://127.0.0.1:%d/127.0.0.1:%d?metrics=127.0.0.1:%d" % (port, echo.port, mport)
+    idle: list = []
+    try:
+        with in_process(url, http_header_timeout="1s", http_max_conns_per_ip="16") as c:
+            for _ in range(40):
+                idle.append(gsocket.create_connection(("127.0.0.1", mport), timeout=5))
+            gevent.sleep(0.3)
+            refused = 0
+            for sock in idle[16:]:  # over the cap: closed by the server at once
+                sock.settimeout(2)
+                if sock.recv(100) == b"":
+                    refused += 1
+            assert refused == 24
+            gevent.sleep(1.5)  # the first 16 passed their header deadline meanwhile
+            garbage = gsocket.create_connection(("127.0.0.1", mport), timeout=5)
+            garbage.settimeout(5)
+            garbage.sendall(b"\x16\x03\x01 not HTTP at all\r\n\r\n")
+            assert garbage.recv(100).startswith(b"HTTP/1.1 400")
+            garbage.close()
+            for sock in idle[:16]:
+                sock.settimeout(2)
+                assert sock.recv(100) in (b"", b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n"
+                                          b"Content-Length: 0\r\n\r\n")
+            wait_serving(port)
+            assert scrape(mport)["npgevent_session_limit"] == 65536
+            assert c.core is not None
+    finally:
+        for sock in idle:
+            sock.close()
+        echo.close()
