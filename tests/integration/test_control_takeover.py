@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from gevent import socket
@@ -56,19 +57,22 @@ def carries(port: int, n: int = 5) -> None:
         assert echo_exact(port, payload) == payload
 
 
-def takeover(tls: str, squatter_source: str) -> None:
+def takeover(tls: str, squatter_source: str, attack: Any = None, **server_env: str) -> None:
+    """A Go-style squatter holds the slot; the real client (auth=1) takes it over.  *attack*
+    runs just before the client starts (and is closed after the check)."""
     echo = EchoPair()
     tport, uport = free_port(), free_port()
     server_url, client_url = tunnel_urls("rev", tls, tport, uport, echo.port, key=KEY,
                                          extra_server="&auth=1", extra_client="&auth=1")
     # long report interval: the squatter answers no pings, and must not lose the slot by silence
     try:
-        with in_process(server_url, report_interval="30s") as s:
+        with in_process(server_url, report_interval="30s", **server_env) as s:
             squatter = squat(tport, squatter_source)
+            attacker = attack(tport) if attack is not None else contextlib.nullcontext()
             try:
                 s.capture.wait_for(r"Tunnel handshaked: .*<-> %s" % squatter_source.replace(".", r"\."))
                 assert s.core.cipher is None
-                with in_process(client_url, report_interval="30s") as c:
+                with attacker, in_process(client_url, report_interval="30s") as c:
                     s.capture.wait_for(r"WARN\s+Tunnel control taken over: .* proved the key; the "
                                        r"unauthenticated peer %s:\d+ is dropped" % squatter_source.replace(".", r"\."),
                                        timeout=20)
@@ -89,6 +93,38 @@ def test_an_authenticated_client_takes_the_slot_from_a_go_style_squatter_over_tl
     """Same source address: the client's handshake line is told from a pool connection by its
     first byte (TLS opens with 0x16)."""
     takeover(tls, "127.0.0.1")
+
+
+class ChallengerFlood:
+    """30 connections that send a garbage line and 30 that send one non-TLS byte and wait:
+    all read as takeover attempts (the first byte is not TLS).  Records what each received."""
+
+    def __init__(self, port: int) -> None:
+        self.socks = []
+        for i in range(60):
+            with contextlib.suppress(OSError):
+                sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                sock.sendall(b"garbage %d \xff\x00 not a handshake\n" % i if i % 2 else b"A")
+                self.socks.append(sock)
+
+    def __enter__(self) -> ChallengerFlood:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        got = []
+        for sock in self.socks:
+            sock.settimeout(5)
+            with contextlib.suppress(OSError):
+                got.append(sock.recv(4096))
+            sock.close()
+        assert got and all(data == b"" for data in got), got[:5]  # no reply, no challenge, no id
+
+
+def test_a_challenger_flood_does_not_keep_the_real_client_from_taking_over():
+    """Garbage and stalled takeover attempts from the client's own address: capped per address,
+    each ends at the handshake deadline, none gets a byte back, and the client still takes
+    the slot over."""
+    takeover("1", "127.0.0.1", attack=ChallengerFlood, handshake_timeout="1s")
 
 
 def test_a_go_style_challenger_never_displaces_the_holder():
