@@ -3,6 +3,7 @@ Prometheus server scraping npgevent (skipped with the reason where the package i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -54,7 +55,9 @@ def scrape(port: int, path: str = "/metrics", key: str | None = None) -> dict[st
     return out
 
 
-def test_a_tunnel_server_exposes_every_series_and_they_move():
+@contextlib.contextmanager
+def metrics_tunnel(pool: int = 1):
+    """A tls=0 tunnel whose server has metrics=; yields (server runner, user port, metrics port)."""
     echo = EchoPair()
     tport, uport, mport = free_port(), free_port(), free_port()
     server_url, client_url = tunnel_urls("rev", "0", tport, uport, echo.port, key="metrics-key",
@@ -62,22 +65,27 @@ def test_a_tunnel_server_exposes_every_series_and_they_move():
     try:
         with in_process(server_url) as s, in_process(client_url):
             s.capture.wait_for(r"Metrics: http://127\.0\.0\.1:%d/metrics" % mport)
-            wait_pool(lambda: s.core.pool.active, 4)
-            for _ in range(5):
-                assert echo_exact(uport, b"m" * 1000) == b"m" * 1000
-            assert udp_roundtrip(uport, b"u" * 100) == b"u" * 100
-            s.capture.wait_for(r"CHECK_POINT.*PING", timeout=5)
-            m = scrape(mport)
-            for name in SERIES:
-                assert any(k.startswith(name) for k in m), name
-            assert m['npgevent_bytes_total{direction="rx",protocol="tcp"}'] >= 5000
-            assert m['npgevent_bytes_total{direction="tx",protocol="udp"}'] >= 100
-            assert m["npgevent_session_limit"] == 65536
-            assert m["npgevent_pool_capacity"] == 1024 and m["npgevent_pool_idle"] >= 1
-            assert m["npgevent_control_ping_seconds_count"] >= 1
-            assert m['npgevent_handshake_failures_total{kind="auth"}'] == 0
+            wait_pool(lambda: s.core.pool.active, pool)
+            yield s, uport, mport
     finally:
         echo.close()
+
+
+def test_a_tunnel_server_exposes_every_series_and_they_move():
+    with metrics_tunnel(pool=4) as (s, uport, mport):
+        for _ in range(5):
+            assert echo_exact(uport, b"m" * 1000) == b"m" * 1000
+        assert udp_roundtrip(uport, b"u" * 100) == b"u" * 100
+        s.capture.wait_for(r"CHECK_POINT.*PING", timeout=5)
+        m = scrape(mport)
+        for name in SERIES:
+            assert any(k.startswith(name) for k in m), name
+        assert m['npgevent_bytes_total{direction="rx",protocol="tcp"}'] >= 5000
+        assert m['npgevent_bytes_total{direction="tx",protocol="udp"}'] >= 100
+        assert m["npgevent_session_limit"] == 65536
+        assert m["npgevent_pool_capacity"] == 1024 and m["npgevent_pool_idle"] >= 1
+        assert m["npgevent_control_ping_seconds_count"] >= 1
+        assert m['npgevent_handshake_failures_total{kind="auth"}'] == 0
 
 
 def test_failures_and_restarts_are_counted_by_kind_and_reason():
@@ -225,16 +233,8 @@ def test_the_grafana_dashboard_is_valid_json_and_queries_only_existing_series():
     dashboard = json.loads((Path(__file__).parents[2] / "etc" / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     assert len(exprs) >= 8 and all(p["datasource"]["type"] == "prometheus" for p in dashboard["panels"])
-    echo = EchoPair()
-    tport, uport, mport = free_port(), free_port(), free_port()
-    server_url, client_url = tunnel_urls("rev", "0", tport, uport, echo.port, key="dash-key",
-                                         extra_server="&metrics=127.0.0.1:%d" % mport)
-    try:
-        with in_process(server_url) as s, in_process(client_url):
-            wait_pool(lambda: s.core.pool.active, 1)
-            scraped = scrape(mport)
-    finally:
-        echo.close()
+    with metrics_tunnel() as (_s, _uport, mport):
+        scraped = scrape(mport)
     names = {k.split("{")[0] for k in scraped}
     labels = {m for k in scraped for m in re.findall(r"(\w+)=", k.partition("{")[2])} | {"le", "job", "instance"}
     for expr in exprs:
