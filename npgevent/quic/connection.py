@@ -41,6 +41,10 @@ class WindowedConnection(QuicConnection):
     """
 
     def _write_stream_limits(self, builder: Any, space: Any, stream: Any) -> None:
+        # called for every stream of the connection for every packet built: the common case
+        # (nothing to announce) returns at once
+        if stream.max_stream_data_local_sent == stream.max_stream_data_local:
+            return
         receiver = stream.receiver
         saved = receiver.highest_offset
         receiver.highest_offset = 0  # keeps aioquic's grow-on-receipt condition false

@@ -4,13 +4,14 @@
 gevent one would hand the thread's wake-ups to the hub) and whose datagram transports
 drain the socket: :class:`DrainingTransport` reads every ready datagram (up to
 :data:`DRAIN`) per wake-up where asyncio reads one, so a burst of packets costs one loop
-iteration and its events reach gevent in one batch.
+iteration, its events reach gevent in one batch and each connection answers it once.
 """
 
 from __future__ import annotations
 
 import asyncio
 from asyncio import selector_events
+from collections.abc import Callable
 from typing import Any
 
 from gevent import monkey
@@ -28,22 +29,30 @@ class DrainingTransport(selector_events._SelectorDatagramTransport):  # type: ig
 
     def _read_ready(self) -> None:
         sock, protocol = self._sock, self._protocol
-        for _ in range(DRAIN):
-            if self._conn_lost:
-                return
-            try:
-                data, addr = sock.recvfrom(self.max_size)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                protocol.error_received(exc)
-                return
-            protocol.datagram_received(data, addr)
+        try:
+            for _ in range(DRAIN):
+                if self._conn_lost:
+                    return
+                try:
+                    data, addr = sock.recvfrom(self.max_size)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:
+                    protocol.error_received(exc)
+                    return
+                protocol.datagram_received(data, addr)
+        finally:
+            after = self._loop.after_read
+            if after is not None:
+                after()
 
 
 class NativeLoop(asyncio.SelectorEventLoop):
     """An asyncio loop whose self-pipe is a real socketpair (not a gevent one) and whose
-    datagram transports drain the socket."""
+    datagram transports drain the socket, then call :attr:`after_read` (the QUIC thread
+    sends the answers to the burst there)."""
+
+    after_read: Callable[[], None] | None = None
 
     def _make_datagram_transport(self, sock: Any, protocol: Any, address: Any = None, waiter: Any = None,
                                  extra: Any = None) -> Any:

@@ -29,18 +29,17 @@ import traceback
 from collections.abc import Callable
 from typing import Any, cast
 
-from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from gevent import monkey
 
 from ..log import Throttle
-from ..net.sockopt import unmap
 from .admission import AdmittingServer
 from .bridge import Bridge
 from .connection import CREDIT_STEP, WindowedConnection
 from .loop import NativeLoop, tune
+from .protocol import NpProtocol
 
 _start_new_thread = monkey.get_original("_thread", "start_new_thread")
 _get_native_id = monkey.get_original("_thread", "get_native_id")
@@ -48,43 +47,6 @@ _RealSocket = monkey.get_original("socket", "socket")
 _RealSelector = monkey.get_original("selectors", "DefaultSelector")
 
 _STOP_SENDING: Any = getattr(events, "StopSendingReceived", None)
-
-
-class NpProtocol(QuicConnectionProtocol):
-    """One QUIC connection as seen by the thread."""
-
-    def __init__(self, quic: QuicConnection, owner: QuicThread, role: str, **kw: Any) -> None:
-        if type(quic) is QuicConnection:
-            quic.__class__ = WindowedConnection
-        super().__init__(quic, **kw)
-        self.owner = owner
-        self.role = role
-        self.key = owner.new_conn_key()
-        self.known: set[int] = set()
-        self.terminated = False
-        self.handshake_ip = ""  # server side: counted in owner.handshaking until it completes
-        owner.protocols[self.key] = self
-
-    @property
-    def wquic(self) -> WindowedConnection:
-        return cast(WindowedConnection, self._quic)
-
-    def datagram_received(self, data: Any, addr: Any) -> None:
-        # admission (who may talk to us) is decided before this, by AdmittingServer on the
-        # server and by the connected socket on the client; what aioquic raises for one
-        # datagram is that datagram's problem, never the thread's
-        try:
-            super().datagram_received(data, addr)
-        except Exception as exc:
-            self.owner.drop("error", "QUIC datagram from %s dropped: %s: %s"
-                            % (unmap(str(addr[0])), type(exc).__name__, exc))
-
-    def transmit(self) -> None:
-        super().transmit()
-        self.owner._after_transmit(self)
-
-    def quic_event_received(self, event: Any) -> None:
-        self.owner._on_event(self, event)
 
 
 class QuicThread:
@@ -112,7 +74,11 @@ class QuicThread:
         self._conn_seq = 0
         self._batch: list[tuple[Any, ...]] = []
         self._batch_scheduled = False
-        self._writing: dict[tuple[int, int], int] = {}  # (conn, sid) -> last reported sent offset
+        self._to_transmit: dict[int, NpProtocol] = {}  # see transmit_later
+        self._flush_scheduled = False
+        # (conn, sid) -> last reported sent offset, for streams with data not yet on the wire
+        self._writing: dict[tuple[int, int], int] = {}
+        self._reported: dict[tuple[int, int], int] = {}  # the same, for streams all sent
         self._written: dict[tuple[int, int], int] = {}  # (conn, sid) -> bytes handed over
         self.exited = False
         self.native_id = 0  # the OS thread id, once running (shows in /proc/<pid>/task)
@@ -128,6 +94,7 @@ class QuicThread:
             loop = NativeLoop(_RealSelector())
             loop.set_exception_handler(self._loop_error)
             self.loop = loop
+            loop.after_read = self.flush_transmits
             self.bridge.loop = loop
             loop.call_soon(self.bridge.to_gevent, self.sink._ready)
             loop.call_later(self.keepalive, self._keepalive)
@@ -334,17 +301,19 @@ class QuicThread:
             protocol.wquic.mark_datagram_end(sid)
         key = (conn, sid)
         self._written[key] = self._written.get(key, 0) + len(data)
-        self._writing.setdefault(key, 0)
-        protocol._transmit_soon()
+        if key not in self._writing:
+            self._writing[key] = self._reported.pop(key, 0)
+        self.transmit_later(protocol)
 
     def grant(self, conn: int, sid: int, consumed: int) -> None:
         protocol = self.protocols.get(conn)
         if protocol is not None and not protocol.terminated and protocol.wquic.grant(sid, consumed):
-            protocol._transmit_soon()
+            self.transmit_later(protocol)
 
     def close_stream(self, conn: int, sid: int, reset: bool, stop: bool) -> None:
         key = (conn, sid)
         self._writing.pop(key, None)
+        self._reported.pop(key, None)
         self._written.pop(key, None)
         protocol = self.protocols.get(conn)
         if protocol is None or protocol.terminated:
@@ -358,7 +327,7 @@ class QuicThread:
                 quic.stop_stream(sid, 0)
         except Exception:
             pass
-        protocol._transmit_soon()
+        self.transmit_later(protocol)
 
     def close_conn(self, conn: int) -> None:
         protocol = self.protocols.get(conn)
@@ -390,9 +359,32 @@ class QuicThread:
             for key in [k for k in self._written if k[0] == conn]:
                 self._written.pop(key, None)
                 self._writing.pop(key, None)
+                self._reported.pop(key, None)
             code = event.error_code
             reason = event.reason_phrase or ("error 0x%x" % code if code else "closed")
             self._push(("closed", conn, reason))
+
+    def transmit_later(self, protocol: NpProtocol) -> None:
+        """*protocol* has something to send (it parsed a datagram, or gevent handed it data):
+        it sends once, after the socket is drained or at the end of this loop iteration,
+        however many datagrams and calls from gevent this iteration brings."""
+        self._to_transmit[protocol.key] = protocol
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            assert self.loop is not None
+            self.loop.call_soon(self.flush_transmits)
+
+    def flush_transmits(self) -> None:
+        """One ``transmit`` per connection with something to send (see :meth:`transmit_later`);
+        also called by the transport after each drain."""
+        self._flush_scheduled = False
+        pending = self._to_transmit
+        while pending:
+            _key, protocol = pending.popitem()
+            try:
+                protocol.transmit()
+            except Exception as exc:
+                self.drop("error", "QUIC transmit failed: %s: %s" % (type(exc).__name__, exc))
 
     def _push_data(self, conn: int, sid: int, data: bytes, fin: bool) -> None:
         batch = self._batch
@@ -417,6 +409,9 @@ class QuicThread:
             self.bridge.to_gevent(self.sink._batch, batch)
 
     def _after_transmit(self, protocol: NpProtocol) -> None:
+        """Report write credit in steps of :data:`CREDIT_STEP`: a writer blocks only with more
+        than that outstanding, so smaller reports would wake the hub for nothing (once per
+        datagram on a UDP session)."""
         if not self._writing:
             return
         quic = protocol.wquic
@@ -427,12 +422,12 @@ class QuicThread:
                 self._writing.pop(key, None)
                 continue
             reported = self._writing[key]
-            written = self._written.get(key, 0)
-            if sent - reported >= CREDIT_STEP or sent >= written:
-                self._writing[key] = sent
+            if sent - reported >= CREDIT_STEP:
+                self._writing[key] = reported = sent
                 self._push(("credit", conn, key[1], sent))
-                if sent >= written:
-                    self._writing.pop(key, None)
+            if sent >= self._written.get(key, 0):
+                del self._writing[key]
+                self._reported[key] = reported
 
     def _keepalive(self) -> None:
         assert self.loop is not None

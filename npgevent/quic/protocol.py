@@ -1,0 +1,63 @@
+"""One QUIC connection inside the QUIC thread: :class:`NpProtocol`.
+
+aioquic's protocol answers every datagram at once: it parses it, then builds and
+sends whatever is due (``transmit``: a packet builder, a walk over every stream's
+limits, the loss timer).  When a burst of packets is ready that walk runs once per
+packet, and most of those runs send nothing, or one ACK each.  Here a datagram is
+only parsed and its events handed on; the protocol is queued, and the transport
+calls :meth:`~npgevent.quic.thread.QuicThread.flush_transmits` once it has drained
+the socket (:class:`~npgevent.quic.loop.DrainingTransport`): one ``transmit`` per
+connection per burst, whose ACK covers the whole burst.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, cast
+
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.quic.connection import QuicConnection
+
+from ..net.sockopt import unmap
+from .connection import WindowedConnection
+
+if TYPE_CHECKING:
+    from .thread import QuicThread
+
+
+class NpProtocol(QuicConnectionProtocol):
+    """One QUIC connection as seen by the thread."""
+
+    def __init__(self, quic: QuicConnection, owner: QuicThread, role: str, **kw: Any) -> None:
+        if type(quic) is QuicConnection:
+            quic.__class__ = WindowedConnection
+        super().__init__(quic, **kw)
+        self.owner = owner
+        self.role = role
+        self.key = owner.new_conn_key()
+        self.known: set[int] = set()
+        self.terminated = False
+        self.handshake_ip = ""  # server side: counted in owner.handshaking until it completes
+        owner.protocols[self.key] = self
+
+    @property
+    def wquic(self) -> WindowedConnection:
+        return cast(WindowedConnection, self._quic)
+
+    def datagram_received(self, data: Any, addr: Any) -> None:
+        # admission (who may talk to us) is decided before this, by AdmittingServer on the
+        # server and by the connected socket on the client; what aioquic raises for one
+        # datagram is that datagram's problem, never the thread's
+        try:
+            self._quic.receive_datagram(cast(bytes, data), addr, now=self._loop.time())
+            self._process_events()
+        except Exception as exc:
+            self.owner.drop("error", "QUIC datagram from %s dropped: %s: %s"
+                            % (unmap(str(addr[0])), type(exc).__name__, exc))
+        self.owner.transmit_later(self)
+
+    def transmit(self) -> None:
+        super().transmit()
+        self.owner._after_transmit(self)
+
+    def quic_event_received(self, event: Any) -> None:
+        self.owner._on_event(self, event)
