@@ -13,6 +13,7 @@ idle pool, adaptive refill, flush and verify logic are the TCP pool's.
 
 from __future__ import annotations
 
+import collections
 import math
 from typing import Any
 
@@ -85,6 +86,14 @@ class QuicConnector:
         self.prover = prover  # an authenticated tunnel: every stream proves membership
         self.fingerprint = fingerprint  # ... and every connection shows the vouched certificate
         self.conns: list[int | None] = [None] * count
+        # streams being opened, per connection: a refill opens many at once, and each must
+        # count where it goes before the engine has registered the others (else they all
+        # land on one connection, whose every packet then walks all of them)
+        self._opening: collections.Counter[int] = collections.Counter()
+        # the first refill waits (up to the dial timeout) until every connection has been
+        # dialled once, so that its streams spread over all of them
+        self._untried = set(range(count))
+        self._all_tried = Event()
         self._changed = Event()
         self.group = Group()
         engine.on_conn_closed = self._closed
@@ -100,8 +109,10 @@ class QuicConnector:
                 conn = self.engine.dial(self.ip, self.port, self.config, self.dial_timeout)
             except (OSError, gevent.Timeout) as exc:
                 self.log.debug("QUIC connection %d: %s", slot, exc)
+                self._tried(slot)
                 gevent.sleep(REDIAL_DELAY)
                 continue
+            self._tried(slot)
             seen = self.engine.fingerprints.get(conn, "")
             if self.fingerprint and seen != self.fingerprint:
                 self.log.limited(ERROR, "cert-mismatch", "QUIC connection to %s:%d refused: its certificate "
@@ -117,6 +128,11 @@ class QuicConnector:
             self.conns[slot] = None
             gevent.sleep(REDIAL_DELAY)
 
+    def _tried(self, slot: int) -> None:
+        self._untried.discard(slot)
+        if not self._untried:
+            self._all_tried.set()
+
     def _closed(self, conn: int, reason: str) -> None:
         self.log.debug("QUIC connection closed: %s", reason)
         self._notify()
@@ -127,6 +143,7 @@ class QuicConnector:
 
     def connect(self) -> PoolConn:
         """Open one pool stream (the pool's connector)."""
+        self._all_tried.wait(self.dial_timeout)
         live = [c for c in self.conns if c is not None and self.engine.conn_alive(c)]
         if not live:
             ev = self._changed
@@ -134,13 +151,19 @@ class QuicConnector:
             live = [c for c in self.conns if c is not None and self.engine.conn_alive(c)]
             if not live:
                 raise ConnectionError("no QUIC connection to %s:%d" % (self.ip, self.port))
-        counts = self.engine.stream_count
-        conn = min(live, key=lambda c: counts[c])
-        if counts[conn] >= MAX_STREAMS:
+        counts, opening = self.engine.stream_count, self._opening
+        conn = min(live, key=lambda c: counts[c] + opening[c])
+        if counts[conn] + opening[conn] >= MAX_STREAMS:
             raise ConnectionError("QUIC stream limit reached on every connection")
         # wait as long as for the id itself: a stream given up early would still be opened by
         # the thread and pooled by the server, which could then name it in a launch signal
-        stream = self.engine.open_stream(conn, self.id_timeout)
+        opening[conn] += 1
+        try:
+            stream = self.engine.open_stream(conn, self.id_timeout)
+        finally:
+            opening[conn] -= 1
+            if opening[conn] <= 0:
+                del opening[conn]
         stream.settimeout(self.id_timeout)
         try:
             if self.prover is not None:

@@ -61,6 +61,27 @@ def test_quic_tunnel_in_process(flow, tls, certs, monkeypatch):
         echo.close()
 
 
+def test_quic_pool_streams_spread_over_every_connection():
+    """The first refill opens its streams concurrently; each must count where the others are
+    going, and wait until every connection has been dialled, so that they spread instead of all
+    landing on the first connection up (whose every packet then walks all of them)."""
+    echo = EchoPair()
+    tport, uport = free_port(), free_port()
+    try:
+        server_url = "server://k@127.0.0.1:%d/127.0.0.1:%d?mode=1&quic=1&max=1024" % (tport, uport)
+        client_url = "client://k@127.0.0.1:%d/127.0.0.1:%d?mode=2&min=64" % (tport, echo.port)
+        with in_process(server_url) as s, in_process(client_url) as c:
+            wait_pool(lambda: s.core.pool.active, 64)
+            connector = c.core.quic
+            assert connector.count == 8
+            counts = [c.core.engine.stream_count[conn] for conn in connector.conns if conn is not None]
+            assert len(counts) == 8 and sum(counts) >= 64
+            assert max(counts) - min(counts) <= 2, counts
+            assert echo_roundtrip(uport, b"spread") == b"spread"
+    finally:
+        echo.close()
+
+
 @pytest.mark.parametrize(("flow", "tls"), COMBOS)
 def test_quic_tunnel_cli(flow, tls, certs):
     echo = EchoPair()
