@@ -14,7 +14,7 @@ import gevent
 from gevent import socket
 from gevent.event import Event
 
-from ..net.sockopt import format_addr, send_all
+from ..net.sockopt import format_addr, recv_when_ready, send_all
 from ..pool.tcp import PoolConn
 from ..protocol.signals import Launch
 from ..protocol.udpframe import Deframer, frame
@@ -62,7 +62,7 @@ def udp_exchange(core: TunnelCore, conn: PoolConn, usock: socket.socket) -> None
     def up() -> None:  # pool -> target
         deframer = Deframer() if framed else None
         while True:
-            data = stream.recv(bufsize)
+            data = recv_when_ready(stream, bufsize)
             if not data:
                 return
             last[0] = time.monotonic()
@@ -179,12 +179,12 @@ class TunnelUdpSession(UdpSession):
         assert self.conn is not None
         if self.deframer is not None:
             while not self.queue:
-                data = self.conn.stream.recv(65536)
+                data = recv_when_ready(self.conn.stream, 65536)
                 if not data:
                     return None
                 self.queue.extend(self.deframer.feed(data))
             return self.queue.pop(0)
-        datagram = self.conn.stream.recv(self.core.opts.udp_data_buf_size)
+        datagram = recv_when_ready(self.conn.stream, self.core.opts.udp_data_buf_size)
         return datagram or None
 
     def _lost(self) -> bool:

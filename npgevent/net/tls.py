@@ -271,6 +271,15 @@ class TLSStream:
             except SSL.Error as exc:
                 raise TLSError("TLS error: %s" % _reason(exc)) from None
 
+    def recv_when_ready(self, n: int) -> bytes:
+        """:meth:`recv`, waiting for the socket first when OpenSSL holds nothing decrypted (an
+        SSL read that finds nothing costs a syscall and a WantReadError); see
+        :func:`~npgevent.net.sockopt.recv_when_ready`."""
+        if not self._pending and not self.conn.pending():
+            sock = self.sock
+            sock._wait(sock._read_event)
+        return self.recv(n)
+
     def sendall(self, data: Any, flags: int = 0) -> None:
         view = memoryview(data).cast("B")
         conn, sock = self.conn, self.sock

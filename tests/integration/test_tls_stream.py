@@ -1,0 +1,110 @@
+"""TLSStream on loopback: the datagram path's read waits for the socket before it reads.
+
+A UDP session through a tls>=1 tunnel reads one framed datagram at a time, and the next one is
+hardly ever there yet.  An SSL read that finds nothing costs a read syscall and a WantReadError
+raised through pyOpenSSL; ``recv_when_ready`` waits first, unless OpenSSL already holds
+decrypted bytes (then it must not wait: nothing more may come).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gevent
+import pytest
+from gevent import socket
+from OpenSSL import SSL
+
+from npgevent.net.certs import self_signed
+from npgevent.net.sockopt import recv_when_ready
+from npgevent.net.tls import TLSStream, client_context, server_context
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class CountingConn:
+    """An SSL.Connection whose reads that found nothing are counted."""
+
+    def __init__(self, conn: SSL.Connection) -> None:
+        self._conn = conn
+        self.empty_reads = 0
+
+    def recv(self, n: int) -> bytes:
+        try:
+            return self._conn.recv(n)
+        except SSL.WantReadError:
+            self.empty_reads += 1
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+@pytest.fixture
+def pair():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    csock = socket.create_connection(listener.getsockname())
+    ssock, _ = listener.accept()
+    listener.close()
+    cert, key = self_signed("tls-stream-test")
+    server = TLSStream.server(ssock, server_context(cert, key))
+    client = TLSStream.client(csock, client_context("1"))
+    handshakes = [gevent.spawn(server.handshake, 5), gevent.spawn(client.handshake, 5)]
+    gevent.joinall(handshakes, raise_error=True, timeout=10)
+    server.sendall(b"hello")  # behind the server's session tickets: reading it consumes them
+    assert client.recv(16) == b"hello"
+    counting = CountingConn(client.conn)
+    client.conn = counting  # type: ignore[assignment]
+    yield server, client, counting
+    for stream in (server, client):
+        stream.close()
+
+
+def _later(stream: TLSStream, data: bytes) -> gevent.Greenlet:
+    def send() -> None:
+        gevent.sleep(0.05)
+        stream.sendall(data)
+
+    return gevent.spawn(send)
+
+
+def test_datagram_read_waits_first_instead_of_failing_a_read(pair):
+    server, client, counting = pair
+    for i in range(5):
+        sender = _later(server, b"datagram %d" % i)
+        assert recv_when_ready(client, 4096) == b"datagram %d" % i
+        sender.join()
+    assert counting.empty_reads == 0
+
+
+def test_plain_recv_pays_a_failed_read_per_datagram(pair):
+    """What the change removes (and what makes the test above able to fail)."""
+    server, client, counting = pair
+    for i in range(3):
+        sender = _later(server, b"datagram %d" % i)
+        assert client.recv(4096) == b"datagram %d" % i
+        sender.join()
+    assert counting.empty_reads == 3
+
+
+def test_bytes_openssl_already_holds_are_returned_without_waiting(pair):
+    server, client, _counting = pair
+    server.sendall(b"first record, read in two pieces")
+    assert recv_when_ready(client, 5) == b"first"
+    # the rest of the record is decrypted inside OpenSSL, not on the socket: waiting on the
+    # socket here would block until the timeout
+    with gevent.Timeout(2):
+        assert recv_when_ready(client, 4096) == b" record, read in two pieces"
+
+
+def test_a_plain_socket_reads_as_before():
+    a, b = socket.socketpair()
+    try:
+        _later_plain = gevent.spawn_later(0.05, b.sendall, b"plain")
+        assert recv_when_ready(a, 100) == b"plain"
+        _later_plain.join()
+    finally:
+        a.close()
+        b.close()
