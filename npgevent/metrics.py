@@ -166,7 +166,7 @@ def udp_drops(core: Any) -> dict[str, int]:
     from .relay.udp import kernel_drops
 
     return {"slot_limit": table.total_slot_drops, "session_backlog": table.total_backlog_drops,
-            "socket_buffer": kernel_drops(table.inode)}
+            "socket_buffer": kernel_drops(table.inode) + table.total_send_drops}
 
 
 class InstanceCollector:

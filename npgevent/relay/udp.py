@@ -10,7 +10,8 @@ taking a tunnel connection may block); datagrams that arrive meanwhile wait in
 a small bounded backlog.  A session ends after ``idle`` seconds without traffic
 in either direction.  What a session does with its datagrams is up to the
 owner: the single-end forwarder uses :class:`UdpTargetSession` (a connected UDP
-socket per user address).
+socket per user address), which after the dial reads its target in hub callbacks
+(:meth:`UdpSession.read_in_hub`): a datagram each way costs no greenlet switch.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
+import gevent.event
 from gevent import socket
 from gevent.server import DatagramServer
 
@@ -32,6 +34,7 @@ from .stats import UDP_RX, UDP_TX
 
 MAX_DATAGRAM = 65535
 BACKLOG = 256
+HUB_READS = 16  # datagrams a session reads per wake-up in a hub callback (then the loop goes on)
 
 
 class UdpListener(DatagramServer):
@@ -79,6 +82,11 @@ class UdpSession:
     def close_far(self) -> None:
         raise NotImplementedError
 
+    def read_in_hub(self) -> bool:
+        """Serve the far end from hub callbacks until the session ends (then True); False if
+        the subclass reads with :meth:`recv` in the session's greenlet instead."""
+        return False
+
     # -- driven by the table ------------------------------------------------
     def deliver(self, data: bytes) -> None:
         self.last = time.monotonic()
@@ -108,6 +116,8 @@ class UdpSession:
             for data in backlog:
                 self.send(data)
             self._watch()
+            if self.read_in_hub():
+                return
             while not self.closed:
                 try:
                     got = self.recv()
@@ -172,7 +182,8 @@ class SessionTable:
         self.listener: UdpListener | None = None
         self.dropped_slot = 0  # datagrams refused at the slot limit
         self.dropped_backlog = 0  # datagrams over a still-opening session's backlog
-        self.total_slot_drops = self.total_backlog_drops = 0  # since the start (metrics)
+        self.dropped_send = 0  # replies dropped: the listener's send buffer was full
+        self.total_slot_drops = self.total_backlog_drops = self.total_send_drops = 0  # (metrics)
         self._kernel_drops = 0
         self.inode = 0
 
@@ -190,8 +201,8 @@ class SessionTable:
         """Datagrams dropped since the last report, by cause ('' if none); then reset."""
         kernel = kernel_drops(self.inode)
         counts = (("slot limit", self.dropped_slot), ("session backlog full", self.dropped_backlog),
-                  ("socket buffer full", max(0, kernel - self._kernel_drops)))
-        self.dropped_slot = self.dropped_backlog = 0
+                  ("socket buffer full", max(0, kernel - self._kernel_drops) + self.dropped_send))
+        self.dropped_slot = self.dropped_backlog = self.dropped_send = 0
         self._kernel_drops = kernel
         return ", ".join("%d (%s)" % (n, why) for why, n in counts if n)
 
@@ -212,6 +223,17 @@ class SessionTable:
     def reply(self, data: bytes, addr: Any) -> None:
         if self.listener is not None:
             self.listener.sendto(data, addr)
+
+    def reply_now(self, data: bytes, addr: Any) -> None:
+        """:meth:`reply` from a hub callback: never waits.  A full send buffer drops the
+        datagram (counted as a socket-buffer drop), as the kernel would on the way in."""
+        if self.listener is None:
+            return
+        try:
+            self.listener.socket._sock.sendto(data, addr)
+        except BlockingIOError:
+            self.dropped_send += 1
+            self.total_send_drops += 1
 
     def forget(self, session: UdpSession) -> None:
         if self.sessions.get(session.addr) is session:
@@ -279,3 +301,40 @@ class UdpTargetSession(UdpSession):
     def close_far(self) -> None:
         if self.sock is not None:
             self.sock.close()
+
+    def read_in_hub(self) -> bool:
+        """The target's datagrams are read and answered in a hub callback of the socket's
+        watcher: no greenlet switch per datagram (about a fifth of the CPU of a round trip).
+        Not with ``rate=``: the limiter may have to wait, which a hub callback can't."""
+        if self.limiter is not None:
+            return False
+        sock = self.sock
+        assert sock is not None
+        raw = sock._sock  # the non-blocking stdlib socket under the gevent one
+        table, addr, acct = self.table, self.addr, self.acct
+        ended = gevent.event.Event()
+        watcher = gevent.get_hub().loop.io(raw.fileno(), 1)
+
+        def readable() -> None:
+            try:
+                for _ in range(HUB_READS):
+                    try:
+                        data = raw.recv(MAX_DATAGRAM)
+                    except BlockingIOError:
+                        return
+                    except ConnectionRefusedError:
+                        continue  # ICMP port unreachable from the target: keep the session
+                    self.last = time.monotonic()
+                    acct[UDP_RX] += len(data)
+                    table.reply_now(data, addr)
+            except Exception as exc:  # the session ends; the hub carries on
+                table.log.debug("UDP session for %s ended: %s", format_addr(addr), exc)
+                watcher.stop()
+                ended.set()
+
+        watcher.start(readable)
+        try:
+            ended.wait()
+        finally:
+            watcher.close()
+        return True
