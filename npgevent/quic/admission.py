@@ -55,7 +55,15 @@ class AdmittingServer(QuicServer):
             owner.drop("foreign", "QUIC datagram from %s dropped: not the tunnel client" % ip)
             return
         try:
-            if data and data[0] & 0x80 and not self._may_create(data, ip):
+            first = data[0] if data else 0
+            if not first & 0x80:  # a short header: route it by its connection id, parse it once
+                if first & 0x40:  # the fixed bit (aioquic drops a packet without it)
+                    cid_end = 1 + self._configuration.connection_id_length
+                    protocol = self._protocols.get(data[1:cid_end]) if len(data) >= cid_end else None
+                    if protocol is not None:
+                        protocol.datagram_received(data, addr)
+                return
+            if not self._may_create(data, ip):
                 return
             owner.creating_ip = ip  # read by the protocol factory if aioquic creates a connection
             super().datagram_received(data, addr)

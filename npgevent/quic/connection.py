@@ -20,6 +20,7 @@ Two departures from aioquic's defaults, both in :class:`WindowedConnection`:
 from __future__ import annotations
 
 import bisect
+import types
 from typing import Any
 
 from aioquic.quic.connection import QuicConnection
@@ -82,10 +83,18 @@ class WindowedConnection(QuicConnection):
         stream = self._streams.get(stream_id)
         if stream is None:
             return
-        ends = self.__dict__.setdefault("_datagram_ends", {}).setdefault(stream_id, [])
-        ends.append(stream.sender._buffer_stop)
+        table = self.__dict__.get("_datagram_ends")
+        if table is None:
+            # from now on this connection writes its stream frames through the method below
+            # (aioquic calls it per frame: connections that never carry a raw datagram, which
+            # is all of them between npgevent peers, don't pay for the check)
+            table = self.__dict__["_datagram_ends"] = {}
+            self.__dict__["_write_stream_frame"] = types.MethodType(
+                WindowedConnection._write_whole_datagrams, self)
+        table.setdefault(stream_id, []).append(stream.sender._buffer_stop)
 
-    def _write_stream_frame(self, builder: Any, space: Any, stream: Any, max_offset: int) -> int:
+    def _write_whole_datagrams(self, builder: Any, space: Any, stream: Any, max_offset: int) -> int:
+        """aioquic's ``_write_stream_frame``, keeping marked datagrams whole (module docstring)."""
         table: dict[int, list[int]] | None = self.__dict__.get("_datagram_ends")
         ends = table.get(stream.stream_id) if table else None
         if table is not None and ends:
@@ -100,7 +109,7 @@ class WindowedConnection(QuicConnection):
                 need = end - start + _PACKET_OVERHEAD
                 if builder.remaining_flight_space < need <= self._max_datagram_size:
                     return 0  # keep it whole: it starts the next packet
-        return int(super()._write_stream_frame(builder, space, stream, max_offset))
+        return int(QuicConnection._write_stream_frame(self, builder, space, stream, max_offset))
 
     def forget_datagram_ends(self, stream_id: int) -> None:
         table = self.__dict__.get("_datagram_ends")

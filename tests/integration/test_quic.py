@@ -234,6 +234,15 @@ def test_quic_garbage_datagrams_survived():
                     junk.sendto(os.urandom(size), ("127.0.0.1", tport))
             # something that parses as a long-header Initial with a bogus version
             junk.sendto(b"\xc0\xde\xad\xbe\xef" + os.urandom(1300), ("127.0.0.1", tport))
+            # short headers routed straight to a live connection by its id (the admission fast
+            # path): garbage payloads, a truncated id, the fixed bit clear
+            live = list(s.core.engine.thread.servers[0][1]._protocols)
+            assert live
+            for cid in live[:4]:
+                for _ in range(20):
+                    junk.sendto(b"\x40" + cid + os.urandom(60), ("127.0.0.1", tport))
+                junk.sendto(b"\x40" + cid[:3], ("127.0.0.1", tport))
+                junk.sendto(b"\x00" + cid + os.urandom(60), ("127.0.0.1", tport))
             junk.close()
             gevent.sleep(0.5)
             assert echo_roundtrip(uport, b"still here") == b"still here"
