@@ -280,6 +280,31 @@ class TLSStream:
             sock._wait(sock._read_event)
         return self.recv(n)
 
+    def recv_nowait(self, n: int) -> bytes | None:
+        """What is ready, without waiting: ``None`` if nothing is, ``b""`` at the end (for
+        :class:`~npgevent.relay.hubread.HubReader`: it runs in a hub callback)."""
+        if self._pending:
+            data, self._pending = self._pending[:n], self._pending[n:]
+            return data
+        try:
+            return self.conn.recv(n)
+        except SSL.WantReadError:
+            return None
+        except SSL.WantWriteError:
+            raise TLSError("TLS read needs a write first") from None  # never waits in the hub
+        except SSL.ZeroReturnError:
+            return b""
+        except SSL.SysCallError as exc:
+            if exc.args and exc.args[0] == -1:
+                return b""  # peer closed without close_notify: treat as EOF
+            raise _oserror(exc) from None
+        except SSL.Error as exc:
+            raise TLSError("TLS error: %s" % _reason(exc)) from None
+
+    def has_buffered(self) -> bool:
+        """Decrypted bytes are waiting inside (no socket event will announce them)."""
+        return bool(self._pending) or self.conn.pending() > 0
+
     def sendall(self, data: Any, flags: int = 0) -> None:
         view = memoryview(data).cast("B")
         conn, sock = self.conn, self.sock

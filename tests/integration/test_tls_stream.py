@@ -18,6 +18,7 @@ from OpenSSL import SSL
 from npgevent.net.certs import self_signed
 from npgevent.net.sockopt import recv_when_ready
 from npgevent.net.tls import TLSStream, client_context, server_context
+from npgevent.relay.hubread import HubReader
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -108,3 +109,21 @@ def test_a_plain_socket_reads_as_before():
     finally:
         a.close()
         b.close()
+
+
+def test_hub_reader_takes_up_what_openssl_already_decrypted(pair):
+    """A callback reads at most READS_PER_WAKEUP chunks; the rest of a record sits decrypted
+    inside OpenSSL, where no socket event announces it: a follow-up callback must take it."""
+    server, client, _counting = pair
+    got = bytearray()
+    record = bytes(range(200))
+    reader = HubReader(client, got.extend, 4)  # 16 reads of 4 bytes per wake-up: 64 of 200
+    serving = gevent.spawn(reader.serve)
+    server.sendall(record)
+    with gevent.Timeout(5):
+        while len(got) < len(record):
+            gevent.sleep(0.01)
+    assert bytes(got) == record
+    server.shutdown(socket.SHUT_RDWR)  # close_notify: the reader ends cleanly
+    serving.join(timeout=5)
+    assert serving.successful()
