@@ -18,6 +18,7 @@ from ..net.sockopt import format_addr, recv_when_ready, send_all
 from ..pool.tcp import PoolConn
 from ..protocol.signals import Launch
 from ..protocol.udpframe import Deframer, frame
+from ..relay.hubread import HubReader
 from ..relay.stats import UDP_RX, UDP_TX
 from ..relay.udp import MAX_DATAGRAM, SessionTable, UdpSession
 
@@ -61,6 +62,20 @@ def udp_exchange(core: TunnelCore, conn: PoolConn, usock: socket.socket) -> None
 
     def up() -> None:  # pool -> target
         deframer = Deframer() if framed else None
+        if limiter is None and HubReader.supports(stream):
+            raw = usock._sock
+
+            def deliver(data: bytes) -> None:  # in a hub callback: never waits
+                last[0] = time.monotonic()
+                for datagram in deframer.feed(data) if deframer is not None else (data,):
+                    try:
+                        raw.send(datagram)
+                    except (BlockingIOError, ConnectionRefusedError):
+                        continue  # a full buffer drops it, as UDP does; the target was unreachable
+                    acct[UDP_TX] += len(datagram)
+
+            HubReader(stream, deliver, bufsize).serve()
+            return
         while True:
             data = recv_when_ready(stream, bufsize)
             if not data:
@@ -154,6 +169,35 @@ class TunnelUdpSession(UdpSession):
     def _write(self, data: bytes) -> None:
         assert self.conn is not None
         send_all(self.conn.stream, frame(data) if self.framed else data)
+
+    def read_in_hub(self) -> bool:
+        """Once answered (the relaunch logic of :meth:`recv` no longer applies), the pool
+        connection is read in hub callbacks (:class:`~npgevent.relay.hubread.HubReader`):
+        no greenlet switch per datagram.  Not with ``rate=`` or over QUIC."""
+        conn = self.conn
+        if (self.unanswered is not None or conn is None or self.core.inst.limiter is not None
+                or not HubReader.supports(conn.stream)):
+            return False
+        table, addr, traffic = self.table, self.addr, self.core.inst.traffic.bytes
+
+        def deliver_one(datagram: bytes) -> None:
+            self.last = time.monotonic()
+            traffic[UDP_TX] += len(datagram)
+            table.reply_now(datagram, addr)
+
+        for datagram in self.queue:  # deframed by the last recv, not yet delivered
+            deliver_one(datagram)
+        self.queue.clear()
+        deframer = self.deframer
+        if deframer is not None:
+            def deliver(data: bytes) -> None:
+                for datagram in deframer.feed(data):
+                    deliver_one(datagram)
+
+            HubReader(conn.stream, deliver, 65536).serve()
+        else:
+            HubReader(conn.stream, deliver_one, self.core.opts.udp_data_buf_size).serve()
+        return True
 
     def recv(self) -> bytes | None:
         while True:
