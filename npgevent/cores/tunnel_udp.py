@@ -14,7 +14,7 @@ import gevent
 from gevent import socket
 from gevent.event import Event
 
-from ..net.sockopt import format_addr, recv_when_ready, send_all
+from ..net.sockopt import format_addr, recv_when_ready, send_all, write_nowait
 from ..pool.tcp import PoolConn
 from ..protocol.signals import Launch
 from ..protocol.udpframe import Deframer, frame
@@ -166,6 +166,24 @@ class TunnelUdpSession(UdpSession):
         if core.inst.limiter is not None:
             core.inst.limiter.take(len(data))
 
+    def send_nowait(self, data: bytes) -> tuple[bool, bytes] | None:
+        core = self.core
+        if core.inst.limiter is not None:
+            return (True, data)  # shaping may have to wait: the writer greenlet does it
+        assert self.conn is not None
+        payload = frame(data) if self.framed else data
+        written = write_nowait(self.conn.stream, payload)
+        if written is None:
+            return (True, data)
+        core.inst.traffic.bytes[UDP_RX] += len(data)
+        if self.unanswered is not None and len(self.unanswered) < self.UNANSWERED:
+            self.unanswered.append(data)
+        return None if written == len(payload) else (False, payload[written:])
+
+    def write_rest(self, rest: bytes) -> None:
+        assert self.conn is not None
+        send_all(self.conn.stream, rest)
+
     def _write(self, data: bytes) -> None:
         assert self.conn is not None
         send_all(self.conn.stream, frame(data) if self.framed else data)
@@ -241,9 +259,17 @@ class TunnelUdpSession(UdpSession):
     def _relaunch(self) -> None:
         self.relaunch = False
         self.verdict.clear()
+        if self.writer is not None:
+            self.writer.kill(block=True)  # it may be writing to the old connection
+        # the rest of a write cut short belongs to the old connection (its datagram is replayed
+        # below with the others); datagrams not yet written go out on the new one
+        kept = [item for item in self.pending if item[0]]
+        self.pending.clear()
         self.open()
         for data in self.unanswered or ():
             self._write(data)
+        for item in kept:
+            self._queue(item)
 
     def _unlist(self) -> None:
         """Off ``core.awaiting`` (if this session is still listed under its connection)."""

@@ -85,6 +85,19 @@ def recv_when_ready(stream: Any, n: int) -> bytes:
     return own(n) if own is not None else stream.recv(n)
 
 
+def write_nowait(stream: Any, data: bytes) -> int | None:
+    """Write what fits now, from a hub callback: the count written (0 if nothing fits: then
+    the caller must write all of *data* again, which a TLS stream needs), or None if *stream*
+    can't be written without possibly waiting (nothing was written)."""
+    if type(stream) is socket.socket:
+        try:
+            return stream._sock.send(data)
+        except BlockingIOError:
+            return 0
+    own = getattr(stream, "send_nowait", None)
+    return None if own is None else own(data)
+
+
 def peek(sock: socket.socket) -> bytes | None:
     """One byte of *sock* without consuming it and without blocking: ``None`` if nothing
     has arrived, ``b""`` if the peer closed; raises OSError (a reset)."""

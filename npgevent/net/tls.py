@@ -301,6 +301,19 @@ class TLSStream:
         except SSL.Error as exc:
             raise TLSError("TLS error: %s" % _reason(exc)) from None
 
+    def send_nowait(self, data: bytes) -> int:
+        """What :func:`~npgevent.net.sockopt.write_nowait` needs: the bytes written without
+        waiting; 0 means none, and the same bytes must be offered again (OpenSSL may hold part
+        of a record)."""
+        try:
+            return int(self.conn.send(data))
+        except (SSL.WantWriteError, SSL.WantReadError):
+            return 0
+        except SSL.SysCallError as exc:
+            raise _oserror(exc) from None
+        except SSL.Error as exc:
+            raise TLSError("TLS error: %s" % _reason(exc)) from None
+
     def has_buffered(self) -> bool:
         """Decrypted bytes are waiting inside (no socket event will announce them)."""
         return bool(self._pending) or self.conn.pending() > 0

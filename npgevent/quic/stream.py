@@ -166,6 +166,19 @@ class QuicStream:
             if not thread.call(thread.send, self.conn, self.sid, chunk, False, self.datagrams):
                 raise BrokenPipeError("QUIC engine stopped")
 
+    def send_nowait(self, data: bytes) -> int:
+        """:meth:`sendall` if *data* fits the send window now (then ``len(data)``), else 0."""
+        if self._broken or self.closed or self._wfin:
+            raise BrokenPipeError(self._broken or "stream closed for writing")
+        n = len(data)
+        if n > CHUNK or WINDOW - (self.written - self.sent) < n:
+            return 0
+        self.written += n
+        thread = self.engine.thread
+        if not thread.call(thread.send, self.conn, self.sid, bytes(data), False, self.datagrams):
+            raise BrokenPipeError("QUIC engine stopped")
+        return n
+
     def shutdown(self, how: int) -> None:
         if how in (socket.SHUT_WR, socket.SHUT_RDWR) and not self._wfin and not self.closed:
             self._wfin = True

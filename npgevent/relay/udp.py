@@ -17,6 +17,7 @@ datagram.
 
 from __future__ import annotations
 
+import collections
 import os
 import time
 from collections.abc import Callable
@@ -63,6 +64,10 @@ class UdpSession:
         self.closed = False
         self.backlog: list[bytes] = []
         self.greenlet: gevent.Greenlet | None = None
+        # what deliver() could not do without waiting, for the writer greenlet, in order:
+        # (True, datagram) = send() it; (False, rest) = write_rest() (a write cut short)
+        self.pending: collections.deque[tuple[bool, bytes]] = collections.deque()
+        self.writer: gevent.Greenlet | None = None
         self._timer: Any = None  # the idle watchdog's loop timer
 
     # -- implemented by subclasses ------------------------------------------
@@ -82,6 +87,16 @@ class UdpSession:
     def close_far(self) -> None:
         raise NotImplementedError
 
+    def send_nowait(self, data: bytes) -> tuple[bool, bytes] | None:
+        """Forward one datagram from the user without waiting: :meth:`deliver` runs in the
+        listener's hub callback.  None when done, else what the writer greenlet must still do
+        (see ``pending``).  By default everything goes through :meth:`send` in the writer."""
+        return (True, data)
+
+    def write_rest(self, rest: bytes) -> None:
+        """Finish a write that :meth:`send_nowait` cut short (may block: the writer's)."""
+        raise NotImplementedError
+
     def read_in_hub(self) -> bool:
         """Serve the far end from hub callbacks until the session ends (then True), or False:
         read one datagram with :meth:`recv` in this greenlet, then ask again."""
@@ -97,11 +112,44 @@ class UdpSession:
                 self.table.dropped_backlog += 1
                 self.table.total_backlog_drops += 1
             return
+        if self.pending:  # the writer is at work: keep the order
+            self._queue((True, data))
+            return
         try:
-            self.send(data)
+            todo = self.send_nowait(data)
         except OSError as exc:
             self.table.log.debug("UDP send failed for %s: %s", format_addr(self.addr), exc)
             self.stop()
+            return
+        if todo is not None:
+            self._queue(todo)
+
+    def _queue(self, item: tuple[bool, bytes]) -> None:
+        """Hand *item* to the writer greenlet; a full queue drops a datagram (counted as a
+        session backlog drop; the rest of a cut write always fits: it comes first)."""
+        if len(self.pending) >= BACKLOG:
+            self.table.dropped_backlog += 1
+            self.table.total_backlog_drops += 1
+            return
+        self.pending.append(item)
+        if self.writer is None:
+            self.writer = gevent.spawn(self._write_pending)
+
+    def _write_pending(self) -> None:
+        pending = self.pending
+        try:
+            while pending and not self.closed:
+                whole, data = pending[0]
+                if whole:
+                    self.send(data)
+                else:
+                    self.write_rest(data)
+                pending.popleft()
+        except OSError as exc:
+            self.table.log.debug("UDP send failed for %s: %s", format_addr(self.addr), exc)
+            self.stop()
+        finally:
+            self.writer = None
 
     def run(self) -> None:
         table = self.table
@@ -160,6 +208,8 @@ class UdpSession:
 
     def stop(self) -> None:
         self.closed = True
+        if self.writer is not None and self.writer is not gevent.getcurrent():
+            self.writer.kill(block=False)
         if self.greenlet is not None and self.greenlet is not gevent.getcurrent():
             self.greenlet.kill(block=False)
 
@@ -289,6 +339,19 @@ class UdpTargetSession(UdpSession):
         self.acct[UDP_TX] += len(data)
         if self.limiter is not None:
             self.limiter.take(len(data))
+
+    def send_nowait(self, data: bytes) -> tuple[bool, bytes] | None:
+        if self.limiter is not None:
+            return (True, data)  # shaping may have to wait: the writer greenlet does it
+        assert self.sock is not None
+        try:
+            self.sock._sock.send(data)
+        except BlockingIOError:
+            return (True, data)
+        except ConnectionRefusedError:
+            return None  # the target port was unreachable a moment ago; UDP carries on
+        self.acct[UDP_TX] += len(data)
+        return None
 
     def recv(self) -> bytes | None:
         assert self.sock is not None

@@ -9,12 +9,25 @@ every byte still arrives and is counted.
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from typing import Any
 
 import gevent
 import greenlet
 import pytest
-from helpers import EchoPair, free_port, in_process, make_ca_and_cert, tunnel_urls, udp_socket, wait_pool
+from helpers import (
+    EchoPair,
+    NpProcess,
+    UdpEcho,
+    free_port,
+    in_process,
+    make_ca_and_cert,
+    tunnel_urls,
+    udp_socket,
+    wait_pool,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -119,5 +132,64 @@ def test_tunnel_udp_session_still_ends_when_idle():
             sock.sendto(b"again", ("127.0.0.1", uport))  # a new session, in hub mode again
             assert sock.recv(100) == b"again"
             sock.close()
+    finally:
+        echo.close()
+
+
+def test_rate_limited_burst_is_shaped_in_a_greenlet_not_the_hub(capfd):
+    """The listener hands datagrams over in its hub callback, where nothing may wait: a
+    burst over rate= used to sleep there (BlockingSwitchOutError, a traceback, a listener
+    that backs off). Now the session's writer greenlet shapes it."""
+    with UdpEcho() as echo:
+        port = free_port()
+        with in_process("client://127.0.0.1:%d/127.0.0.1:%d?mode=1&rate=4" % (port, echo.port)) as r:
+            sock = udp_socket(timeout=5)
+            sock.sendto(b"open", ("127.0.0.1", port))
+            assert sock.recv(100) == b"open"
+            start = time.monotonic()
+            for i in range(50):
+                sock.sendto(b"%03d" % i + b"x" * 7997, ("127.0.0.1", port))
+            got = sorted(bytes(sock.recv(65535))[:3] for _ in range(50))
+            elapsed = time.monotonic() - start
+            assert got == [b"%03d" % i for i in range(50)]
+            assert elapsed >= 0.5  # 400 KB at 4 Mbit/s (500 KB/s) past a 50 KB burst: still shaped
+            assert r.inst.traffic.udp_tx == 4 + 50 * 8000
+            sock.close()
+    err = capfd.readouterr().err
+    assert "BlockingSwitchOutError" not in err and "Traceback" not in err
+
+
+def test_a_stalled_tunnel_peer_costs_datagrams_not_the_daemon():
+    """The client process is stopped while a user floods a UDP session: the server's writes
+    to the pool connection fill its buffer, the rest waits in the session's writer greenlet
+    (bounded: beyond it datagrams are dropped and counted), and nothing waits in the hub."""
+    echo = EchoPair()
+    tport, uport = free_port(), free_port()
+    server_url, client_url = tunnel_urls("rev", "0", tport, uport, echo.port,
+                                         extra_server="&log=debug", extra_client="&log=debug")
+    try:
+        with NpProcess(server_url) as s, NpProcess(client_url) as c:
+            s.wait_for(r"CHECK_POINT\|MODE=\d\|PING=\d+ms\|POOL=([1-9]\d*)")
+            sock = udp_socket(timeout=5)
+            sock.sendto(b"before", ("127.0.0.1", uport))
+            assert sock.recv(100) == b"before"
+            os.kill(c.pid, signal.SIGSTOP)
+            try:
+                blob = b"f" * 60000
+                for _ in range(600):  # 36 MB: far more than the pool connection's buffers
+                    sock.sendto(blob, ("127.0.0.1", uport))
+                gevent.sleep(0.5)
+            finally:
+                os.kill(c.pid, signal.SIGCONT)
+            s.wait_for(r"UDP datagrams dropped in the last interval: .*\(session backlog full\)", timeout=15)
+            fresh = udp_socket(timeout=5)
+            fresh.sendto(b"after", ("127.0.0.1", uport))
+            assert fresh.recv(100) == b"after"
+            fresh.close()
+            sock.close()
+            assert s.stop() == 0 and c.stop() == 0
+            for proc in (s, c):
+                assert "Traceback" not in proc.output
+                assert "BlockingSwitchOutError" not in proc.output
     finally:
         echo.close()
