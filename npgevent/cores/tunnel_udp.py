@@ -261,6 +261,9 @@ class TunnelUdpSession(UdpSession):
         self.verdict.clear()
         if self.writer is not None:
             self.writer.kill(block=True)  # it may be writing to the old connection
+            pending = self.pending
+            if pending and pending[0][0] and self.unanswered and self.unanswered[-1] is pending[0][1]:
+                pending.popleft()  # it was being written: it is replayed below with the others
         # the rest of a write cut short belongs to the old connection (its datagram is replayed
         # below with the others); datagrams not yet written go out on the new one
         kept = [item for item in self.pending if item[0]]

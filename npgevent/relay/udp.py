@@ -231,7 +231,7 @@ class SessionTable:
         self.sessions: dict[Any, UdpSession] = {}
         self.listener: UdpListener | None = None
         self.dropped_slot = 0  # datagrams refused at the slot limit
-        self.dropped_backlog = 0  # datagrams over a still-opening session's backlog
+        self.dropped_backlog = 0  # datagrams over a session backlog (still opening, or a busy far end)
         self.dropped_send = 0  # replies dropped: the listener's send buffer was full
         self.total_slot_drops = self.total_backlog_drops = self.total_send_drops = 0  # (metrics)
         self._kernel_drops = 0
