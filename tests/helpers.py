@@ -7,6 +7,7 @@ Ports come from binding port 0; every wait has a timeout.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import logging
@@ -28,8 +29,13 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
 
 
+_HANDED_OUT: collections.deque[int] = collections.deque(maxlen=512)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that is free for both TCP and UDP on *host* right now."""
+    """A port that is free for both TCP and UDP on *host* right now, and not one of the last
+    ports handed out (the kernel may hand a just-closed port out again at once: a test that
+    asks for two ports before binding either could get the same one twice)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     for _ in range(50):
         t = socket.socket(family, socket.SOCK_STREAM)
@@ -43,6 +49,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         finally:
             u.close()
             t.close()
+        if port in _HANDED_OUT:
+            continue
+        _HANDED_OUT.append(port)
         return int(port)
     raise RuntimeError("no free port")
 
