@@ -7,7 +7,7 @@ import re
 import gevent
 import pytest
 from gevent import socket
-from helpers import NpProcess, _BigDatagramServer, free_port, in_process, udp_socket
+from helpers import NpProcess, _BigDatagramServer, free_port, in_process, tunnel_urls, udp_socket
 
 from npgevent.net.sockopt import tune_udp
 
@@ -95,5 +95,43 @@ def test_burst_from_2000_new_sources_is_delivered_or_counted():
             reported = dropped(p.lines)
             assert sink.count + reported >= sent * 0.99, (sink.count, reported, sent)
             assert sink.count >= sent * 0.9, (sink.count, reported, sent)
+    finally:
+        sink.close()
+
+
+@pytest.mark.parametrize("tls", ["0", "1"])
+def test_burst_through_a_tunnel_is_delivered_or_counted(tls):
+    """4,000 datagrams from 200 new sources at once through a tunnel (real processes): the
+    server's sessions write to pool connections from the listener's hub callback and read
+    them back there; what does not reach the target is counted in the drop summary."""
+    sink = UdpSink()
+    tport, uport = free_port(), free_port()
+    server_url, client_url = tunnel_urls("rev", tls, tport, uport, sink.port, extra_server="&log=debug")
+    sent = 0
+    try:
+        with NpProcess(server_url) as s, NpProcess(client_url) as c:
+            s.wait_for(r"CHECK_POINT\|MODE=\d\|PING=\d+ms\|POOL=([1-9]\d*)")
+            sources = [udp_socket() for _ in range(200)]
+            try:
+                for _round in range(20):
+                    for src in sources:
+                        src.sendto(b"burst %d" % _round, ("127.0.0.1", uport))
+                        sent += 1
+                    gevent.sleep(0.01)
+                settled, last = 0, -1
+                while settled < 10 and sink.count < sent:  # until nothing moved for 1 s
+                    settled = settled + 1 if sink.count == last else 0
+                    last = sink.count
+                    gevent.sleep(0.1)
+                gevent.sleep(1.2)  # one more report interval: the drop summary goes out
+            finally:
+                for src in sources:
+                    src.close()
+            reported = dropped(s.lines)
+            assert sink.count + reported >= sent * 0.99, (sink.count, reported, sent)
+            assert sink.count >= sent * 0.9, (sink.count, reported, sent)
+            assert s.stop() == 0 and c.stop() == 0
+            for proc in (s, c):
+                assert "Traceback" not in proc.output
     finally:
         sink.close()
