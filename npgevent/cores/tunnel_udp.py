@@ -14,7 +14,7 @@ import gevent
 from gevent import socket
 from gevent.event import Event
 
-from ..net.sockopt import format_addr, recv_when_ready, send_all, write_nowait
+from ..net.sockopt import can_write_nowait, format_addr, recv_when_ready, send_all, write_nowait
 from ..pool.tcp import PoolConn
 from ..protocol.signals import Launch
 from ..protocol.udpframe import Deframer, frame
@@ -33,6 +33,15 @@ def keep_datagrams_whole(stream: Any) -> None:
         stream.datagrams = True
 
 
+class _CutShort(Exception):
+    """A write to the pool connection from a hub callback did not complete: *rest* is what
+    the exchange's greenlet must write before the hub reads on."""
+
+    def __init__(self, rest: bytes) -> None:
+        super().__init__("write cut short")
+        self.rest = rest
+
+
 def udp_exchange(core: TunnelCore, conn: PoolConn, usock: socket.socket) -> None:
     """Pool connection <-> connected UDP socket until idle for NP_UDP_READ_TIMEOUT."""
     acct, limiter = core.inst.traffic.bytes, core.inst.limiter
@@ -49,6 +58,22 @@ def udp_exchange(core: TunnelCore, conn: PoolConn, usock: socket.socket) -> None
     usock.settimeout(None)
 
     def down() -> None:  # target -> pool
+        if limiter is None and can_write_nowait(stream):
+            # from hub callbacks, down to this greenlet only to finish a write cut short
+            def deliver(data: bytes) -> None:
+                last[0] = time.monotonic()
+                acct[UDP_RX] += len(data)
+                payload = frame(data) if framed else data
+                written = write_nowait(stream, payload)
+                if written != len(payload):
+                    raise _CutShort(payload[written or 0:])
+
+            while True:
+                try:
+                    HubReader(usock, deliver, MAX_DATAGRAM, datagrams=True).serve()
+                    return
+                except _CutShort as cut:
+                    send_all(stream, cut.rest)
         while True:
             try:
                 data = usock.recv(MAX_DATAGRAM)

@@ -85,6 +85,11 @@ def recv_when_ready(stream: Any, n: int) -> bytes:
     return own(n) if own is not None else stream.recv(n)
 
 
+def can_write_nowait(stream: Any) -> bool:
+    """Whether :func:`write_nowait` can write to *stream* (else it returns None)."""
+    return type(stream) is socket.socket or hasattr(stream, "send_nowait")
+
+
 def write_nowait(stream: Any, data: bytes) -> int | None:
     """Write what fits now, from a hub callback: the count written (0 if nothing fits: then
     the caller must write all of *data* again, which a TLS stream needs), or None if *stream*

@@ -1,10 +1,10 @@
 """UDP sessions through a tunnel read their far end in hub callbacks (npgevent.relay.hubread).
 
 Once a session is answered, neither end switches into a greenlet per datagram: the server's
-session reads its pool connection from the hub, and the client's pool -> target direction
-does too (its target -> pool direction keeps a greenlet: a write to the pool connection may
-have to wait).  The tests count greenlet switches while datagrams go round, and check that
-every byte still arrives and is counted.
+session reads its pool connection from the hub, and so do both directions of the client's
+exchange (a write to the pool connection that can't complete at once is finished by the
+exchange's greenlet).  The tests count greenlet switches while datagrams go round, and check
+that every byte still arrives and is counted.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import gevent
+import gevent.event
 import greenlet
 import pytest
 from helpers import (
@@ -34,10 +35,10 @@ pytestmark = pytest.mark.timeout(60)
 ROUNDS = 200
 
 
-def _is_exchange_reader(target: Any) -> bool:
-    """The client's pool -> target greenlet of a UDP exchange (cores.tunnel_udp.udp_exchange)."""
+def _is_exchange(target: Any) -> bool:
+    """One of the client's two greenlets of a UDP exchange (cores.tunnel_udp.udp_exchange)."""
     args = getattr(target, "args", None)
-    return bool(args) and getattr(args[0], "__name__", "") == "up"
+    return bool(args) and getattr(args[0], "__name__", "") in ("up", "down")
 
 
 def _round_trips(port: int, watched: Any) -> dict[str, int]:
@@ -48,7 +49,7 @@ def _round_trips(port: int, watched: Any) -> dict[str, int]:
         assert sock.recv(100) == b"first"
         sock.sendto(b"second", ("127.0.0.1", port))  # the session is answered: hub mode from here
         assert sock.recv(100) == b"second"
-        counts = {"session": 0, "exchange_up": 0}
+        counts = {"session": 0, "exchange": 0}
         session_greenlet = watched()
 
         def trace(event: str, args: Any) -> None:
@@ -57,8 +58,8 @@ def _round_trips(port: int, watched: Any) -> dict[str, int]:
             target = args[1]
             if target is session_greenlet:
                 counts["session"] += 1
-            elif _is_exchange_reader(target):
-                counts["exchange_up"] += 1
+            elif _is_exchange(target):
+                counts["exchange"] += 1
 
         previous = greenlet.settrace(trace)
         try:
@@ -86,7 +87,7 @@ def test_answered_tunnel_udp_session_reads_in_the_hub_at_both_ends(tls, tmp_path
             wait_pool(lambda: s.core.pool.active, 4)
             table = s.core.listeners.table
             counts = _round_trips(uport, lambda: next(iter(table.sessions.values())).greenlet)
-            assert counts == {"session": 0, "exchange_up": 0}
+            assert counts == {"session": 0, "exchange": 0}
             sent = len(b"first") + len(b"second") + sum(
                 len(b"round trip %d " % i) + i % 700 for i in range(ROUNDS))
             for end in (s, c):
@@ -106,7 +107,7 @@ def test_a_rate_limited_tunnel_session_keeps_its_greenlets():
             wait_pool(lambda: s.core.pool.active, 4)
             table = s.core.listeners.table
             counts = _round_trips(uport, lambda: next(iter(table.sessions.values())).greenlet)
-            assert counts["session"] >= ROUNDS and counts["exchange_up"] >= ROUNDS
+            assert counts["session"] >= ROUNDS and counts["exchange"] >= 2 * ROUNDS
     finally:
         echo.close()
 
@@ -193,3 +194,74 @@ def test_a_stalled_tunnel_peer_costs_datagrams_not_the_daemon():
                 assert "BlockingSwitchOutError" not in proc.output
     finally:
         echo.close()
+
+
+def test_a_stalled_server_cuts_the_clients_pool_writes_short_without_harm():
+    """The target answers one datagram with a 1.2 s flood while the tunnel server is stopped:
+    the client's hub callback can't finish its writes to the pool connection; its exchange
+    greenlet finishes them (no waiting in the hub, nothing torn in the framing), and after
+    the server resumes the session carries on."""
+    blasts: list[int] = []
+    started = gevent.event.Event()
+
+    def blast(addr: Any) -> None:  # for 1.2 s, more than the pool connection's buffers hold
+        started.set()
+        end = time.monotonic() + 1.2
+        while time.monotonic() < end:
+            for _ in range(8):
+                target.sendto(b"b" * 60000, addr)  # from the target's address: the client's
+            gevent.sleep(0.001)  # socket is connected to it
+        blasts.append(1)
+
+    def blaster(data: bytes, addr: Any) -> None:
+        if data == b"blast":
+            gevent.spawn(blast, addr)
+        else:
+            target.sendto(data, addr)
+
+    from gevent.server import DatagramServer
+
+    target = DatagramServer(("127.0.0.1", 0), blaster)
+    target.start()
+    tport, uport = free_port(), free_port()
+    server_url, client_url = tunnel_urls("rev", "0", tport, uport, target.address[1])
+    try:
+        with NpProcess(server_url) as s, NpProcess(client_url) as c:
+            s.wait_for(r"CHECK_POINT\|MODE=\d\|PING=\d+ms\|POOL=([1-9]\d*)")
+            sock = udp_socket(timeout=5)
+            sock.sendto(b"hello", ("127.0.0.1", uport))
+            assert sock.recv(100) == b"hello"
+            sock.sendto(b"blast", ("127.0.0.1", uport))
+            assert started.wait(5)
+            os.kill(s.pid, signal.SIGSTOP)  # mid-flood: the client's pool writes back up
+            try:
+                gevent.sleep(1.0)
+            finally:
+                os.kill(s.pid, signal.SIGCONT)
+            deadline = time.monotonic() + 10
+            while not blasts and time.monotonic() < deadline:
+                gevent.sleep(0.05)
+            assert blasts
+            # the replies (whatever the user's socket buffer kept) are whole datagrams
+            sock.settimeout(0.5)
+            try:
+                while True:
+                    data = sock.recv(65535)
+                    assert data == b"b" * 60000
+            except OSError:
+                pass
+            sock.settimeout(5)
+            sock.sendto(b"after", ("127.0.0.1", uport))
+            for _ in range(50):
+                data = sock.recv(65535)
+                if data == b"after":
+                    break
+                assert data == b"b" * 60000
+            assert data == b"after"
+            sock.close()
+            assert s.stop() == 0 and c.stop() == 0
+            for proc in (s, c):
+                assert "Traceback" not in proc.output
+                assert "BlockingSwitchOutError" not in proc.output
+    finally:
+        target.stop()
