@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, Literal
 
 from cryptography import x509
 from gevent import socket
@@ -251,25 +251,36 @@ class TLSStream:
         return n
 
     def recv(self, n: int) -> bytes:
+        sock = self.sock
+        while True:
+            data = self._read_once(n)
+            if data is None:
+                sock._wait(sock._read_event)
+            elif data is False:
+                wait_write(sock.fileno(), timeout=sock.timeout)
+            else:
+                return data
+
+    def _read_once(self, n: int) -> bytes | Literal[False] | None:
+        """One read without waiting: the bytes (``b""`` at the end), None if OpenSSL needs to
+        read the socket first, False if it needs to write first."""
         if self._pending:
             data, self._pending = self._pending[:n], self._pending[n:]
             return data
-        conn, sock = self.conn, self.sock
-        while True:
-            try:
-                return conn.recv(n)
-            except SSL.WantReadError:
-                sock._wait(sock._read_event)
-            except SSL.WantWriteError:
-                wait_write(sock.fileno(), timeout=sock.timeout)
-            except SSL.ZeroReturnError:
-                return b""
-            except SSL.SysCallError as exc:
-                if exc.args and exc.args[0] == -1:
-                    return b""  # peer closed without close_notify: treat as EOF
-                raise _oserror(exc) from None
-            except SSL.Error as exc:
-                raise TLSError("TLS error: %s" % _reason(exc)) from None
+        try:
+            return self.conn.recv(n)
+        except SSL.WantReadError:
+            return None
+        except SSL.WantWriteError:
+            return False
+        except SSL.ZeroReturnError:
+            return b""
+        except SSL.SysCallError as exc:
+            if exc.args and exc.args[0] == -1:
+                return b""  # peer closed without close_notify: treat as EOF
+            raise _oserror(exc) from None
+        except SSL.Error as exc:
+            raise TLSError("TLS error: %s" % _reason(exc)) from None
 
     def recv_when_ready(self, n: int) -> bytes:
         """:meth:`recv`, waiting for the socket first when OpenSSL holds nothing decrypted (an
@@ -283,23 +294,10 @@ class TLSStream:
     def recv_nowait(self, n: int) -> bytes | None:
         """What is ready, without waiting: ``None`` if nothing is, ``b""`` at the end (for
         :class:`~npgevent.relay.hubread.HubReader`: it runs in a hub callback)."""
-        if self._pending:
-            data, self._pending = self._pending[:n], self._pending[n:]
-            return data
-        try:
-            return self.conn.recv(n)
-        except SSL.WantReadError:
-            return None
-        except SSL.WantWriteError:
-            raise TLSError("TLS read needs a write first") from None  # never waits in the hub
-        except SSL.ZeroReturnError:
-            return b""
-        except SSL.SysCallError as exc:
-            if exc.args and exc.args[0] == -1:
-                return b""  # peer closed without close_notify: treat as EOF
-            raise _oserror(exc) from None
-        except SSL.Error as exc:
-            raise TLSError("TLS error: %s" % _reason(exc)) from None
+        data = self._read_once(n)
+        if data is False:
+            raise TLSError("TLS read needs a write first")  # never waits in the hub
+        return data
 
     def send_nowait(self, data: bytes) -> int:
         """What :func:`~npgevent.net.sockopt.write_nowait` needs: the bytes written without

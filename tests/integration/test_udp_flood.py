@@ -40,6 +40,29 @@ def dropped(lines: list[str]) -> int:
     return total
 
 
+def burst(count: int, rounds: int, port: int, sink: UdpSink) -> int:
+    """*rounds* datagrams from each of *count* new sources; wait until nothing moved for 1 s
+    and one more report interval (the drop summary goes out).  Returns how many were sent."""
+    sent = 0
+    sources = [udp_socket() for _ in range(count)]
+    try:
+        for n in range(rounds):
+            for src in sources:
+                src.sendto(b"burst %d" % n, ("127.0.0.1", port))
+                sent += 1
+            gevent.sleep(0.01)
+        settled, last = 0, -1
+        while settled < 10 and sink.count < sent:
+            settled = settled + 1 if sink.count == last else 0
+            last = sink.count
+            gevent.sleep(0.1)
+        gevent.sleep(1.2)
+    finally:
+        for src in sources:
+            src.close()
+    return sent
+
+
 def test_slot_limit_flood_is_a_few_lines_and_counted():
     sink = UdpSink()
     port = free_port()
@@ -72,26 +95,10 @@ def test_burst_from_2000_new_sources_is_delivered_or_counted():
     does not reach the target is counted in the DEBUG drop summary, by cause."""
     sink = UdpSink()
     port = free_port()
-    sent = 0
     try:
         with NpProcess("client://127.0.0.1:%d/127.0.0.1:%d?log=debug" % (port, sink.port)) as p:
             p.wait_for(r"Client started")
-            sources = [udp_socket() for _ in range(2000)]
-            try:
-                for _round in range(10):
-                    for s in sources:
-                        s.sendto(b"burst", ("127.0.0.1", port))
-                        sent += 1
-                    gevent.sleep(0.01)
-                settled, last = 0, -1
-                while settled < 10 and sink.count < sent:  # until nothing moved for 1 s
-                    settled = settled + 1 if sink.count == last else 0
-                    last = sink.count
-                    gevent.sleep(0.1)
-                gevent.sleep(1.2)  # one more report interval: the drop summary goes out
-            finally:
-                for s in sources:
-                    s.close()
+            sent = burst(2000, 10, port, sink)
             reported = dropped(p.lines)
             assert sink.count + reported >= sent * 0.99, (sink.count, reported, sent)
             assert sink.count >= sent * 0.9, (sink.count, reported, sent)
@@ -107,26 +114,10 @@ def test_burst_through_a_tunnel_is_delivered_or_counted(tls):
     sink = UdpSink()
     tport, uport = free_port(), free_port()
     server_url, client_url = tunnel_urls("rev", tls, tport, uport, sink.port, extra_server="&log=debug")
-    sent = 0
     try:
         with NpProcess(server_url) as s, NpProcess(client_url) as c:
             s.wait_for(r"CHECK_POINT\|MODE=\d\|PING=\d+ms\|POOL=([1-9]\d*)")
-            sources = [udp_socket() for _ in range(200)]
-            try:
-                for _round in range(20):
-                    for src in sources:
-                        src.sendto(b"burst %d" % _round, ("127.0.0.1", uport))
-                        sent += 1
-                    gevent.sleep(0.01)
-                settled, last = 0, -1
-                while settled < 10 and sink.count < sent:  # until nothing moved for 1 s
-                    settled = settled + 1 if sink.count == last else 0
-                    last = sink.count
-                    gevent.sleep(0.1)
-                gevent.sleep(1.2)  # one more report interval: the drop summary goes out
-            finally:
-                for src in sources:
-                    src.close()
+            sent = burst(200, 20, uport, sink)
             reported = dropped(s.lines)
             assert sink.count + reported >= sent * 0.99, (sink.count, reported, sent)
             assert sink.count >= sent * 0.9, (sink.count, reported, sent)
