@@ -183,26 +183,27 @@ class TunnelUdpSession(UdpSession):
 
     def send(self, data: bytes) -> None:
         assert self.conn is not None
-        core = self.core
-        core.inst.traffic.bytes[UDP_RX] += len(data)
+        self._sent(data)
+        self._write(data)
+        limiter = self.core.inst.limiter
+        if limiter is not None:
+            limiter.take(len(data))
+
+    def _sent(self, data: bytes) -> None:
+        """Count a datagram from the user, and keep it for a relaunch until answered."""
+        self.core.inst.traffic.bytes[UDP_RX] += len(data)
         if self.unanswered is not None and len(self.unanswered) < self.UNANSWERED:
             self.unanswered.append(data)
-        self._write(data)
-        if core.inst.limiter is not None:
-            core.inst.limiter.take(len(data))
 
     def send_nowait(self, data: bytes) -> tuple[bool, bytes] | None:
-        core = self.core
-        if core.inst.limiter is not None:
+        if self.core.inst.limiter is not None:
             return (True, data)  # shaping may have to wait: the writer greenlet does it
         assert self.conn is not None
         payload = frame(data) if self.framed else data
         written = write_nowait(self.conn.stream, payload)
         if written is None:
             return (True, data)
-        core.inst.traffic.bytes[UDP_RX] += len(data)
-        if self.unanswered is not None and len(self.unanswered) < self.UNANSWERED:
-            self.unanswered.append(data)
+        self._sent(data)
         return None if written == len(payload) else (False, payload[written:])
 
     def write_rest(self, rest: bytes) -> None:

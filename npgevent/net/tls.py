@@ -286,7 +286,7 @@ class TLSStream:
         """:meth:`recv`, waiting for the socket first when OpenSSL holds nothing decrypted (an
         SSL read that finds nothing costs a syscall and a WantReadError); see
         :func:`~npgevent.net.sockopt.recv_when_ready`."""
-        if not self._pending and not self.conn.pending():
+        if not self.has_buffered():
             sock = self.sock
             sock._wait(sock._read_event)
         return self.recv(n)

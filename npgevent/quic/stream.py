@@ -149,35 +149,36 @@ class QuicStream:
         view = memoryview(data).cast("B")
         total = len(view)
         off = 0
-        thread = self.engine.thread
         while off < total:
-            if self._broken or self.closed or self._wfin:
-                raise BrokenPipeError(self._broken or "stream closed for writing")
-            room = WINDOW - (self.written - self.sent)
+            room = self._room()
             if room <= 0 or (self.datagrams and room < total - off):  # a datagram goes in one piece
                 self._writable.clear()
                 if not self._writable.wait(self.timeout):
                     raise socket.timeout("timed out")
                 continue
             n = min(room, total - off, CHUNK)
-            chunk = bytes(view[off : off + n])
+            self._hand_over(bytes(view[off : off + n]))
             off += n
-            self.written += n
-            if not thread.call(thread.send, self.conn, self.sid, chunk, False, self.datagrams):
-                raise BrokenPipeError("QUIC engine stopped")
 
     def send_nowait(self, data: bytes) -> int:
         """:meth:`sendall` if *data* fits the send window now (then ``len(data)``), else 0."""
+        n = len(data)
+        if n > CHUNK or self._room() < n:
+            return 0
+        self._hand_over(bytes(data))
+        return n
+
+    def _room(self) -> int:
+        """What may be handed to the thread now (BrokenPipeError if the stream can't send)."""
         if self._broken or self.closed or self._wfin:
             raise BrokenPipeError(self._broken or "stream closed for writing")
-        n = len(data)
-        if n > CHUNK or WINDOW - (self.written - self.sent) < n:
-            return 0
-        self.written += n
+        return WINDOW - (self.written - self.sent)
+
+    def _hand_over(self, chunk: bytes) -> None:
+        self.written += len(chunk)
         thread = self.engine.thread
-        if not thread.call(thread.send, self.conn, self.sid, bytes(data), False, self.datagrams):
+        if not thread.call(thread.send, self.conn, self.sid, chunk, False, self.datagrams):
             raise BrokenPipeError("QUIC engine stopped")
-        return n
 
     def shutdown(self, how: int) -> None:
         if how in (socket.SHUT_WR, socket.SHUT_RDWR) and not self._wfin and not self.closed:

@@ -68,7 +68,9 @@ class HubReader:
 
     @staticmethod
     def supports(stream: Any) -> bool:
-        return nowait_reader(stream) is not None
+        """Whether :func:`nowait_reader` has a read for *stream* (asked per datagram by a
+        session still reading in its greenlet: builds nothing)."""
+        return type(stream) is socket.socket or hasattr(stream, "recv_nowait")
 
     def serve(self) -> None:
         """Block the calling greenlet until the stream ends (return) or fails (raise)."""
