@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 import gevent
-from gevent import socket
+from gevent import socket, ssl
 from gevent.queue import Queue
 from helpers import DATA
 
@@ -113,10 +113,17 @@ class GoClient:
             sock.close()
         return reply
 
-    def open_pool(self, n: int) -> list[str]:
+    def open_pool(self, n: int, tls: bool = False) -> list[str]:
+        """Open *n* pool connections in order (TLS 1.3 without verification, as the Go client
+        does for tls=1, when *tls*); return their ids, oldest first."""
         ids = []
         for _ in range(n):
             s = socket.create_connection((self.host, self.port), timeout=10)
+            if tls:
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+                ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+                s = ctx.wrap_socket(s)
             cid = recv_exact(s, 4).hex()
             self.pool[cid] = s
             ids.append(cid)

@@ -352,7 +352,7 @@ class TunnelCore(Core):
         The connection is the one the receiving side is least likely to hand a user meanwhile:
         npgevent takes the newest for users (so here the oldest), a Go client the oldest (so
         here the newest, when the client receives: forward flow)."""
-        conn = self.pool.take_any(0, newest=self.npg == 0 and self.flow == "+")
+        conn = self.pool.take_clean(newest=self.npg == 0 and self.flow == "+")
         if conn is None:
             return False
         try:

@@ -151,6 +151,24 @@ class IdlePool:
             conn.close()
         return None
 
+    def take_clean(self, newest: bool) -> PoolConn | None:
+        """An idle connection that is alive and carries nothing yet, without waiting.
+
+        Unlike :meth:`take_any` it leaves a connection that holds data where it is: on the
+        dialling side that is one the peer already gave a user and wrote on, whose launch
+        signal is still on its way and will claim it (a Go client hands out the oldest
+        connection and writes before it signals).  Dead connections are dropped."""
+        for cid in list(reversed(self.idle)) if newest else list(self.idle):
+            conn = self.idle[cid]
+            if conn.alive(strict=True):
+                del self.idle[cid]
+                self._taken()
+                return conn
+            if not conn.alive(strict=False):
+                self.log.debug("Tunnel connection: %s dead, dropped", cid)
+                self.discard(cid)
+        return None
+
     def claim(self, cid: str) -> PoolConn | None:
         """*cid* if it is idle now, without waiting."""
         conn = self.idle.pop(cid, None)

@@ -21,7 +21,7 @@ from helpers import (
     wait_pool,
 )
 
-from npgevent.protocol.signals import Flush, Launch, Ping, decode_line, encode_line
+from npgevent.protocol.signals import Flush, Launch, Ping, Verify, decode_line, encode_line
 from npgevent.url import fnv1a32_hex
 
 
@@ -305,3 +305,33 @@ def test_go_server_reply_lines_parsed_from_all_vectors():
         reply = read_reply(line, vec["key"].encode())
         assert reply.encode() == vec["connections"][0]["s2c_decoded"][0]
 
+
+
+def test_verify_signal_leaves_pool_connections_a_go_client_already_wrote_on():
+    """Forward flow, tls=1: a Go client hands idle pool connections to users and writes on
+    them before its launch signals arrive.  The server's verify signal must name a clean
+    connection and leave those alone (it used to drop them all as unclean: sessions lost)."""
+    echo = UdpEcho()
+    tport = free_port()
+    url = "server://secret@127.0.0.1:%d/127.0.0.1:%d?mode=2&tls=1&max=8" % (tport, echo.port)
+    with in_process(url, report_interval="200ms") as s:
+        go = GoClient(tport, b"secret")
+        try:
+            assert go.handshake() == encode_line("np://0@8/+#1", b"secret")
+            ids = go.open_pool(5, tls=True)
+            wait_pool(lambda: s.core.pool.active, 5)
+            used = ids[1:]  # the clean one is the oldest: the server looks at the newest first
+            for cid in used:
+                go.pool[cid].sendall(b"user datagram on " + cid.encode())
+            verify = go.control.next_signal(Verify, timeout=10)
+            assert verify.cid == ids[0]
+            for n, cid in enumerate(used):
+                go.control.send(Launch(True, "127.0.0.1:%d" % (40000 + n), cid).encode())
+            for cid in used:
+                conn = go.pool[cid]
+                conn.settimeout(5)
+                assert conn.recv(100) == b"user datagram on " + cid.encode()
+            assert s.capture.count("dead or unclean") == 0
+        finally:
+            go.close()
+            echo.close()

@@ -64,6 +64,23 @@ def test_take_any_skips_dead_and_unclean():
     unclean_peer.close()
 
 
+def test_take_clean_leaves_connections_holding_data_and_drops_dead_ones():
+    pool = IdlePool(InstanceLog("none"))
+    good, good_peer = _conn("00000001")
+    dead, dead_peer = _conn("00000002")
+    used, used_peer = _conn("00000003")
+    for c in (good, dead, used):
+        pool.add(c)
+    dead_peer.close()
+    used_peer.sendall(b"a user's datagram")
+    assert pool.take_clean(newest=True) is good
+    assert list(pool.idle) == ["00000003"]  # still there for the launch signal naming it
+    assert pool.take_clean(newest=False) is None
+    assert pool.claim("00000003") is used
+    for s in (good, used, good_peer, used_peer):
+        s.close()
+
+
 def test_take_by_id_waits_for_arrival_and_counts_misses():
     pool = IdlePool(InstanceLog("none"))
     conn, peer = _conn("0000abcd")
