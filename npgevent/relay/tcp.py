@@ -34,6 +34,7 @@ import gevent
 from gevent import socket
 
 from ..net.sockopt import send_all
+from . import runners
 from .limit import RateLimiter
 
 SPLICE_OK = sys.platform.startswith("linux") and hasattr(os, "splice")
@@ -113,7 +114,7 @@ def relay(
             gevent.kill(main, _Abort)
         return err
 
-    back = gevent.spawn(backward)
+    back = runners.run(backward)
     try:
         err: BaseException | None = _pump(user, target, acct, tx, limiter, sess, bufsize,
                                           can_splice)
