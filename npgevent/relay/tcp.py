@@ -1,6 +1,7 @@
 """Two-way TCP relay between a user-side and a target-side stream.
 
-One direction runs in the calling greenlet, the other in a spawned one.  Each
+One direction runs in the calling greenlet, the other on a parked worker greenlet
+(:mod:`npgevent.relay.runners`: cheaper than a new greenlet per session).  Each
 direction ("pump") starts with ``recv_into`` + ``sendall`` through a private
 buffer, which is the cheapest path for small request/response traffic.  When a
 read fills the buffer, the transfer is bulk: if both ends are plain gevent
@@ -107,11 +108,18 @@ def relay(
                   and type(target) is _GeventSocket)
     main = gevent.getcurrent()
     state = {"main_done": False}
+    loop = gevent.get_hub().loop
+
+    def abort_main() -> None:
+        # decided in the hub, when it runs: by then the calling pump may have ended on its
+        # own, and the calling greenlet may be past this relay (an abort must not follow it)
+        if not state["main_done"]:
+            main.throw(_Abort)
 
     def backward() -> BaseException | None:
         err = _pump(target, user, acct, rx, limiter, sess, bufsize, can_splice)
         if err is not None and not state["main_done"]:
-            gevent.kill(main, _Abort)
+            loop.run_callback(abort_main)
         return err
 
     back = runners.run(backward)
