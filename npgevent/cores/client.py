@@ -24,7 +24,7 @@ from ..log import ERROR
 from ..net import handshake
 from ..net.dial import family_of
 from ..net.handshake import HandshakeError
-from ..net.sockopt import format_addr, send_all, tune_tcp
+from ..net.sockopt import connect_numeric, format_addr, send_all, tune_tcp
 from ..pool.base import Adaptive
 from ..pool.tcp import ClientPool, PoolConn, read_exact
 from ..protocol.auth import ControlCipher, PoolProver
@@ -166,8 +166,7 @@ class DualClientCore(TunnelCore):
         host = self.inst.spec.tunnel.host
         sock = socket.socket(family_of(self.server_ip), socket.SOCK_STREAM)
         try:
-            sock.settimeout(opts.tcp_dial_timeout)
-            sock.connect((self.server_ip, self.inst.spec.tunnel.port))
+            connect_numeric(sock, (self.server_ip, self.inst.spec.tunnel.port), opts.tcp_dial_timeout)
             tune_tcp(sock, opts.report_interval)
             stream: Any = sock
             if self.ctx is not None:

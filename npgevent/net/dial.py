@@ -21,7 +21,7 @@ from gevent import socket
 from ..log import InstanceLog
 from ..url import HostPort
 from .resolver import Resolver
-from .sockopt import tune_tcp, tune_udp
+from .sockopt import connect_numeric, tune_tcp, tune_udp
 
 
 class DialError(OSError):
@@ -97,9 +97,7 @@ class Dialer:
             sock = socket.socket(family, socket.SOCK_STREAM)
             try:
                 self._bind_source(sock, family)
-                sock.settimeout(timeout)
-                sock.connect(sockaddr(ip, target.port))
-                sock.settimeout(None)
+                connect_numeric(sock, sockaddr(ip, target.port), timeout)
                 tune_tcp(sock)
                 return sock
             except OSError as exc:

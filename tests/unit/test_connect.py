@@ -1,0 +1,69 @@
+"""connect_numeric (npgevent.net.sockopt): the dialer's and the pool's TCP connect."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from gevent import socket
+
+from npgevent.net.sockopt import connect_numeric
+
+
+def test_connects_and_leaves_no_timeout_behind():
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(8)
+    sock = socket.socket()
+    try:
+        connect_numeric(sock, lst.getsockname(), 5.0)
+        assert sock.getpeername() == lst.getsockname()
+        assert sock.gettimeout() is None
+        peer, _ = lst.accept()
+        sock.sendall(b"ok")
+        assert peer.recv(2) == b"ok"
+        peer.close()
+    finally:
+        sock.close()
+        lst.close()
+
+
+def test_a_closed_port_is_refused():
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    address = probe.getsockname()
+    probe.close()  # nothing listens there now
+    sock = socket.socket()
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            connect_numeric(sock, address, 5.0)
+    finally:
+        sock.close()
+
+
+def test_a_connect_that_hangs_times_out_on_time():
+    """A listener whose accept queue is full drops new SYNs: the connect hangs."""
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(0)
+    filler = []
+    try:
+        for _ in range(4):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(lst.getsockname())
+            filler.append(s)
+        time.sleep(0.2)
+        sock = socket.socket()
+        try:
+            start = time.monotonic()
+            with pytest.raises(socket.timeout):
+                connect_numeric(sock, lst.getsockname(), 0.3)
+            assert 0.25 <= time.monotonic() - start < 2.0
+            assert sock.gettimeout() is None
+        finally:
+            sock.close()
+    finally:
+        for s in filler:
+            s.close()
+        lst.close()
