@@ -306,7 +306,6 @@ def test_go_server_reply_lines_parsed_from_all_vectors():
         assert reply.encode() == vec["connections"][0]["s2c_decoded"][0]
 
 
-
 def test_verify_signal_leaves_pool_connections_a_go_client_already_wrote_on():
     """Forward flow, tls=1: a Go client hands idle pool connections to users and writes on
     them before its launch signals arrive.  The server's verify signal must name a clean
@@ -314,15 +313,18 @@ def test_verify_signal_leaves_pool_connections_a_go_client_already_wrote_on():
     echo = UdpEcho()
     tport = free_port()
     url = "server://secret@127.0.0.1:%d/127.0.0.1:%d?mode=2&tls=1&max=8" % (tport, echo.port)
-    with in_process(url, report_interval="200ms") as s:
+    with in_process(url, report_interval="1s") as s:  # the verify tick: ~1 s after the handshake
         go = GoClient(tport, b"secret")
         try:
             assert go.handshake() == encode_line("np://0@8/+#1", b"secret")
-            ids = go.open_pool(5, tls=True)
-            wait_pool(lambda: s.core.pool.active, 5)
-            used = ids[1:]  # the clean one is the oldest: the server looks at the newest first
-            for cid in used:
+            ids = go.open_pool(1, tls=True)  # the clean one is the oldest: the server looks at the newest first
+            used = []
+            for _ in range(4):  # each written on as soon as it is open, as a Go client's user does
+                cid = go.open_pool(1, tls=True)[0]
                 go.pool[cid].sendall(b"user datagram on " + cid.encode())
+                used.append(cid)
+            ids += used
+            wait_pool(lambda: s.core.pool.active, 5)
             verify = go.control.next_signal(Verify, timeout=10)
             assert verify.cid == ids[0]
             for n, cid in enumerate(used):
