@@ -95,9 +95,9 @@ class WindowedConnection(QuicConnection):
 
     def _write_whole_datagrams(self, builder: Any, space: Any, stream: Any, max_offset: int) -> int:
         """aioquic's ``_write_stream_frame``, keeping marked datagrams whole (module docstring)."""
-        table: dict[int, list[int]] | None = self.__dict__.get("_datagram_ends")
-        ends = table.get(stream.stream_id) if table else None
-        if table is not None and ends:
+        table: dict[int, list[int]] = self.__dict__["_datagram_ends"]  # made with this hook
+        ends = table.get(stream.stream_id)
+        if ends:
             start = stream.sender.next_offset
             done = bisect.bisect_right(ends, start)
             del ends[:done]  # datagrams wholly sent (their retransmissions are cut by the next end)
