@@ -458,6 +458,16 @@ class LogCapture(logging.Handler):
 
 
 @contextlib.contextmanager
+def paused(pid: int) -> Iterator[None]:
+    """Process *pid* stopped (SIGSTOP) for the duration, continued (SIGCONT) whatever happens."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+@contextlib.contextmanager
 def in_process(url: str, wait_running: bool = True, **env_like: str) -> Iterator[Any]:
     """Run an instance in this process's hub; yields the Runner (with ``.capture``)."""
     from npgevent.cores import build_runner

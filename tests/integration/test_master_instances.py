@@ -19,6 +19,7 @@ from helpers import (
     free_port,
     http,
     in_process,
+    paused,
     udp_roundtrip,
 )
 
@@ -260,11 +261,8 @@ def test_stale_checkpoint_and_error_lines_set_error(tmp_path):
         rid = _create(m, "client://127.0.0.1:%d/127.0.0.1:9?mode=1" % free_port())
         _wait(lambda: m.api("GET", "/instances/" + rid).json["mode"] == 1)
         pid = next(iter(_children(m.pid)))
-        os.kill(pid, signal.SIGSTOP)  # the child goes silent
-        try:
+        with paused(pid):  # the child goes silent
             _wait(lambda: m.api("GET", "/instances/" + rid).json["status"] == "error", timeout=10)
-        finally:
-            os.kill(pid, signal.SIGCONT)
         _wait(lambda: m.api("GET", "/instances/" + rid).json["status"] == "running", timeout=10)
         # a tunnel client whose server is not there logs "Client error:" lines
         bad = _create(m, "client://127.0.0.1:%d/127.0.0.1:9?mode=2" % free_port())

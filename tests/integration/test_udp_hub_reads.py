@@ -9,8 +9,6 @@ that every byte still arrives and is counted.
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from typing import Any
 
@@ -25,6 +23,7 @@ from helpers import (
     free_port,
     in_process,
     make_ca_and_cert,
+    paused,
     tunnel_urls,
     udp_socket,
     wait_pool,
@@ -182,14 +181,11 @@ def test_a_stalled_tunnel_peer_costs_datagrams_not_the_daemon():
             sock = udp_socket(timeout=5)
             sock.sendto(b"before", ("127.0.0.1", uport))
             assert sock.recv(100) == b"before"
-            os.kill(c.pid, signal.SIGSTOP)
-            try:
+            with paused(c.pid):
                 blob = b"f" * 60000
                 for _ in range(600):  # 36 MB: far more than the pool connection's buffers
                     sock.sendto(blob, ("127.0.0.1", uport))
                 gevent.sleep(0.5)
-            finally:
-                os.kill(c.pid, signal.SIGCONT)
             s.wait_for(r"UDP datagrams dropped in the last interval: .*\(session backlog full\)", timeout=15)
             fresh = udp_socket(timeout=5)
             fresh.sendto(b"after", ("127.0.0.1", uport))
@@ -238,11 +234,8 @@ def test_a_stalled_server_cuts_the_clients_pool_writes_short_without_harm():
             assert sock.recv(100) == b"hello"
             sock.sendto(b"blast", ("127.0.0.1", uport))
             assert started.wait(5)
-            os.kill(s.pid, signal.SIGSTOP)  # mid-flood: the client's pool writes back up
-            try:
+            with paused(s.pid):  # mid-flood: the client's pool writes back up
                 gevent.sleep(1.0)
-            finally:
-                os.kill(s.pid, signal.SIGCONT)
             deadline = time.monotonic() + 10
             while not blasts and time.monotonic() < deadline:
                 gevent.sleep(0.05)
