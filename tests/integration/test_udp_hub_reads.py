@@ -167,6 +167,17 @@ def stop_cleanly(*procs: NpProcess) -> None:
         assert "BlockingSwitchOutError" not in proc.output
 
 
+POOL_READY = r"CHECK_POINT\|MODE=\d\|PING=\d+ms\|POOL=([1-9]\d*)"
+
+
+def udp_echoed(uport: int, payload: bytes) -> Any:
+    """A new UDP source whose *payload* came back through the tunnel's user port."""
+    sock = udp_socket(timeout=5)
+    sock.sendto(payload, ("127.0.0.1", uport))
+    assert sock.recv(100) == payload
+    return sock
+
+
 def test_a_stalled_tunnel_peer_costs_datagrams_not_the_daemon():
     """The client process is stopped while a user floods a UDP session: the server's writes
     to the pool connection fill its buffer, the rest waits in the session's writer greenlet
@@ -177,20 +188,15 @@ def test_a_stalled_tunnel_peer_costs_datagrams_not_the_daemon():
                                          extra_server="&log=debug", extra_client="&log=debug")
     try:
         with NpProcess(server_url) as s, NpProcess(client_url) as c:
-            s.wait_for(r"CHECK_POINT\|MODE=\d\|PING=\d+ms\|POOL=([1-9]\d*)")
-            sock = udp_socket(timeout=5)
-            sock.sendto(b"before", ("127.0.0.1", uport))
-            assert sock.recv(100) == b"before"
+            s.wait_for(POOL_READY)
+            sock = udp_echoed(uport, b"before")
             with paused(c.pid):
                 blob = b"f" * 60000
                 for _ in range(600):  # 36 MB: far more than the pool connection's buffers
                     sock.sendto(blob, ("127.0.0.1", uport))
                 gevent.sleep(0.5)
             s.wait_for(r"UDP datagrams dropped in the last interval: .*\(session backlog full\)", timeout=15)
-            fresh = udp_socket(timeout=5)
-            fresh.sendto(b"after", ("127.0.0.1", uport))
-            assert fresh.recv(100) == b"after"
-            fresh.close()
+            udp_echoed(uport, b"after").close()
             sock.close()
             stop_cleanly(s, c)
     finally:
@@ -228,10 +234,8 @@ def test_a_stalled_server_cuts_the_clients_pool_writes_short_without_harm():
     server_url, client_url = tunnel_urls("rev", "0", tport, uport, target.address[1])
     try:
         with NpProcess(server_url) as s, NpProcess(client_url) as c:
-            s.wait_for(r"CHECK_POINT\|MODE=\d\|PING=\d+ms\|POOL=([1-9]\d*)")
-            sock = udp_socket(timeout=5)
-            sock.sendto(b"hello", ("127.0.0.1", uport))
-            assert sock.recv(100) == b"hello"
+            s.wait_for(POOL_READY)
+            sock = udp_echoed(uport, b"hello")
             sock.sendto(b"blast", ("127.0.0.1", uport))
             assert started.wait(5)
             with paused(s.pid):  # mid-flood: the client's pool writes back up
