@@ -36,6 +36,7 @@ from typing import Any
 import gevent
 from gevent.pool import Group
 
+from .childproc import preexec
 from .errors import ConfigError
 from .log import DEBUG, InstanceLog, checkpoint_line
 from .settings import Options
@@ -44,20 +45,8 @@ from .url import TunnelSpec
 ENV = "NPG_WORKER"
 ROW = struct.Struct("<8q")  # pid (once serving), ping, tcps, udps, tcp_rx, tcp_tx, udp_rx, udp_tx
 EMPTY = (0,) * 8
-_PR_SET_PDEATHSIG = 1
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def _worker_preexec() -> None:  # runs in the child between fork and exec
-    # own process group: a terminal's Ctrl-C reaches the parent only, which passes one
-    # signal on (a second one would skip the drain); and die with the parent
-    os.setpgid(0, 0)
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except Exception:
-        pass
 
 
 class Board:
@@ -189,7 +178,9 @@ class Supervisor:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, (PACKAGE_ROOT, env.get("PYTHONPATH"))))
         return subprocess.Popen([sys.executable, "-m", "npgevent", *self.argv], env=env,
                                 stdin=subprocess.DEVNULL, pass_fds=(self.board.fd,),
-                                preexec_fn=_worker_preexec)
+                                # own process group: a terminal's Ctrl-C reaches the parent only, which
+                                # passes one signal on (a second one would skip the drain)
+                                preexec_fn=preexec(setpgid=True))
 
     def _keep_running(self, index: int) -> None:
         while not self._stopping:

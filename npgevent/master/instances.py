@@ -31,23 +31,15 @@ import gevent
 from gevent import subprocess
 from gevent.lock import RLock
 
+from ..childproc import preexec
 from ..log import CHECKPOINT_RE, InstanceLog
 from .events import EventHub
 from .metrics import CHILD_METRICS
 from .records import KEY_ID, MasterTLS, Record, config_url, enhance_url, split_url
 from .store import StateStore
 
-_PR_SET_PDEATHSIG = 1
 METRICS_LINE = re.compile(r"Metrics: http://(127\.0\.0\.1:\d+)/metrics")
 
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except Exception:
-        pass
 
 
 class Managed:
@@ -161,7 +153,7 @@ class Instances:
                                     # own session: a Ctrl-C or a signal to the master's process group
                                     # does not hit the children; the master stops them itself
                                     start_new_session=True,
-                                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                                    preexec_fn=preexec())
         except OSError as exc:
             rec.status = "error"
             self.log.error("Instance start failed: %s [%s]", exc, rid)
