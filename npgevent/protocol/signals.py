@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -126,9 +127,12 @@ def _check_cid(cid: str) -> None:
         raise LocalProtocolError("bad pool connection id %r" % cid)
 
 
+_CONTROL_CHAR = re.compile("[\x00-\x1f\x7f]")  # one C scan per line, not a Python step per character
+
+
 def parse_signal(text: str) -> Signal:
     """Parse a decoded control message; raise RemoteProtocolError if it is not an np URL."""
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+    if _CONTROL_CHAR.search(text):
         raise RemoteProtocolError("control message with control characters")
     if not text.startswith("np:"):
         raise RemoteProtocolError("control message is not an np: URL: %r" % text[:64])

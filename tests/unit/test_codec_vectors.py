@@ -136,6 +136,16 @@ def test_signals_parsed():
     assert isinstance(parse_signal("np://a/b#zz"), Unknown)
 
 
+def test_signals_with_control_characters_are_rejected():
+    # as Go's net/url: any byte below 0x20, or DEL, anywhere in the message
+    for code in [*range(0x20), 0x7F]:
+        for text in (chr(code) + "np:#i", "np:#" + chr(code) + "i", "np://1.2.3.4:5/ab" + chr(code) + "#1"):
+            with pytest.raises(RemoteProtocolError, match="control characters"):
+                parse_signal(text)
+    assert parse_signal("np://1.2.3.4:5/ab~#1") == Launch(False, "1.2.3.4:5", "ab~")
+    assert parse_signal("np://[::1]:5/\x80ab#1") == Launch(False, "[::1]:5", "\x80ab")
+
+
 @pytest.mark.parametrize("name", VECTORS)
 def test_line_decoder_whole_bytewise_and_random_chunks(name):
     v = vec(name)
