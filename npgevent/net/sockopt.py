@@ -9,9 +9,13 @@ processes share a UDP port silently).
 
 from __future__ import annotations
 
+import array
 import errno
+import fcntl
 import os
 import socket as _stdsocket
+import termios
+from collections.abc import Callable
 from typing import Any
 
 from gevent import socket
@@ -120,6 +124,20 @@ def write_nowait(stream: Any, data: bytes) -> int | None:
             return 0
     own = getattr(stream, "send_nowait", None)
     return None if own is None else own(data)
+
+
+def datagram_waiting(sock: Any) -> Callable[[], bool]:
+    """A check whether UDP *sock* holds another datagram (``FIONREAD``: the size of the next
+    one), for readers that would otherwise read until a read fails: a failed read costs a
+    syscall and an exception (~2.5 us), the check ~0.5 us and never raises on a live socket.
+    An empty datagram reads as none: the level-triggered watcher brings it next loop turn."""
+    fd, size, ioctl = sock.fileno(), array.array("i", [0]), fcntl.ioctl
+
+    def waiting() -> bool:
+        ioctl(fd, termios.FIONREAD, size)
+        return size[0] > 0
+
+    return waiting
 
 
 def peek(sock: socket.socket) -> bytes | None:

@@ -15,7 +15,9 @@ stream, a rate-limited session) keeps reading in its greenlet.
 A callback reads at most :data:`READS_PER_WAKEUP` chunks, so a flooding peer can't hold the
 hub; what is left on the socket wakes the watcher again (level-triggered), and what a TLS
 stream already decrypted (which no socket event announces) is taken up by a follow-up
-callback.
+callback.  It stops without the read that would fail (a syscall and an exception) where it
+can tell that nothing is left: a plain stream read came back short, or a UDP socket holds no
+other datagram (``FIONREAD``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from typing import Any
 import gevent
 from gevent import socket
 from gevent.event import Event
+
+from ..net.sockopt import datagram_waiting
 
 READS_PER_WAKEUP = 16
 
@@ -80,6 +84,11 @@ class HubReader:
         watcher = loop.io(self._stream.fileno(), 1)
         read, deliver, size, datagrams = self._read, self._deliver, self._size, self._datagrams
         buffered = getattr(self._stream, "has_buffered", None)
+        plain = type(self._stream) is socket.socket
+        # what tells that a read drained the socket: a short read of a stream; for UDP, no
+        # other datagram queued
+        short_drains = plain and not datagrams
+        more = datagram_waiting(self._stream) if plain and datagrams else None
 
         def readable() -> None:
             if ended.is_set():
@@ -99,6 +108,8 @@ class HubReader:
                         ended.set()
                         return
                     deliver(data)
+                    if (short_drains and len(data) < size) or (more is not None and not more()):
+                        return
                 if buffered is not None and buffered():
                     loop.run_callback(readable)  # decrypted bytes no socket event will announce
             except Exception as exc:  # the session ends with it; the hub carries on
