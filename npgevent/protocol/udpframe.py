@@ -33,6 +33,8 @@ class Deframer:
 
     def feed(self, data: bytes) -> list[bytes]:
         buf = self._buf
+        if not buf and type(data) is bytes:  # nothing held (the usual case): slice the read itself
+            return self._feed_fresh(data)
         buf += data
         out: list[bytes] = []
         pos = 0
@@ -44,6 +46,19 @@ class Deframer:
             pos += 2 + size
         if pos:
             del buf[:pos]
+        return out
+
+    def _feed_fresh(self, data: bytes) -> list[bytes]:
+        out: list[bytes] = []
+        pos, end = 0, len(data)
+        while end - pos >= 2:
+            (size,) = _LEN.unpack_from(data, pos)
+            if end - pos - 2 < size:
+                break
+            out.append(data[pos + 2 : pos + 2 + size])
+            pos += 2 + size
+        if pos < end:
+            self._buf += memoryview(data)[pos:]
         return out
 
     @property

@@ -67,6 +67,9 @@ class UdpListener(DatagramServer):
             pass  # read on: the next read reports what is wrong
         return data, addr
 
+    def do_handle(self, *args: Any) -> None:
+        self._handle(*args)  # inline: gevent's wrapper would also call do_close (a no-op) per datagram
+
 
 class UdpSession:
     """Base of one user address's session: subclasses implement open/send/recv."""
