@@ -126,11 +126,12 @@ def write_nowait(stream: Any, data: bytes) -> int | None:
     return None if own is None else own(data)
 
 
-def datagram_waiting(sock: Any) -> Callable[[], bool]:
-    """A check whether UDP *sock* holds another datagram (``FIONREAD``: the size of the next
-    one), for readers that would otherwise read until a read fails: a failed read costs a
-    syscall and an exception (~2.5 us), the check ~0.5 us and never raises on a live socket.
-    An empty datagram reads as none: the level-triggered watcher brings it next loop turn."""
+def input_waiting(sock: Any) -> Callable[[], bool]:
+    """A check whether *sock* holds input (``FIONREAD``: the bytes queued on a TCP socket, the
+    size of the next datagram on a UDP one), for readers that would otherwise read until a
+    read fails: a failed read costs a syscall and an exception (~2.5 us), the check ~0.5 us
+    and never raises on a live socket.  An empty datagram reads as none: the
+    level-triggered watcher brings it next loop turn."""
     fd, size, ioctl = sock.fileno(), array.array("i", [0]), fcntl.ioctl
 
     def waiting() -> bool:

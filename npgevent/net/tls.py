@@ -30,7 +30,7 @@ from OpenSSL import SSL
 
 from ..log import InstanceLog
 from .certs import common_name, fingerprint, load_pem_pair, self_signed
-from .sockopt import peek
+from .sockopt import input_waiting, peek
 
 
 def _base_context() -> SSL.Context:
@@ -152,12 +152,13 @@ class TLSError(OSError):
 class TLSStream:
     """A TLS connection over a gevent socket with the socket methods the relay needs."""
 
-    __slots__ = ("_pending", "conn", "sock")
+    __slots__ = ("_pending", "_waiting", "conn", "sock")
 
     def __init__(self, sock: socket.socket, conn: SSL.Connection) -> None:
         self.sock = sock
         self.conn = conn
         self._pending = b""
+        self._waiting = input_waiting(sock)
 
     @classmethod
     def server(cls, sock: socket.socket, ctx: SSL.Context) -> TLSStream:
@@ -239,7 +240,7 @@ class TLSStream:
         conn = self.conn
         # a TLS record carries at most 16 KiB: take what is already here without blocking,
         # so the relay writes one large chunk instead of one per record
-        while n < want:
+        while n < want and not self.drained():
             try:
                 more = conn.recv(want - n)
             except SSL.Error:
@@ -252,6 +253,8 @@ class TLSStream:
 
     def recv(self, n: int) -> bytes:
         sock = self.sock
+        if self.drained():  # the read would fail: wait for the socket first
+            sock._wait(sock._read_event)
         while True:
             data = self._read_once(n)
             if data is None:
@@ -283,12 +286,8 @@ class TLSStream:
             raise TLSError("TLS error: %s" % _reason(exc)) from None
 
     def recv_when_ready(self, n: int) -> bytes:
-        """:meth:`recv`, waiting for the socket first when OpenSSL holds nothing decrypted (an
-        SSL read that finds nothing costs a syscall and a WantReadError); see
+        """:meth:`recv` (which waits for the socket first when a read would find nothing); see
         :func:`~npgevent.net.sockopt.recv_when_ready`."""
-        if not self.has_buffered():
-            sock = self.sock
-            sock._wait(sock._read_event)
         return self.recv(n)
 
     def recv_nowait(self, n: int) -> bytes | None:
@@ -311,6 +310,13 @@ class TLSStream:
             raise _oserror(exc) from None
         except SSL.Error as exc:
             raise TLSError("TLS error: %s" % _reason(exc)) from None
+
+    def drained(self) -> bool:
+        """A read now would find nothing: nothing decrypted inside and no bytes on the socket.
+        OpenSSL reads a record's header and then exactly its body, so no undecrypted record
+        hides inside it.  Checking (~1.3 us) spares the read that fails: a syscall and a
+        WantReadError raised through pyOpenSSL (~4 us)."""
+        return not self._pending and self.conn.pending() <= 0 and not self._waiting()
 
     def has_buffered(self) -> bool:
         """Decrypted bytes are waiting inside (no socket event will announce them)."""

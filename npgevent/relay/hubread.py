@@ -16,8 +16,7 @@ A callback reads at most :data:`READS_PER_WAKEUP` chunks, so a flooding peer can
 hub; what is left on the socket wakes the watcher again (level-triggered), and what a TLS
 stream already decrypted (which no socket event announces) is taken up by a follow-up
 callback.  It stops without the read that would fail (a syscall and an exception) where it
-can tell that nothing is left: a plain stream read came back short, or a UDP socket holds no
-other datagram (``FIONREAD``).
+can tell that nothing is left (:func:`drain_check`).
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ import gevent
 from gevent import socket
 from gevent.event import Event
 
-from ..net.sockopt import datagram_waiting
+from ..net.sockopt import input_waiting
 
 READS_PER_WAKEUP = 16
 
@@ -50,6 +49,22 @@ def nowait_reader(stream: Any) -> NowaitRead | None:
 
         return read
     return getattr(stream, "recv_nowait", None)
+
+
+def drain_check(stream: Any, size: int, datagrams: bool) -> Callable[[bytes], bool] | None:
+    """What tells, after a read of *size* returned *data*, that another read would find nothing:
+    a plain stream's read came back short; a UDP socket holds no other datagram
+    (``FIONREAD``); a stream's own ``drained()`` (TLS: nothing decrypted inside, no bytes on the
+    socket).  None: read until a read finds nothing."""
+    if type(stream) is socket.socket:
+        if datagrams:
+            waiting = input_waiting(stream)
+            return lambda data: not waiting()
+        return lambda data: len(data) < size
+    own: Callable[[], bool] | None = getattr(stream, "drained", None)
+    if own is None:
+        return None
+    return lambda data: own()
 
 
 class HubReader:
@@ -84,11 +99,7 @@ class HubReader:
         watcher = loop.io(self._stream.fileno(), 1)
         read, deliver, size, datagrams = self._read, self._deliver, self._size, self._datagrams
         buffered = getattr(self._stream, "has_buffered", None)
-        plain = type(self._stream) is socket.socket
-        # what tells that a read drained the socket: a short read of a stream; for UDP, no
-        # other datagram queued
-        short_drains = plain and not datagrams
-        more = datagram_waiting(self._stream) if plain and datagrams else None
+        drained = drain_check(self._stream, size, datagrams)
 
         def readable() -> None:
             if ended.is_set():
@@ -108,7 +119,7 @@ class HubReader:
                         ended.set()
                         return
                     deliver(data)
-                    if (short_drains and len(data) < size) or (more is not None and not more()):
+                    if drained is not None and drained(data):
                         return
                 if buffered is not None and buffered():
                     loop.run_callback(readable)  # decrypted bytes no socket event will announce

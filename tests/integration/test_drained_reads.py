@@ -16,7 +16,7 @@ import gevent
 import pytest
 from gevent import socket
 
-from npgevent.net.sockopt import datagram_waiting
+from npgevent.net.sockopt import input_waiting
 from npgevent.relay.hubread import HubReader
 from npgevent.relay.udp import UdpListener
 
@@ -52,10 +52,10 @@ def _udp_pair() -> tuple[socket.socket, socket.socket]:
     return a, b
 
 
-def test_datagram_waiting_sees_the_next_datagram():
+def test_input_waiting_sees_the_next_datagram():
     a, b = _udp_pair()
     try:
-        waiting = datagram_waiting(a)
+        waiting = input_waiting(a)
         assert not waiting()
         b.send(b"one")
         assert waiting()

@@ -2,8 +2,9 @@
 
 A UDP session through a tls>=1 tunnel reads one framed datagram at a time, and the next one is
 hardly ever there yet.  An SSL read that finds nothing costs a read syscall and a WantReadError
-raised through pyOpenSSL; ``recv_when_ready`` waits first, unless OpenSSL already holds
-decrypted bytes (then it must not wait: nothing more may come).
+raised through pyOpenSSL; reads wait first when nothing is decrypted inside and nothing is
+on the socket (``TLSStream.drained``), and never when OpenSSL already holds decrypted bytes
+(nothing more may come).
 """
 
 from __future__ import annotations
@@ -80,14 +81,37 @@ def test_datagram_read_waits_first_instead_of_failing_a_read(pair):
     assert counting.empty_reads == 0
 
 
-def test_plain_recv_pays_a_failed_read_per_datagram(pair):
-    """What the change removes (and what makes the test above able to fail)."""
+def test_recv_and_recv_into_wait_first_instead_of_failing_a_read(pair):
     server, client, counting = pair
     for i in range(3):
         sender = _later(server, b"datagram %d" % i)
         assert client.recv(4096) == b"datagram %d" % i
         sender.join()
-    assert counting.empty_reads == 3
+    assert counting.empty_reads == 0
+
+    # recv_into gathers the records already here into one chunk, and stops at the last one
+    # without the read that would find nothing
+    for i in range(4):
+        server.sendall(b"record %d;" % i)
+    gevent.sleep(0.05)
+    buf = bytearray(4096)
+    n = client.recv_into(buf)
+    assert bytes(buf[:n]) == b"record 0;record 1;record 2;record 3;"
+    assert counting.empty_reads == 0
+
+
+def test_hub_reader_of_a_tls_stream_makes_no_failing_read(pair):
+    server, client, counting = pair
+    got: list[bytes] = []
+    serving = gevent.spawn(HubReader(client, got.append, 65536).serve)
+    for i in range(5):
+        server.sendall(b"datagram %d" % i)
+        gevent.sleep(0.02)
+    server.shutdown(socket.SHUT_RDWR)
+    serving.join(timeout=5)
+    assert serving.successful()
+    assert got == [b"datagram %d" % i for i in range(5)]
+    assert counting.empty_reads == 0
 
 
 def test_bytes_openssl_already_holds_are_returned_without_waiting(pair):
