@@ -28,7 +28,7 @@ import gevent
 from gevent import socket
 from gevent.event import Event
 
-from ..net.sockopt import input_waiting
+from ..net.sockopt import has_input
 
 READS_PER_WAKEUP = 16
 
@@ -58,8 +58,8 @@ def drain_check(stream: Any, size: int, datagrams: bool) -> Callable[[bytes], bo
     socket).  None: read until a read finds nothing."""
     if type(stream) is socket.socket:
         if datagrams:
-            waiting = input_waiting(stream)
-            return lambda data: not waiting()
+            fd = stream.fileno()
+            return lambda data: not has_input(fd)
         return lambda data: len(data) < size
     own: Callable[[], bool] | None = getattr(stream, "drained", None)
     if own is None:

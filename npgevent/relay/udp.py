@@ -29,7 +29,7 @@ from gevent.server import DatagramServer
 
 from ..log import DEBUG, ERROR, InstanceLog
 from ..net.dial import Dialer
-from ..net.sockopt import format_addr, input_waiting
+from ..net.sockopt import format_addr, has_input
 from .hubread import HubReader
 from .limit import RateLimiter, Slots
 from .stats import UDP_RX, UDP_TX
@@ -42,13 +42,13 @@ class UdpListener(DatagramServer):
     """A DatagramServer reading full-size datagrams, handled inline.
 
     gevent reads until a read fails (a syscall and an exception per wake-up); this one stops
-    when no other datagram is queued (:func:`~npgevent.net.sockopt.input_waiting`).
+    when no other datagram is queued (:func:`~npgevent.net.sockopt.has_input`).
     """
 
     def __init__(self, sock: socket.socket, handle: Callable[[bytes, Any], None]) -> None:
         super().__init__(sock, handle=handle, spawn=None)
         self._recvfrom = sock._sock.recvfrom  # non-blocking stdlib socket under the gevent one
-        self._waiting = input_waiting(sock)
+        self._fd = sock.fileno()
         self._drained = False
 
     def do_read(self) -> tuple[bytes, Any] | None:
@@ -62,7 +62,7 @@ class UdpListener(DatagramServer):
         except ConnectionRefusedError:
             return None  # ICMP from an earlier sendto: not fatal for a listener
         try:
-            self._drained = not self._waiting()
+            self._drained = not has_input(self._fd)
         except OSError:
             pass  # read on: the next read reports what is wrong
         return data, addr

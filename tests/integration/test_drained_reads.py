@@ -16,7 +16,7 @@ import gevent
 import pytest
 from gevent import socket
 
-from npgevent.net.sockopt import input_waiting
+from npgevent.net.sockopt import has_input
 from npgevent.relay.hubread import HubReader
 from npgevent.relay.udp import UdpListener
 
@@ -52,10 +52,12 @@ def _udp_pair() -> tuple[socket.socket, socket.socket]:
     return a, b
 
 
-def test_input_waiting_sees_the_next_datagram():
+def test_has_input_sees_the_next_datagram():
     a, b = _udp_pair()
     try:
-        waiting = input_waiting(a)
+        def waiting() -> bool:
+            return has_input(a.fileno())
+
         assert not waiting()
         b.send(b"one")
         assert waiting()
@@ -67,6 +69,16 @@ def test_input_waiting_sees_the_next_datagram():
     finally:
         a.close()
         b.close()
+    c, d = socket.socketpair()  # a stream: the bytes queued
+    try:
+        assert not has_input(c.fileno())
+        d.sendall(b"xyz")
+        assert has_input(c.fileno())
+        assert c.recv(100) == b"xyz"
+        assert not has_input(c.fileno())
+    finally:
+        c.close()
+        d.close()
 
 
 def _read_round(listener: UdpListener) -> list[bytes]:
