@@ -152,13 +152,16 @@ class TLSError(OSError):
 class TLSStream:
     """A TLS connection over a gevent socket with the socket methods the relay needs."""
 
-    __slots__ = ("_fd", "_pending", "conn", "sock")
+    __slots__ = ("_fd", "_pending", "_retry", "conn", "sock")
 
     def __init__(self, sock: socket.socket, conn: SSL.Connection) -> None:
         self.sock = sock
         self.conn = conn
         self._pending = b""
         self._fd = sock.fileno()
+        # a read met something other than "nothing yet" (close_notify, an alert, a write OpenSSL
+        # needs): from then on every read asks OpenSSL first instead of waiting for the socket
+        self._retry = False
 
     @classmethod
     def server(cls, sock: socket.socket, ctx: SSL.Context) -> TLSStream:
@@ -243,8 +246,11 @@ class TLSStream:
         while n < want and not self.drained():
             try:
                 more = conn.recv(want - n)
+            except SSL.WantReadError:
+                break  # nothing more now
             except SSL.Error:
-                break  # WantRead (nothing more now) or an error the next recv will report
+                self._retry = True  # EOF, an alert or a needed write: the next recv reports it
+                break
             if not more:
                 break
             buffer[n : n + len(more)] = more
@@ -277,12 +283,15 @@ class TLSStream:
         except SSL.WantWriteError:
             return False
         except SSL.ZeroReturnError:
+            self._retry = True  # the end: every later read reports it at once, none waits
             return b""
         except SSL.SysCallError as exc:
+            self._retry = True
             if exc.args and exc.args[0] == -1:
                 return b""  # peer closed without close_notify: treat as EOF
             raise _oserror(exc) from None
         except SSL.Error as exc:
+            self._retry = True
             raise TLSError("TLS error: %s" % _reason(exc)) from None
 
     def recv_when_ready(self, n: int) -> bytes:
@@ -312,11 +321,13 @@ class TLSStream:
             raise TLSError("TLS error: %s" % _reason(exc)) from None
 
     def drained(self) -> bool:
-        """A read now would find nothing: nothing decrypted inside and no bytes on the socket.
-        OpenSSL reads a record's header and then exactly its body, so no undecrypted record
-        hides inside it.  Checking (~1.3 us) spares the read that fails: a syscall and a
+        """A read now would find nothing: nothing decrypted inside, no bytes on the socket, and
+        no outcome (EOF, an error) met by an earlier read and still to be reported.  OpenSSL
+        reads a record's header and then exactly its body, so no undecrypted record hides
+        inside it.  Checking (~1.3 us) spares the read that fails: a syscall and a
         WantReadError raised through pyOpenSSL (~4 us)."""
-        return not self._pending and self.conn.pending() <= 0 and not has_input(self._fd)
+        return (not self._retry and not self._pending and self.conn.pending() <= 0
+                and not has_input(self._fd))
 
     def has_buffered(self) -> bool:
         """Decrypted bytes are waiting inside (no socket event will announce them)."""

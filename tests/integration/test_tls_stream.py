@@ -100,6 +100,22 @@ def test_recv_and_recv_into_wait_first_instead_of_failing_a_read(pair):
     assert counting.empty_reads == 0
 
 
+def test_close_notify_met_while_gathering_records_is_the_next_reads_eof(pair):
+    """The peer's data and its close_notify arrive together, and the peer keeps the TCP
+    connection open (a half-close through a tunnel): recv_into meets the close_notify while
+    gathering records after the data; the next read must report the end, not wait on a socket
+    that will stay silent."""
+    server, client, _counting = pair
+    server.sendall(b"last words")
+    server.shutdown(socket.SHUT_WR)  # close_notify only: no FIN
+    gevent.sleep(0.05)
+    buf = bytearray(4096)
+    assert bytes(buf[: client.recv_into(buf)]) == b"last words"
+    with gevent.Timeout(2):
+        assert client.recv_into(buf) == 0
+        assert client.recv(100) == b""
+
+
 def test_hub_reader_of_a_tls_stream_makes_no_failing_read(pair):
     server, client, counting = pair
     got: list[bytes] = []
