@@ -121,6 +121,7 @@ def _serve(reader: HubReader) -> gevent.Greenlet:
 def test_a_hub_reader_stops_at_a_short_stream_read():
     a, b = socket.socketpair()
     got: list[bytes] = []
+    glet = None
     try:
         with Calls("recv") as reads:
             glet = _serve(HubReader(a, got.append, 65536))
@@ -133,6 +134,8 @@ def test_a_hub_reader_stops_at_a_short_stream_read():
         assert b"".join(got) == b"1" * 10 + b"2" * 300 + b"3" * 5000
         assert reads.count == 4  # three chunks and the end; not a failing read after each chunk
     finally:
+        if glet is not None:
+            glet.kill()
         a.close()
         b.close()
 
@@ -140,6 +143,7 @@ def test_a_hub_reader_stops_at_a_short_stream_read():
 def test_a_hub_reader_of_datagrams_reads_each_once_and_keeps_an_empty_one():
     a, b = _udp_pair()
     got: list[bytes] = []
+    glet = None
     try:
         with Calls("recv") as reads:
             glet = _serve(HubReader(a, got.append, 65535, datagrams=True))
@@ -153,5 +157,7 @@ def test_a_hub_reader_of_datagrams_reads_each_once_and_keeps_an_empty_one():
         assert got == [b"p", b"q", b"r", b"", b"s"]
         assert reads.count == 5
     finally:
+        if glet is not None:
+            glet.kill()
         a.close()
         b.close()

@@ -120,11 +120,14 @@ def test_hub_reader_of_a_tls_stream_makes_no_failing_read(pair):
     server, client, counting = pair
     got: list[bytes] = []
     serving = gevent.spawn(HubReader(client, got.append, 65536).serve)
-    for i in range(5):
-        server.sendall(b"datagram %d" % i)
-        gevent.sleep(0.02)
-    server.shutdown(socket.SHUT_RDWR)
-    serving.join(timeout=5)
+    try:
+        for i in range(5):
+            server.sendall(b"datagram %d" % i)
+            gevent.sleep(0.02)
+        server.shutdown(socket.SHUT_RDWR)
+        serving.join(timeout=5)
+    finally:
+        serving.kill()
     assert serving.successful()
     assert got == [b"datagram %d" % i for i in range(5)]
     assert counting.empty_reads == 0
