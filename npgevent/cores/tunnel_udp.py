@@ -14,7 +14,7 @@ import gevent
 from gevent import socket
 from gevent.event import Event
 
-from ..net.sockopt import can_write_nowait, format_addr, recv_when_ready, send_all, write_nowait
+from ..net.sockopt import can_write_nowait, format_addr, send_all, write_nowait
 from ..pool.tcp import PoolConn
 from ..protocol.signals import Launch
 from ..protocol.udpframe import Deframer, frame
@@ -102,7 +102,7 @@ def udp_exchange(core: TunnelCore, conn: PoolConn, usock: socket.socket) -> None
             HubReader(stream, deliver, bufsize).serve()
             return
         while True:
-            data = recv_when_ready(stream, bufsize)
+            data = stream.recv(bufsize)  # a TLS stream waits for its socket first
             if not data:
                 return
             last[0] = time.monotonic()
@@ -267,12 +267,12 @@ class TunnelUdpSession(UdpSession):
         assert self.conn is not None
         if self.deframer is not None:
             while not self.queue:
-                data = recv_when_ready(self.conn.stream, 65536)
+                data = self.conn.stream.recv(65536)
                 if not data:
                     return None
                 self.queue.extend(self.deframer.feed(data))
             return self.queue.pop(0)
-        datagram = recv_when_ready(self.conn.stream, self.core.opts.udp_data_buf_size)
+        datagram = self.conn.stream.recv(self.core.opts.udp_data_buf_size)
         return datagram or None
 
     def _lost(self) -> bool:

@@ -97,16 +97,6 @@ def send_all(stream: Any, data: Any) -> None:
     stream.sendall(data)
 
 
-def recv_when_ready(stream: Any, n: int) -> bytes:
-    """``stream.recv(n)`` for a datagram-at-a-time path: a stream that can wait for readability
-    before it reads does so (a TLS stream: an SSL read that finds nothing costs a syscall and
-    a WantReadError raised through pyOpenSSL, ~13 % of a tls=1 tunnel's CPU per UDP round
-    trip).  A plain socket just reads: its failed try is cheap, and waiting first measured no
-    better."""
-    own = getattr(stream, "recv_when_ready", None)
-    return own(n) if own is not None else stream.recv(n)
-
-
 def can_write_nowait(stream: Any) -> bool:
     """Whether :func:`write_nowait` can write to *stream* (else it returns None)."""
     return type(stream) is socket.socket or hasattr(stream, "send_nowait")

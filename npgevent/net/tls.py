@@ -294,11 +294,6 @@ class TLSStream:
             self._retry = True
             raise TLSError("TLS error: %s" % _reason(exc)) from None
 
-    def recv_when_ready(self, n: int) -> bytes:
-        """:meth:`recv` (which waits for the socket first when a read would find nothing); see
-        :func:`~npgevent.net.sockopt.recv_when_ready`."""
-        return self.recv(n)
-
     def recv_nowait(self, n: int) -> bytes | None:
         """What is ready, without waiting: ``None`` if nothing is, ``b""`` at the end (for
         :class:`~npgevent.relay.hubread.HubReader`: it runs in a hub callback)."""
@@ -326,8 +321,7 @@ class TLSStream:
         reads a record's header and then exactly its body, so no undecrypted record hides
         inside it.  Checking (~1.3 us) spares the read that fails: a syscall and a
         WantReadError raised through pyOpenSSL (~4 us)."""
-        return (not self._retry and not self._pending and self.conn.pending() <= 0
-                and not has_input(self._fd))
+        return not self._retry and not self.has_buffered() and not has_input(self._fd)
 
     def has_buffered(self) -> bool:
         """Decrypted bytes are waiting inside (no socket event will announce them)."""

@@ -17,7 +17,6 @@ from gevent import socket
 from OpenSSL import SSL
 
 from npgevent.net.certs import self_signed
-from npgevent.net.sockopt import recv_when_ready
 from npgevent.net.tls import TLSStream, client_context, server_context
 from npgevent.relay.hubread import HubReader
 
@@ -76,7 +75,7 @@ def test_datagram_read_waits_first_instead_of_failing_a_read(pair):
     server, client, counting = pair
     for i in range(5):
         sender = _later(server, b"datagram %d" % i)
-        assert recv_when_ready(client, 4096) == b"datagram %d" % i
+        assert client.recv(4096) == b"datagram %d" % i
         sender.join()
     assert counting.empty_reads == 0
 
@@ -136,18 +135,18 @@ def test_hub_reader_of_a_tls_stream_makes_no_failing_read(pair):
 def test_bytes_openssl_already_holds_are_returned_without_waiting(pair):
     server, client, _counting = pair
     server.sendall(b"first record, read in two pieces")
-    assert recv_when_ready(client, 5) == b"first"
+    assert client.recv(5) == b"first"
     # the rest of the record is decrypted inside OpenSSL, not on the socket: waiting on the
     # socket here would block until the timeout
     with gevent.Timeout(2):
-        assert recv_when_ready(client, 4096) == b" record, read in two pieces"
+        assert client.recv(4096) == b" record, read in two pieces"
 
 
 def test_a_plain_socket_reads_as_before():
     a, b = socket.socketpair()
     try:
         _later_plain = gevent.spawn_later(0.05, b.sendall, b"plain")
-        assert recv_when_ready(a, 100) == b"plain"
+        assert a.recv(100) == b"plain"
         _later_plain.join()
     finally:
         a.close()
