@@ -33,32 +33,24 @@ class Deframer:
 
     def feed(self, data: bytes) -> list[bytes]:
         buf = self._buf
-        if not buf and type(data) is bytes:  # nothing held (the usual case): slice the read itself
-            return self._feed_fresh(data)
-        buf += data
+        if buf or type(data) is not bytes:
+            buf += data
+            src: bytes | bytearray = buf
+        else:
+            src = data  # nothing held (the usual case): slice the datagrams out of the read itself
         out: list[bytes] = []
-        pos = 0
-        while len(buf) - pos >= 2:
-            (size,) = _LEN.unpack_from(buf, pos)
-            if len(buf) - pos - 2 < size:
-                break
-            out.append(bytes(buf[pos + 2 : pos + 2 + size]))
-            pos += 2 + size
-        if pos:
-            del buf[:pos]
-        return out
-
-    def _feed_fresh(self, data: bytes) -> list[bytes]:
-        out: list[bytes] = []
-        pos, end = 0, len(data)
+        pos, end = 0, len(src)
         while end - pos >= 2:
-            (size,) = _LEN.unpack_from(data, pos)
+            (size,) = _LEN.unpack_from(src, pos)
             if end - pos - 2 < size:
                 break
-            out.append(data[pos + 2 : pos + 2 + size])
+            out.append(bytes(src[pos + 2 : pos + 2 + size]))  # a slice of bytes is not copied again
             pos += 2 + size
-        if pos < end:
-            self._buf += memoryview(data)[pos:]
+        if src is buf:
+            if pos:
+                del buf[:pos]
+        elif pos < end:
+            buf += memoryview(data)[pos:]
         return out
 
     @property
