@@ -40,9 +40,9 @@ import hmac
 import os
 import struct
 from dataclasses import dataclass
-from typing import Any
 
 from ..errors import RemoteProtocolError
+from .aead import ChaCha20Poly1305, InvalidTag
 
 AUTH_ONLY = b"NPA1\r\n"  # an auth=2 client's first line (a Go server refuses it: not base64)
 CHALLENGE = b"NPA1 "
@@ -73,8 +73,7 @@ def _unb64(text: bytes, size: int, what: str) -> bytes:
 
 
 def _hkdf(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
-    """HKDF-SHA256 (RFC 5869), with the standard library: ``cryptography`` (some 15 MB) is
-    loaded only by a tunnel that authenticated and needs its AEAD."""
+    """HKDF-SHA256 (RFC 5869), with the standard library (the AEAD is in :mod:`.aead`)."""
     prk = hmac.new(salt, ikm, hashlib.sha256).digest()
     out, block, counter = b"", b"", 1
     while len(out) < length:
@@ -180,10 +179,8 @@ class ControlCipher:
     """Control lines sealed with ChaCha20-Poly1305, one sequence number per direction."""
 
     def __init__(self, send_key: bytes, recv_key: bytes) -> None:
-        from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-
-        self._send: Any = ChaCha20Poly1305(send_key)
-        self._recv: Any = ChaCha20Poly1305(recv_key)
+        self._send = ChaCha20Poly1305(send_key)
+        self._recv = ChaCha20Poly1305(recv_key)
         self._send_seq = 0
         self._recv_seq = 0
 
@@ -192,18 +189,16 @@ class ControlCipher:
         return b"\0\0\0\0" + struct.pack(">Q", seq)
 
     def seal_line(self, message: bytes) -> bytes:
-        sealed = self._send.encrypt(self._nonce(self._send_seq), message, None)
+        sealed = self._send.encrypt(self._nonce(self._send_seq), message)
         self._send_seq += 1
         return _b64(sealed) + b"\n"
 
     def open_line(self, line: bytes) -> bytes:
         """The message of the next line; RemoteProtocolError if it was forged, replayed,
         reordered or altered (the expected sequence number does not move then)."""
-        from cryptography.exceptions import InvalidTag
-
         try:
             sealed = base64.b64decode(line.strip(), validate=True)
-            message = self._recv.decrypt(self._nonce(self._recv_seq), sealed, None)
+            message = self._recv.decrypt(self._nonce(self._recv_seq), sealed)
         except (binascii.Error, ValueError, InvalidTag):
             raise RemoteProtocolError("control line failed authentication (forged, replayed or "
                                       "altered)") from None
