@@ -30,6 +30,7 @@ from .url import TunnelSpec, parse_url
 
 DEFAULT_CONFIG_FILES = ("/etc/npgevent.conf", "~/.config/npgevent.conf")
 EXIT_USAGE = 2
+WORKER_ENV = "NPG_WORKER"  # set by a parent npgevent for its workers (npgevent.workers)
 
 
 class _Parser(configargparse.ArgumentParser):
@@ -89,10 +90,12 @@ def parse(argv: Sequence[str] | None = None, reloading: bool = False) -> tuple[T
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .workers import WorkerRole
-
     try:
-        worker = WorkerRole.from_env()
+        worker = None
+        if WORKER_ENV in os.environ:  # a worker of a parent npgevent (workers= > 1)
+            from .workers import WorkerRole
+
+            worker = WorkerRole.from_env()
         spec, options, warnings = parse(argv)
     except ConfigError as exc:
         sys.stderr.write("npgevent: error: %s\n" % exc)

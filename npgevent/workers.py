@@ -37,12 +37,13 @@ import gevent
 from gevent.pool import Group
 
 from .childproc import preexec
+from .cli import WORKER_ENV
 from .errors import ConfigError
 from .log import DEBUG, InstanceLog, checkpoint_line
 from .settings import Options
 from .url import TunnelSpec
 
-ENV = "NPG_WORKER"
+ENV = WORKER_ENV
 ROW = struct.Struct("<8q")  # pid (once serving), ping, tcps, udps, tcp_rx, tcp_tx, udp_rx, udp_tx
 EMPTY = (0,) * 8
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

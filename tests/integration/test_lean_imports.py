@@ -1,0 +1,47 @@
+"""An authenticated tls=0 tunnel keeps to the modules it uses (the performance issue's
+memory goal, 32 MB per idle process): it seals its control lines with the process's own
+libcrypto, not ``cryptography`` (~7 MB), and a process that is nobody's worker does not load
+the workers module. Checked on real processes with ``python -X importtime``, which writes
+every import to stderr as it happens, across a session that sends and opens control lines."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from npgevent.protocol import aead
+from tests.helpers import NpProcess, TcpEcho, echo_roundtrip, free_port
+
+pytestmark = pytest.mark.timeout(90)
+
+IMPORTTIME = [sys.executable, "-X", "importtime", "-m", "npgevent"]
+
+
+def imported(proc: NpProcess) -> set[str]:
+    return {line.rsplit("|", 1)[1].strip() for line in proc.lines if line.startswith("import time:")}
+
+
+def test_authenticated_tls0_tunnel_imports_neither_cryptography_nor_workers() -> None:
+    if not aead.native():
+        pytest.skip("this Python's hashlib is not linked against a shared OpenSSL")
+    tport, uport = free_port(), free_port()
+    with TcpEcho() as echo, \
+            NpProcess("server://k@127.0.0.1:%d/127.0.0.1:%d?mode=1&tls=0" % (tport, uport),
+                      program=IMPORTTIME) as server, \
+            NpProcess("client://k@127.0.0.1:%d/127.0.0.1:%d?mode=2" % (tport, echo.port),
+                      program=IMPORTTIME) as client:
+        server.wait_for(r"Tunnel handshaked")
+        client.wait_for(r"Tunnel handshaked")
+        server.wait_for(r"CHECK_POINT\|MODE=1\|PING=\d+ms\|POOL=[1-9]")
+        for i in range(3):  # each session is a sealed control line, server -> client
+            payload = b"lean %d" % i
+            assert echo_roundtrip(uport, payload) == payload
+        server.wait_for(r"CHECK_POINT\|.*\|TCPRX=[1-9]")
+        assert server.stop() == 0 and client.stop() == 0
+        for proc in (server, client):
+            names = imported(proc)
+            assert "npgevent.protocol.aead" in names  # the capture works, and auth ran
+            assert not {n for n in names if n.split(".")[0] == "cryptography"}
+            assert "npgevent.workers" not in names
+            assert "Traceback" not in proc.output
