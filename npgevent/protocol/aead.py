@@ -93,8 +93,10 @@ class ChaCha20Poly1305:
             return
         # one context per direction, keyed once; each message only sets its nonce (which
         # also resets the MAC state), half the cost of keying a fresh context every time
-        self._ctx = [_keyed(_EVP, key, 0), _keyed(_EVP, key, 1)]
-        weakref.finalize(self, _free, _EVP, self._ctx)
+        self._ctx: list[int] = []
+        weakref.finalize(self, _free, _EVP, self._ctx)  # frees what was made, even if not both
+        for enc in (0, 1):
+            self._ctx.append(_keyed(_EVP, key, enc))
 
     def encrypt(self, nonce: bytes, data: bytes, aad: bytes = b"") -> bytes:
         _check(data, nonce, aad)
