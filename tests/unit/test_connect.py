@@ -7,7 +7,15 @@ import time
 import pytest
 from gevent import socket
 
+from npgevent.net import sockopt
 from npgevent.net.sockopt import connect_numeric
+
+
+def _listener():
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(8)
+    return lst
 
 
 def test_connects_and_leaves_no_timeout_behind():
@@ -23,6 +31,41 @@ def test_connects_and_leaves_no_timeout_behind():
         sock.sendall(b"ok")
         assert peer.recv(2) == b"ok"
         peer.close()
+    finally:
+        sock.close()
+        lst.close()
+
+
+def test_a_loopback_connect_never_waits_in_the_hub(monkeypatch):
+    """On loopback the handshake completes inside connect(2): no wait, no timer, no switch."""
+    lst = _listener()
+    sock = socket.socket()
+
+    def no_wait(*args):
+        raise AssertionError("connect_numeric waited for a connection that was already up")
+
+    monkeypatch.setattr(type(sock), "_wait", no_wait)
+    try:
+        for _ in range(20):  # not a lucky one
+            connect_numeric(sock, lst.getsockname(), 5.0)
+            peer, _ = lst.accept()
+            peer.close()
+            sock.close()
+            sock = socket.socket()
+    finally:
+        sock.close()
+        lst.close()
+
+
+def test_a_connect_still_in_progress_is_waited_for(monkeypatch):
+    """Where the handshake takes a round trip (any remote target), the wait path connects."""
+    monkeypatch.setattr(sockopt, "_established", lambda raw: False)
+    lst = _listener()
+    sock = socket.socket()
+    try:
+        connect_numeric(sock, lst.getsockname(), 5.0)
+        assert sock.getpeername() == lst.getsockname()
+        assert sock.gettimeout() is None
     finally:
         sock.close()
         lst.close()
