@@ -35,7 +35,7 @@ import gevent
 from gevent import socket
 
 from ..net.sockopt import send_all
-from . import runners
+from . import runners, tcphub
 from .limit import RateLimiter
 
 SPLICE_OK = sys.platform.startswith("linux") and hasattr(os, "splice")
@@ -100,6 +100,10 @@ def relay(
     ``acct[tx]`` counts bytes written to *target*, ``acct[rx]`` bytes read from
     it.  Sockets are left open: the caller closes them.
     """
+    if tcphub.usable(user, target, limiter, idle):
+        can = splice and SPLICE_OK
+        return _describe(tcphub.relay_in_hub(user, target, acct, rx, tx,
+                                             bufsize if can else max(bufsize, STREAM_CHUNK), can))
     sess = _Session(idle) if idle > 0 else None
     if idle > 0:
         user.settimeout(idle)
