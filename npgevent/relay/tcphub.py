@@ -32,57 +32,60 @@ _SHUT_WR = socket.SHUT_WR
 
 
 class _Direction:
-    __slots__ = ("dst", "idx", "job", "open", "raw_dst", "recv_into", "src", "watcher")
+    """One direction: src -> dst, read in the hub until it moves to a greenlet or ends."""
 
-    def __init__(self, src: socket.socket, dst: socket.socket, idx: int) -> None:
+    __slots__ = ("dst", "idx", "job", "open", "raw_dst", "recv_into", "session", "src", "watcher")
+
+    def __init__(self, session: _HubRelay, src: socket.socket, dst: socket.socket, idx: int) -> None:
+        self.session = session
         self.src, self.dst, self.idx = src, dst, idx
         self.recv_into = src._sock.recv_into
         self.raw_dst = dst._sock
-        self.watcher = src._read_event  # the socket's own: close() cancels it
+        self.watcher = src._read_event  # the socket's own watcher (see throw)
         self.job: runners.Job | None = None
         self.open = True  # not yet at its end (EOF passed on, or failed)
 
-
-def relay_in_hub(user: socket.socket, target: socket.socket, acct: list[int], rx: int, tx: int,
-                 chunk: int, can_splice: bool) -> BaseException | None:
-    """Relay between two plain gevent sockets until both directions end; the error that ended
-    the session, or None for two clean ends.  (The greenlet relay's pump, for a direction that
-    moves to a greenlet, is imported late: :mod:`npgevent.relay.tcp` imports this module.)"""
-    from .tcp import _copy_socket, buffer_pool
-
-    hub = gevent.get_hub()
-    loop = hub.loop
-    pool = buffer_pool(chunk)
-    dirs = (_Direction(user, target, tx), _Direction(target, user, rx))
-    waiter = Waiter(hub)
-    failure: list[BaseException] = []
-    waking = [False]
-
-    def wake() -> None:  # in the hub
-        if not waking[0]:
-            waking[0] = True
-            waiter.switch(None)
-
-    def done(d: _Direction) -> None:
-        d.open = False
-        if not (dirs[0].open or dirs[1].open):
-            wake()
-
-    def fail(exc: BaseException) -> None:
-        if not failure:
-            failure.append(exc)
-        for d in dirs:
-            d.watcher.stop()
-            d.open = False
-        wake()
-
-    def readable(d: _Direction) -> None:  # hub callback: must not wait
+    def readable(self) -> None:
+        """The watcher's callback, in the hub: must not wait."""
         try:
-            pass_on(d)
+            self.session.pass_on(self)
         except Exception as exc:  # a bug must end the session, not leave it hanging
-            fail(exc)
+            self.session.fail(exc)
 
-    def pass_on(d: _Direction) -> None:
+    def throw(self, error: BaseException, *args: Any) -> None:
+        """gevent's ``cancel_wait`` calls this (``callback.__self__.throw``) when the socket is
+        closed under an active watcher: the session ends with that error, as a waiting
+        greenlet would."""
+        self.session.fail(error)
+
+
+class _HubRelay:
+    def __init__(self, user: socket.socket, target: socket.socket, acct: list[int], rx: int,
+                 tx: int, chunk: int, can_splice: bool) -> None:
+        from .tcp import buffer_pool
+
+        self.hub = gevent.get_hub()
+        self.acct, self.chunk, self.can_splice = acct, chunk, can_splice
+        self.pool = buffer_pool(chunk)
+        self.dirs = (_Direction(self, user, target, tx), _Direction(self, target, user, rx))
+        self.waiter = Waiter(self.hub)
+        self.failure: BaseException | None = None
+        self.woken = False
+
+    def run(self) -> BaseException | None:
+        for d in self.dirs:
+            d.watcher.start(d.readable)
+        try:
+            self.waiter.get()
+        except BaseException:  # killed (an instance stopping): end the session with it
+            self._stop(kill=True)
+            raise
+        self._stop(kill=self.failure is not None)
+        return self.failure
+
+    # -- in the hub ------------------------------------------------------------------------
+    def pass_on(self, d: _Direction) -> None:
+        pool, chunk = self.pool, self.chunk
         buf = pool.get()
         try:
             n = d.recv_into(buf, chunk)
@@ -91,7 +94,7 @@ def relay_in_hub(user: socket.socket, target: socket.socket, acct: list[int], rx
             return
         except OSError as exc:
             pool.put(buf)
-            fail(exc)
+            self.fail(exc)
             return
         if not n:
             pool.put(buf)
@@ -100,7 +103,7 @@ def relay_in_hub(user: socket.socket, target: socket.socket, acct: list[int], rx
                 d.raw_dst.shutdown(_SHUT_WR)
             except OSError:
                 pass
-            done(d)
+            self.done(d)
             return
         try:
             sent = d.raw_dst.send(memoryview(buf)[:n])
@@ -108,53 +111,72 @@ def relay_in_hub(user: socket.socket, target: socket.socket, acct: list[int], rx
             sent = 0
         except OSError as exc:
             pool.put(buf)
-            fail(exc)
+            self.fail(exc)
             return
-        acct[d.idx] += n
+        self.acct[d.idx] += n
         if sent < n or n == chunk:
             rest = bytes(buf[sent:n])
             pool.put(buf)
             d.watcher.stop()
-            d.job = runners.run(in_greenlet, d, rest)
+            d.job = runners.run(self._in_greenlet, d, rest)
             return
         pool.put(buf)
 
-    def in_greenlet(d: _Direction, rest: bytes) -> None:
+    def done(self, d: _Direction) -> None:
+        d.open = False
+        if not (self.dirs[0].open or self.dirs[1].open):
+            self._wake()
+
+    def fail(self, exc: BaseException) -> None:
+        if self.failure is None:
+            self.failure = exc
+        for d in self.dirs:
+            d.watcher.stop()
+            d.open = False
+        self._wake()
+
+    def _wake(self) -> None:
+        if not self.woken:
+            self.woken = True
+            self.waiter.switch(None)
+
+    # -- in a greenlet ---------------------------------------------------------------------
+    def _in_greenlet(self, d: _Direction, rest: bytes) -> None:
+        from .tcp import _copy_socket
+
+        loop = self.hub.loop
         try:
             if rest:
                 d.dst.sendall(rest)
-            _copy_socket(d.src, d.dst, acct, d.idx, None, None, chunk, can_splice)
+            _copy_socket(d.src, d.dst, self.acct, d.idx, None, None, self.chunk, self.can_splice)
             try:
                 d.dst.shutdown(_SHUT_WR)
             except OSError:
                 pass
         except Exception as exc:  # the session ends with it, as in the greenlet relay
             if d.open:
-                loop.run_callback(fail, exc)
+                loop.run_callback(self.fail, exc)
             return
-        loop.run_callback(done, d)
+        loop.run_callback(self.done, d)
 
-    for d in dirs:
-        d.watcher.start(readable, d)
-    try:
-        waiter.get()
-    except BaseException:
-        _stop(dirs, block=True)
-        raise
-    _stop(dirs, block=True, kill=bool(failure))
-    return failure[0] if failure else None
+    def _stop(self, kill: bool) -> None:
+        for d in self.dirs:
+            d.watcher.stop()
+        for d in self.dirs:
+            job = d.job
+            if job is not None and not job.dead:
+                if kill:
+                    job.kill(block=True)
+                else:
+                    job.join()
 
 
-def _stop(dirs: tuple[_Direction, _Direction], block: bool, kill: bool = True) -> None:
-    for d in dirs:
-        d.watcher.stop()
-    for d in dirs:
-        job = d.job
-        if job is not None and not job.dead:
-            if kill:
-                job.kill(block=block)
-            else:
-                job.join()
+def relay_in_hub(user: socket.socket, target: socket.socket, acct: list[int], rx: int, tx: int,
+                 chunk: int, can_splice: bool) -> BaseException | None:
+    """Relay between two plain gevent sockets until both directions end; the error that ended
+    the session, or None for two clean ends.  ``acct[tx]`` counts bytes read from *user*,
+    ``acct[rx]`` bytes read from *target*."""
+    return _HubRelay(user, target, acct, rx, tx, chunk, can_splice).run()
 
 
 def usable(user: Any, target: Any, limiter: Any, idle: float) -> bool:

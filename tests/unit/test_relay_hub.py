@@ -172,3 +172,16 @@ def test_idle_timeouts_and_rate_limits_keep_the_greenlet_relay(pairs, greenlet_j
     target_far.shutdown(socket.SHUT_WR)
     assert g.get(timeout=5) == "EOF"
     assert greenlet_jobs  # the greenlet relay runs its reverse direction on a worker
+
+
+def test_a_socket_closed_under_the_relay_ends_the_session(pairs):
+    """Another greenlet closing a relayed socket (gevent cancels the waits on it) ends the
+    session with an error, as it does a waiting greenlet: the relay must not wait for ever."""
+    _user_near, user_far, target_near, _target_far = pairs
+    acct = [0] * 4
+    g = gevent.spawn(relay, user_far, target_near, acct, 0, 1)
+    gevent.sleep(0.05)
+    target_near.close()
+    reason = g.get(timeout=5)
+    assert reason != "EOF"
+    assert not user_far._read_event.active
