@@ -1,5 +1,10 @@
 """Two-way TCP relay between a user-side and a target-side stream.
 
+Between two plain gevent sockets with no idle timeout and no rate limit, :func:`relay`
+hands the session to :mod:`npgevent.relay.tcphub`: small reads are passed on from hub
+callbacks, and a direction takes a greenlet (the pump below) only for bulk or for a write
+that has to wait.  Everything else (TLS and QUIC streams, ``read=``, ``rate=``) relays here.
+
 One direction runs in the calling greenlet, the other on a parked worker greenlet
 (:mod:`npgevent.relay.runners`: cheaper than a new greenlet per session).  Each
 direction ("pump") starts with ``recv_into`` + ``sendall`` through a private
