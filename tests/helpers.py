@@ -183,6 +183,17 @@ def connect_retry(port: int, host: str = "127.0.0.1", deadline: float = 10.0) ->
             gevent.sleep(0.05)
 
 
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two ends of one loopback TCP connection (the first has a 5 s timeout)."""
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(1)
+    near = socket.create_connection(lst.getsockname(), timeout=5)
+    far, _ = lst.accept()
+    lst.close()
+    return near, far
+
+
 def recv_all(sock: socket.socket, limit: int | None = None) -> bytes:
     chunks = []
     total = 0

@@ -7,18 +7,9 @@ import struct
 
 import gevent
 from gevent import socket
+from helpers import tcp_pair
 
 from npgevent.relay.tcp import relay
-
-
-def _tcp_pair() -> tuple[socket.socket, socket.socket]:
-    lst = socket.socket()
-    lst.bind(("127.0.0.1", 0))
-    lst.listen(1)
-    near = socket.create_connection(lst.getsockname(), timeout=5)
-    far, _ = lst.accept()
-    lst.close()
-    return near, far
 
 
 def _session(user: socket.socket, target: socket.socket, acct: list[int]) -> str:
@@ -33,8 +24,8 @@ def test_an_error_on_one_side_never_reaches_the_caller_after_the_relay_returned(
     greenlet afterwards (it used to: ``_Abort`` arrived in whatever the caller did next)."""
     outcomes = []
     for i in range(30):
-        user_near, user_far = _tcp_pair()
-        target_near, target_far = _tcp_pair()
+        user_near, user_far = tcp_pair()
+        target_near, target_far = tcp_pair()
         acct = [0] * 4
 
         g = gevent.spawn(_session, user_far, target_near, acct)

@@ -10,6 +10,7 @@ import struct
 import gevent
 import pytest
 from gevent import socket
+from helpers import recv_all, tcp_pair
 
 from npgevent.relay import runners, tcphub
 from npgevent.relay.limit import RateLimiter
@@ -18,21 +19,11 @@ from npgevent.relay.tcp import relay
 pytestmark = pytest.mark.timeout(60)
 
 
-def _tcp_pair() -> tuple[socket.socket, socket.socket]:
-    lst = socket.socket()
-    lst.bind(("127.0.0.1", 0))
-    lst.listen(1)
-    near = socket.create_connection(lst.getsockname(), timeout=5)
-    far, _ = lst.accept()
-    lst.close()
-    return near, far
-
-
 @pytest.fixture
 def pairs():
     """user_near (the user), user_far (relayed), target_near (relayed), target_far (the target)."""
-    user_near, user_far = _tcp_pair()
-    target_near, target_far = _tcp_pair()
+    user_near, user_far = tcp_pair()
+    target_near, target_far = tcp_pair()
     yield user_near, user_far, target_near, target_far
     for s in (user_near, user_far, target_near, target_far):
         s.close()
@@ -50,15 +41,6 @@ def greenlet_jobs(monkeypatch):
 
     monkeypatch.setattr(runners, "run", counting)
     return calls
-
-
-def _recv_all(sock: socket.socket) -> bytes:
-    out = bytearray()
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return bytes(out)
-        out += chunk
 
 
 def test_a_short_exchange_runs_in_the_hub_alone(pairs, greenlet_jobs):
@@ -93,7 +75,7 @@ def test_bulk_moves_to_a_greenlet_and_arrives_whole(pairs, greenlet_jobs):
         user_near.shutdown(socket.SHUT_WR)
 
     sender = gevent.spawn(send)
-    got = _recv_all(target_far)
+    got = recv_all(target_far)
     sender.get(timeout=10)
     target_far.shutdown(socket.SHUT_WR)
     assert g.get(timeout=10) == "EOF"
@@ -120,7 +102,7 @@ def test_a_write_that_does_not_go_out_whole_finishes_in_a_greenlet(pairs, greenl
 
     sender = gevent.spawn(send)
     gevent.sleep(0.3)  # the target reads nothing yet
-    got = _recv_all(target_far)
+    got = recv_all(target_far)
     sender.get(timeout=10)
     target_far.shutdown(socket.SHUT_WR)
     assert g.get(timeout=10) == "EOF"
@@ -213,7 +195,7 @@ def _session_with(rng, user_near, user_far, target_near, target_far, reset: bool
     if reset:
         # the user keeps reading (a relay blocked on a user who reads nothing waits for that
         # user, as any TCP proxy does), and the target resets mid-transfer
-        drain = gevent.spawn(_recv_all, user_near)
+        drain = gevent.spawn(recv_all, user_near)
         gevent.sleep(rng.random() * 0.02)
         target_far.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_LINGER, struct.pack("ii", 1, 0))
         gevent.killall(writers)
@@ -221,7 +203,7 @@ def _session_with(rng, user_near, user_far, target_near, target_far, reset: bool
         reason = g.get(timeout=20)
         drain.kill()
         return reason, None, None, up, down, acct
-    readers = [gevent.spawn(_recv_all, target_far), gevent.spawn(_recv_all, user_near)]
+    readers = [gevent.spawn(recv_all, target_far), gevent.spawn(recv_all, user_near)]
     gevent.joinall(writers + readers, timeout=20, raise_error=True)
     return g.get(timeout=20), readers[0].value, readers[1].value, up, down, acct
 
@@ -236,8 +218,8 @@ def test_randomised_sessions_deliver_every_byte_or_end_on_a_reset():
     for _group in range(3):
         jobs, socks = [], []
         for i in range(20):
-            user_near, user_far = _tcp_pair()
-            target_near, target_far = _tcp_pair()
+            user_near, user_far = tcp_pair()
+            target_near, target_far = tcp_pair()
             socks += [user_near, user_far, target_near, target_far]
             jobs.append(gevent.spawn(_session_with, rng, user_near, user_far, target_near, target_far,
                                      reset=(i % 7 == 3)))
