@@ -37,7 +37,7 @@ class _Direction:
     __slots__ = ("dst", "idx", "job", "open", "raw_dst", "recv_into", "session", "src", "watcher")
 
     def __init__(self, session: _HubRelay, src: socket.socket, dst: socket.socket, idx: int) -> None:
-        self.session = session
+        self.session: _HubRelay | None = session  # None once the relay returned (no cycle left)
         self.src, self.dst, self.idx = src, dst, idx
         self.recv_into = src._sock.recv_into
         self.raw_dst = dst._sock
@@ -47,16 +47,20 @@ class _Direction:
 
     def readable(self) -> None:
         """The watcher's callback, in the hub: must not wait."""
+        session = self.session
+        if session is None:
+            return
         try:
-            self.session.pass_on(self)
+            session.pass_on(self)
         except Exception as exc:  # a bug must end the session, not leave it hanging
-            self.session.fail(exc)
+            session.fail(exc)
 
     def throw(self, error: BaseException, *args: Any) -> None:
         """gevent's ``cancel_wait`` calls this (``callback.__self__.throw``) when the socket is
         closed under an active watcher: the session ends with that error, as a waiting
         greenlet would."""
-        self.session.fail(error)
+        if self.session is not None:
+            self.session.fail(error)
 
 
 class _HubRelay:
@@ -76,12 +80,16 @@ class _HubRelay:
         for d in self.dirs:
             d.watcher.start(d.readable)
         try:
-            self.waiter.get()
-        except BaseException:  # killed (an instance stopping): end the session with it
-            self._stop(kill=True)
-            raise
-        self._stop(kill=self.failure is not None)
-        return self.failure
+            try:
+                self.waiter.get()
+            except BaseException:  # killed (an instance stopping): end the session with it
+                self._stop(kill=True)
+                raise
+            self._stop(kill=self.failure is not None)
+            return self.failure
+        finally:
+            for d in self.dirs:
+                d.session = None  # the directions and the relay refer to each other
 
     # -- in the hub ------------------------------------------------------------------------
     def pass_on(self, d: _Direction) -> None:

@@ -236,3 +236,32 @@ def test_randomised_sessions_deliver_every_byte_or_end_on_a_reset():
                 assert not s._read_event.active and not s._write_event.active
             s.close()
     assert runners.parked() <= runners.KEEP
+
+
+def test_a_finished_relay_is_freed_at_once(pairs, monkeypatch):
+    """No reference cycle outlives a session: its objects go with their last reference, not
+    at the garbage collector's next pass (thousands of sessions a second)."""
+    import gc
+    import weakref
+
+    made = []
+    real_init = tcphub._HubRelay.__init__
+
+    def init(self, *args):
+        real_init(self, *args)
+        made.append(weakref.ref(self))
+
+    monkeypatch.setattr(tcphub._HubRelay, "__init__", init)
+    user_near, user_far, target_near, target_far = pairs
+    gc.disable()
+    try:
+        g = gevent.spawn(relay, user_far, target_near, [0] * 4, 0, 1)
+        user_near.sendall(b"q")
+        assert target_far.recv(1) == b"q"
+        user_near.shutdown(socket.SHUT_WR)
+        target_far.shutdown(socket.SHUT_WR)
+        assert g.get(timeout=5) == "EOF"
+        gevent.sleep(0.01)  # let the hub drop what it held for the callbacks
+        assert made and made[0]() is None
+    finally:
+        gc.enable()
