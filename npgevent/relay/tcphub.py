@@ -26,7 +26,7 @@ import gevent
 from gevent import socket
 from gevent.hub import Waiter
 
-from . import runners
+from . import runners, tcp  # tcp imports this module too: its names are used at call time only
 
 _SHUT_WR = socket.SHUT_WR
 
@@ -66,11 +66,9 @@ class _Direction:
 class _HubRelay:
     def __init__(self, user: socket.socket, target: socket.socket, acct: list[int], rx: int,
                  tx: int, chunk: int, can_splice: bool) -> None:
-        from .tcp import buffer_pool
-
         self.hub = gevent.get_hub()
         self.acct, self.chunk, self.can_splice = acct, chunk, can_splice
-        self.pool = buffer_pool(chunk)
+        self.pool = tcp.buffer_pool(chunk)
         self.dirs = (_Direction(self, user, target, tx), _Direction(self, target, user, rx))
         self.waiter = Waiter(self.hub)
         self.failure: BaseException | None = None
@@ -150,22 +148,20 @@ class _HubRelay:
 
     # -- in a greenlet ---------------------------------------------------------------------
     def _in_greenlet(self, d: _Direction, rest: bytes) -> None:
-        from .tcp import _copy_socket
-
-        loop = self.hub.loop
+        """The rest of the direction as the greenlet relay's pump (which half-closes at EOF)."""
+        err: BaseException | None
         try:
             if rest:
                 d.dst.sendall(rest)
-            _copy_socket(d.src, d.dst, self.acct, d.idx, None, None, self.chunk, self.can_splice)
-            try:
-                d.dst.shutdown(_SHUT_WR)
-            except OSError:
-                pass
-        except Exception as exc:  # the session ends with it, as in the greenlet relay
-            if d.open:
-                loop.run_callback(self.fail, exc)
-            return
-        loop.run_callback(self.done, d)
+        except OSError as exc:
+            err = exc
+        else:
+            err = tcp._pump(d.src, d.dst, self.acct, d.idx, None, None, self.chunk, self.can_splice)
+        loop = self.hub.loop
+        if err is None:
+            loop.run_callback(self.done, d)
+        elif d.open:  # the session ends with it, as in the greenlet relay
+            loop.run_callback(self.fail, err)
 
     def _stop(self, kill: bool) -> None:
         for d in self.dirs:
