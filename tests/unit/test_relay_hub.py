@@ -265,3 +265,28 @@ def test_a_finished_relay_is_freed_at_once(pairs, monkeypatch):
         assert made and made[0]() is None
     finally:
         gc.enable()
+
+
+def test_a_user_flooding_a_target_that_reads_nothing_is_held_back(pairs):
+    """An attacker sends as fast as they can into a session whose target never reads: the relay
+    reads no more than the kernel's buffers let it pass on (plus one chunk) and then waits;
+    nothing piles up in the process."""
+    user_near, user_far, target_near, target_far = pairs
+    acct = [0] * 4
+    g = gevent.spawn(relay, user_far, target_near, acct, 0, 1)
+    block = b"z" * 65536
+
+    def flood() -> None:
+        while True:
+            user_near.sendall(block)
+
+    attacker = gevent.spawn(flood)
+    gevent.sleep(1.0)
+    held = acct[1]
+    gevent.sleep(0.5)
+    assert acct[1] == held, "the relay kept reading from a user its target does not drain"
+    buffered = sum(s.getsockopt(socket.SOL_SOCKET, opt) for s, opt in (
+        (target_near, socket.SO_SNDBUF), (target_far, socket.SO_RCVBUF)))
+    assert held <= buffered + 16384 + (1 << 20), (held, buffered)  # kernel buffers, one chunk, slack
+    attacker.kill()
+    g.kill(timeout=5)
