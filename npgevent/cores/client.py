@@ -13,6 +13,7 @@ users.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -25,6 +26,7 @@ from ..net import handshake
 from ..net.dial import family_of
 from ..net.handshake import HandshakeError
 from ..net.sockopt import connect_numeric, format_addr, send_all, tune_tcp
+from ..pool import hubsetup
 from ..pool.base import Adaptive
 from ..pool.tcp import ClientPool, PoolConn, read_exact
 from ..protocol.auth import ControlCipher, PoolProver
@@ -106,14 +108,18 @@ class DualClientCore(TunnelCore):
         log.info("Tunnel signal <- : %s <- %s", reply.encode(), self.peer)
         log.info("Tunnel handshaked: %s <-> %s", format_addr(sock.getsockname()), self.peer)
         connector = self._dial_pool
+        hub_dial = None
         if reply.quic:
             connector = self._start_quic(reply.max)
         elif self.tls_code != "0":
             from ..net.tls import client_context  # pyOpenSSL costs ~12 MB: load it only when used
 
             self.ctx = client_context(self.tls_code)
+        else:
+            hub_dial = self._hub_dial_pool
         adaptive = Adaptive(opts.min, reply.max, opts.min_pool_interval, opts.max_pool_interval)
-        self.pool = ClientPool(log, connector, adaptive, report_every=opts.report_interval)
+        self.pool = ClientPool(log, connector, adaptive, report_every=opts.report_interval,
+                               hub_dial=hub_dial)
         self.spawn_task(self.pool.run)
         if self.flow == "+":
             self.open_user_listeners(spec.targets[0])
@@ -159,6 +165,16 @@ class DualClientCore(TunnelCore):
             return
         if self._leader is not gevent.getcurrent():
             self._ticket.wait(self.opts.handshake_timeout)
+
+    def _hub_dial_pool(self, on_conn: Callable[[PoolConn], None], on_fail: Callable[[BaseException], None],
+                       in_progress: set[Any]) -> None:
+        """A plain-TCP pool connection set up in hub callbacks (:mod:`npgevent.pool.hubsetup`):
+        what :meth:`_dial_pool` does for TLS code 0, without a greenlet."""
+        opts = self.opts
+        hubsetup.dial(family_of(self.server_ip), (self.server_ip, self.inst.spec.tunnel.port),
+                      self.prover.proof() if self.prover is not None else b"", opts.tcp_dial_timeout,
+                      POOL_ID_TIMEOUT, opts.report_interval,
+                      lambda sock, cid: on_conn(PoolConn(cid.hex(), sock, sock)), on_fail, in_progress)
 
     def _dial_pool(self) -> PoolConn:
         """One pool connection: TCP, TLS for codes 1/2, then the server's 4-byte id."""

@@ -33,6 +33,7 @@ from ..errors import CoreError
 from ..log import WARN
 from ..net import handshake
 from ..net.sockopt import ListenError, format_addr, listen_tcp, listen_udp, send_all, unmap
+from ..pool import hubsetup
 from ..pool.tcp import IdlePool, PoolConn, new_cid, read_exact
 from ..protocol.auth import POOL_PROOF, ControlCipher, PoolVerifier
 from ..protocol.handshake import Reply
@@ -93,6 +94,7 @@ class ServerCore(TunnelCore):
         self.peer_ip = ""
         self._user_socks: tuple[Any, Any] = (None, None)
         self._verified = False
+        self.setups: set[hubsetup.Setup] = set()  # plain pool connections reading their proof
         self.pool = IdlePool(self.log)
         self.engine: Any = None  # QuicEngine when quic=1
         self.pool_verifier: PoolVerifier | None = None  # set when the client authenticated
@@ -149,7 +151,7 @@ class ServerCore(TunnelCore):
         assert self.listener is not None
         self._adopt(*self.slot.first(self.listener))
         self.tunnel_server = KeepingStreamServer(self.listener, self._pool_accept,
-                                                 spawn=self.tasks.spawn)
+                                                 spawn=self.tasks.spawn, first=self._pool_accept_in_hub)
         self.tunnel_server.start()
         if self.engine is not None:
             from ..pool.quic import QuicServerPool
@@ -197,21 +199,15 @@ class ServerCore(TunnelCore):
         log.info("Tunnel handshaked: %s <-> %s", format_addr(sock.getsockname()), peer)
 
     def _pool_accept(self, sock: socket.socket, addr: Any) -> None:
-        log, opts = self.log, self.opts
+        """A connection to the tunnel port after the handshake, in its own greenlet: a
+        takeover attempt, a TLS pool connection, or a plain one the hub path passed on."""
+        opts = self.opts
         if self.slot.open_to_takeover() and self.slot.is_challenger(sock, unmap(addr[0])):
             if self.slot.challenge(sock, addr):
                 assert self.tunnel_server is not None
                 self.tunnel_server.keep(sock)
             return
-        if self.engine is not None:
-            log.debug("Tunnel connection: %s refused: the pool is QUIC", format_addr(addr))
-            return
-        if unmap(addr[0]) != self.peer_ip:
-            self.inst.events.failure("pool_admission")
-            log.debug("Tunnel connection: %s refused: not the tunnel client", format_addr(addr))
-            return
-        if self.pool.active >= opts.max:
-            log.debug("Tunnel connection: %s refused: pool full (%d)", format_addr(addr), opts.max)
+        if not self._admissible(addr):
             return
         stream: Any = sock
         if self.tls is not None:
@@ -222,22 +218,69 @@ class ServerCore(TunnelCore):
                 stream.handshake(opts.handshake_timeout)
             except (TLSError, OSError) as exc:
                 self.inst.events.failure("pool_admission")
-                log.debug("Tunnel connection: %s dropped: %s", format_addr(addr), exc)
+                self.log.debug("Tunnel connection: %s dropped: %s", format_addr(addr), exc)
                 return
         if self.pool_verifier is not None and not self._proven(stream, sock, addr):
-            self.inst.events.failure("pool_admission")
             return
+        if self._hand_out(stream, sock, addr):
+            assert self.tunnel_server is not None
+            self.tunnel_server.keep(sock)
+
+    def _pool_accept_in_hub(self, sock: socket.socket, addr: Any) -> bool:
+        """A plain-TCP pool connection admitted in the accept callback, with its proof read in
+        hub callbacks (:mod:`npgevent.pool.hubsetup`): no greenlet.  False passes the
+        connection to :meth:`_pool_accept` (TLS, QUIC, or a possible takeover)."""
+        if self.tls is not None or self.engine is not None:
+            return False
+        if self.slot.open_to_takeover() and self.slot.is_challenger(sock, unmap(addr[0])):
+            return False  # the challenge reads a handshake: that waits
+        if not self._admissible(addr):
+            sock.close()
+            return True
+        if self.pool_verifier is None:
+            if not self._hand_out(sock, sock, addr, hubsetup.send_now):
+                sock.close()
+            return True
+
+        def proven(sock: socket.socket, proof: bytes) -> None:
+            if not self._proof_ok(proof, addr) or not self._hand_out(sock, sock, addr, hubsetup.send_now):
+                sock.close()
+
+        def failed(exc: BaseException) -> None:
+            if not isinstance(exc, hubsetup.Cancelled):  # not our own close
+                self._no_proof(addr, exc)
+
+        hubsetup.admit(sock, POOL_PROOF, self.opts.handshake_timeout, proven, failed, self.setups)
+        return True
+
+    def _admissible(self, addr: Any) -> bool:
+        """The pool phase's checks before any byte is read (logged at debug when refused)."""
+        log = self.log
+        if self.engine is not None:
+            log.debug("Tunnel connection: %s refused: the pool is QUIC", format_addr(addr))
+            return False
+        if unmap(addr[0]) != self.peer_ip:
+            self.inst.events.failure("pool_admission")
+            log.debug("Tunnel connection: %s refused: not the tunnel client", format_addr(addr))
+            return False
+        if self.pool.active >= self.opts.max:
+            log.debug("Tunnel connection: %s refused: pool full (%d)", format_addr(addr), self.opts.max)
+            return False
+        return True
+
+    def _hand_out(self, stream: Any, sock: socket.socket, addr: Any, write: Any = send_all) -> bool:
+        """Give the admitted connection its id and put it in the pool; False if the write
+        failed (the caller closes).  In the hub, *write* is one that never waits."""
         cid = new_cid()
         while cid in self.pool.idle:
             cid = new_cid()
         try:
-            send_all(stream, bytes.fromhex(cid))
+            write(stream, bytes.fromhex(cid))
         except OSError as exc:
-            log.debug("Tunnel connection: %s dropped: %s", format_addr(addr), exc)
-            return
-        assert self.tunnel_server is not None
-        self.tunnel_server.keep(sock)
+            self.log.debug("Tunnel connection: %s dropped: %s", format_addr(addr), exc)
+            return False
         self.pool.add(PoolConn(cid, stream, sock))
+        return True
 
     def take_over(self, sock: socket.socket, addr: Any, outcome: handshake.Outcome) -> None:
         """A peer that proved the key replaces the unauthenticated control connection: the
@@ -258,18 +301,26 @@ class ServerCore(TunnelCore):
 
     def _proven(self, stream: Any, sock: socket.socket, addr: Any) -> bool:
         """An authenticated tunnel: the connection must prove membership before it gets an id."""
-        assert self.pool_verifier is not None
         sock.settimeout(self.opts.handshake_timeout)
         try:
             proof = read_exact(stream, POOL_PROOF)
         except (OSError, gevent.Timeout, socket.timeout) as exc:
-            self.log.limited(WARN, "pool-proof", "Tunnel connection: %s dropped: no pool proof (%s)"
-                             % (format_addr(addr), exc))
+            self._no_proof(addr, exc)
             return False
         finally:
             sock.settimeout(None)
+        return self._proof_ok(proof, addr)
+
+    def _no_proof(self, addr: Any, exc: BaseException) -> None:
+        self.inst.events.failure("pool_admission")
+        self.log.limited(WARN, "pool-proof", "Tunnel connection: %s dropped: no pool proof (%s)"
+                         % (format_addr(addr), exc))
+
+    def _proof_ok(self, proof: bytes, addr: Any) -> bool:
+        assert self.pool_verifier is not None
         if not self.pool_verifier.check(proof):
             self.pool_rejected += 1
+            self.inst.events.failure("pool_admission")
             self.log.limited(WARN, "pool-proof", "Tunnel connection: %s refused: it did not prove membership "
                              "of the authenticated tunnel (forged or replayed proof)" % format_addr(addr))
             return False
@@ -296,6 +347,8 @@ class ServerCore(TunnelCore):
 
     def _close(self) -> None:
         super()._close()
+        for setup in list(self.setups):
+            setup.cancel()
         self.slot.close()
         if self.engine is not None:
             self.engine.stop()

@@ -27,7 +27,9 @@ level 1, see :mod:`npgevent.protocol.handshake`).
 
 from __future__ import annotations
 
+import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -55,11 +57,28 @@ FORGED_LIMIT = 3  # control lines failing authentication before the tunnel is to
 
 
 class KeepingStreamServer(StreamServer):
-    """A StreamServer whose handler may keep the accepted socket open (pool connections)."""
+    """A StreamServer whose handler may keep the accepted socket open (pool connections).
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    *first*, if given, sees each connection in the accept callback (the hub: it must not
+    wait); when it returns True it has taken the connection over, else the handler runs in a
+    greenlet as usual."""
+
+    def __init__(self, *args: Any, first: Callable[[socket.socket, Any], bool] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._kept: set[int] = set()
+        self._first = first
+
+    def do_handle(self, *args: Any) -> None:
+        if self._first is not None:
+            try:
+                if self._first(*args):
+                    return
+            except Exception:  # a bug: drop this connection, report it, keep accepting
+                args[0].close()
+                self.loop.handle_error(self, *sys.exc_info())
+                return
+        super().do_handle(*args)
 
     def keep(self, sock: socket.socket) -> None:
         self._kept.add(id(sock))

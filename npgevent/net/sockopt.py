@@ -54,7 +54,7 @@ def connect_numeric(sock: socket.socket, address: tuple[Any, ...], timeout: floa
     ``connect(2)``): per connection that matters at thousands of connections a second."""
     raw = sock._sock
     err = raw.connect_ex(address)
-    if err == errno.EINPROGRESS and _established(raw):
+    if err == errno.EINPROGRESS and established(raw):
         return  # loopback and local targets: the handshake ran inside connect(2)
     if err in (errno.EINPROGRESS, errno.EINTR):
         sock.settimeout(timeout)
@@ -67,7 +67,7 @@ def connect_numeric(sock: socket.socket, address: tuple[Any, ...], timeout: floa
         raise OSError(err, os.strerror(err))
 
 
-def _established(raw: Any) -> bool:
+def established(raw: Any) -> bool:
     """Whether a connecting TCP socket is already connected (one ``getsockopt``, ~0.7 us): on
     loopback the kernel completes the handshake before a non-blocking ``connect(2)`` returns
     EINPROGRESS, and waiting for writability would cost a trip through the hub, a timer and

@@ -18,8 +18,10 @@ and a small object); liveness is checked when a connection is handed out and
 by a periodic sweep.
 
 :class:`ClientPool` adds the refill manager: every ``interval`` it opens
-``capacity - idle - in_flight`` connections concurrently through a gevent
-greenlet pool, then adapts capacity and interval (:mod:`npgevent.pool.base`).
+``capacity - idle - in_flight`` connections concurrently, then adapts capacity
+and interval (:mod:`npgevent.pool.base`).  Plain TCP connections are set up in
+hub callbacks (``hub_dial``, :mod:`npgevent.pool.hubsetup`); TLS ones through a
+gevent greenlet pool.
 Pool connections are single-use: whoever takes one closes it after its session.
 """
 
@@ -218,6 +220,9 @@ class IdlePool:
         self._any.clear()
 
 
+#: a dial in hub callbacks: hub_dial(on_conn, on_fail, in_progress) (see ClientPool.hub_dial)
+HubDial = Callable[[Callable[[PoolConn], None], Callable[[BaseException], None], set[Any]], Any]
+
 REFILL_DEFER = 0.001  # s: a reactive refill starts this long after the take that woke it
 
 
@@ -237,9 +242,13 @@ class ClientPool(IdlePool):
         adaptive: Adaptive,
         concurrency: int = 64,
         report_every: float = 5.0,
+        hub_dial: HubDial | None = None,
     ) -> None:
         super().__init__(log)
         self.connector = connector
+        #: plain TCP: starts a dial run in hub callbacks (:mod:`.hubsetup`) instead of a greenlet
+        self.hub_dial = hub_dial
+        self.setups: set[Any] = set()  # hub dials in progress, cancelled by close()
         self.adaptive = adaptive
         self.in_flight = 0
         self.dialers = Pool(concurrency)
@@ -258,7 +267,10 @@ class ClientPool(IdlePool):
             need = ad.need(len(self.idle), self.in_flight) if self._fails < 3 else 0
             for _ in range(need):
                 self.in_flight += 1
-                self.dialers.spawn(self._dial_one)
+                if self.hub_dial is not None:
+                    self.hub_dial(self._dialled, self._dial_failed, self.setups)
+                else:
+                    self.dialers.spawn(self._dial_one)
             created += need
             left = tick - time.monotonic()
             if left <= 0:
@@ -284,6 +296,16 @@ class ClientPool(IdlePool):
         self._fails = 0
         self.add(conn)
 
+    def _dialled(self, conn: PoolConn) -> None:
+        self.in_flight -= 1
+        self._fails = 0
+        self.add(conn)
+
+    def _dial_failed(self, exc: BaseException) -> None:
+        self.in_flight -= 1
+        if not self.closed:
+            self._failed(exc)
+
     def _failed(self, exc: BaseException) -> None:
         self._fails += 1
         now = time.monotonic()
@@ -297,6 +319,8 @@ class ClientPool(IdlePool):
     def close(self) -> None:
         super().close()
         self.dialers.kill(block=False)
+        for setup in list(self.setups):
+            setup.cancel()
 
 
 def read_exact(stream: Any, n: int) -> bytes:

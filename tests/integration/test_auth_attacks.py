@@ -22,6 +22,7 @@ from helpers import (
     free_port,
     in_process,
     make_ca_and_cert,
+    recv_all,
     tunnel_urls,
     udp_roundtrip,
     wait_pool,
@@ -310,6 +311,41 @@ def test_a_thousand_pool_connections_from_the_clients_ip_get_nothing(tls):
         assert got_ids == 0
         assert all(u.successful() and u.value.startswith(b"user ") for u in users)
         assert s.core.pool_rejected >= 100
+
+
+def test_stalled_pool_proofs_hold_no_greenlet_and_are_dropped_at_the_timeout():
+    """The attacker (the client's IP) opens 300 pool connections, sends part of a proof and
+    then nothing.  Each waits as a watcher and a timer, not a greenlet; the server closes
+    them all at the handshake timeout without an id, counts them, and serves users meanwhile."""
+    with tunnel(tls="0", handshake_timeout="2s") as (s, _c, tport, uport, _echo):
+        core = s.core
+        tasks_before = len(core.tasks)
+        failed_before = core.inst.events.failures["pool_admission"]
+        rogue = []
+        try:
+            for _ in range(300):
+                sock = socket.create_connection(("127.0.0.1", tport), timeout=5)
+                sock.sendall(os.urandom(10))  # 10 of the 24 bytes of a proof
+                rogue.append(sock)
+            deadline = time.monotonic() + 5
+            while len(core.setups) < 300 and time.monotonic() < deadline:
+                gevent.sleep(0.02)
+            assert len(core.setups) >= 300
+            assert len(core.tasks) <= tasks_before + 5  # no greenlet per pending connection
+            for i in range(20):
+                payload = b"user %02d " % i + os.urandom(8).hex().encode()
+                assert echo_exact(uport, payload) == payload
+            for sock in rogue:
+                sock.settimeout(10)
+                assert recv_all(sock) == b""  # closed by the server: no id
+            assert core.inst.events.failures["pool_admission"] - failed_before >= 300
+            deadline = time.monotonic() + 5
+            while core.setups and time.monotonic() < deadline:
+                gevent.sleep(0.02)
+            assert not core.setups
+        finally:
+            for sock in rogue:
+                sock.close()
 
 
 # -- the certificate ----------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def test_a_loopback_connect_never_waits_in_the_hub(monkeypatch):
 
 def test_a_connect_still_in_progress_is_waited_for(monkeypatch):
     """Where the handshake takes a round trip (any remote target), the wait path connects."""
-    monkeypatch.setattr(sockopt, "_established", lambda raw: False)
+    monkeypatch.setattr(sockopt, "established", lambda raw: False)
     lst = _listener()
     sock = socket.socket()
     try:
