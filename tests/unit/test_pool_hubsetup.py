@@ -45,6 +45,15 @@ class Outcome:
 
 
 @pytest.fixture
+def pair():
+    """A connected loopback pair: (the peer's end, the end being set up)."""
+    near, far = tcp_pair()
+    yield near, far
+    near.close()
+    far.close()
+
+
+@pytest.fixture
 def listener():
     lsock = socket.socket()
     lsock.bind(("127.0.0.1", 0))
@@ -136,86 +145,70 @@ def test_a_short_id_then_close_fails_with_what_arrived(listener):
     g.join(timeout=5)
 
 
-def test_admit_reads_a_proof_written_in_pieces():
-    near, far = tcp_pair()
-    try:
-        out = Outcome()
-        hubsetup.admit(far, 24, 5, out.done, out.fail)
-        proof = os.urandom(24)
-        for piece in (proof[:1], proof[1:10], proof[10:]):
-            near.sendall(piece)
-            gevent.sleep(0.02)
-        kind, sock, data = out.get()
-        assert (kind, sock, data) == ("done", far, proof)
-        assert out.in_hub is True
-    finally:
-        near.close()
-        far.close()
+def test_admit_reads_a_proof_written_in_pieces(pair):
+    near, far = pair
+    out = Outcome()
+    hubsetup.admit(far, 24, 5, out.done, out.fail)
+    proof = os.urandom(24)
+    for piece in (proof[:1], proof[1:10], proof[10:]):
+        near.sendall(piece)
+        gevent.sleep(0.02)
+    kind, sock, data = out.get()
+    assert (kind, sock, data) == ("done", far, proof)
+    assert out.in_hub is True
 
 
-def test_admit_times_out_and_closes_a_silent_connection():
-    near, far = tcp_pair()
-    try:
-        out = Outcome()
-        hubsetup.admit(far, 24, 0.2, out.done, out.fail)
-        near.sendall(b"x" * 10)  # less than a proof, then nothing
-        kind, exc = out.get()
-        assert kind == "fail" and isinstance(exc, socket.timeout)
-        near.settimeout(5)
-        assert recv_all(near) == b""  # closed by the set-up
-    finally:
-        near.close()
+def test_admit_times_out_and_closes_a_silent_connection(pair):
+    near, far = pair
+    out = Outcome()
+    hubsetup.admit(far, 24, 0.2, out.done, out.fail)
+    near.sendall(b"x" * 10)  # less than a proof, then nothing
+    kind, exc = out.get()
+    assert kind == "fail" and isinstance(exc, socket.timeout)
+    near.settimeout(5)
+    assert recv_all(near) == b""  # closed by the set-up
 
 
-def test_cancel_ends_a_set_up_and_nothing_runs_later():
-    near, far = tcp_pair()
-    try:
-        out, owner = Outcome(), set()
-        setup = hubsetup.admit(far, 24, 5, out.done, out.fail, owner)
-        setup.cancel()
-        kind, exc = out.get()
-        assert kind == "fail" and isinstance(exc, hubsetup.Cancelled)
-        assert owner == set()
-        with contextlib.suppress(OSError):
-            near.sendall(os.urandom(24))  # too late: nobody reads it, no second callback
-        gevent.sleep(0.1)
-        setup.cancel()  # twice is harmless
-        assert out.calls == 1
-    finally:
-        near.close()
+def test_cancel_ends_a_set_up_and_nothing_runs_later(pair):
+    near, far = pair
+    out, owner = Outcome(), set()
+    setup = hubsetup.admit(far, 24, 5, out.done, out.fail, owner)
+    setup.cancel()
+    kind, exc = out.get()
+    assert kind == "fail" and isinstance(exc, hubsetup.Cancelled)
+    assert owner == set()
+    with contextlib.suppress(OSError):
+        near.sendall(os.urandom(24))  # too late: nobody reads it, no second callback
+    gevent.sleep(0.1)
+    setup.cancel()  # twice is harmless
+    assert out.calls == 1
 
 
-def test_a_socket_closed_under_the_set_up_fails_it():
-    near, far = tcp_pair()
-    try:
-        out = Outcome()
-        hubsetup.admit(far, 24, 5, out.done, out.fail)
-        gevent.sleep(0)  # the watcher is active
-        far.close()  # gevent's cancel_wait throws into the set-up
-        kind, _exc = out.get()
-        assert kind == "fail"
-        assert out.calls == 1
-    finally:
-        near.close()
+def test_a_socket_closed_under_the_set_up_fails_it(pair):
+    _near, far = pair
+    out = Outcome()
+    hubsetup.admit(far, 24, 5, out.done, out.fail)
+    gevent.sleep(0)  # the watcher is active
+    far.close()  # gevent's cancel_wait throws into the set-up
+    kind, _exc = out.get()
+    assert kind == "fail"
+    assert out.calls == 1
 
 
-def test_a_failing_callback_does_not_reach_the_hub(monkeypatch):
-    near, far = tcp_pair()
+def test_a_failing_callback_does_not_reach_the_hub(pair, monkeypatch):
+    near, far = pair
     reported = []
     monkeypatch.setattr(gevent.get_hub(), "handle_error", lambda *a: reported.append(a))
-    try:
-        def done(_sock, _data):
-            raise RuntimeError("the owner's bug")
 
-        hubsetup.admit(far, 4, 5, done, lambda _e: None)
-        near.sendall(b"abcd")
-        gevent.sleep(0.1)
-        assert reported and isinstance(reported[0][2], RuntimeError)
-        near.sendall(b"more")  # the loop runs on
-        gevent.sleep(0.05)
-    finally:
-        near.close()
-        far.close()
+    def done(_sock, _data):
+        raise RuntimeError("the owner's bug")
+
+    hubsetup.admit(far, 4, 5, done, lambda _e: None)
+    near.sendall(b"abcd")
+    gevent.sleep(0.1)
+    assert reported and isinstance(reported[0][2], RuntimeError)
+    near.sendall(b"more")  # the loop runs on
+    gevent.sleep(0.05)
 
 
 def test_client_pool_refills_in_the_hub_and_close_cancels_dials(listener):
