@@ -249,6 +249,8 @@ class ClientPool(IdlePool):
         #: plain TCP: starts a dial run in hub callbacks (:mod:`.hubsetup`) instead of a greenlet
         self.hub_dial = hub_dial
         self.setups: set[Any] = set()  # hub dials in progress, cancelled by close()
+        self.concurrency = concurrency  # dials in flight at most, as the greenlet pool allows
+        self._capped = False  # a round opened fewer than it needed: a finished dial wakes the loop
         self.adaptive = adaptive
         self.in_flight = 0
         self.dialers = Pool(concurrency)
@@ -265,6 +267,8 @@ class ClientPool(IdlePool):
         tick = time.monotonic() + ad.interval
         while not self.closed:
             need = ad.need(len(self.idle), self.in_flight) if self._fails < 3 else 0
+            if self.hub_dial is not None and need > self.concurrency - self.in_flight:
+                need, self._capped = max(0, self.concurrency - self.in_flight), True
             for _ in range(need):
                 self.in_flight += 1
                 if self.hub_dial is not None:
@@ -297,14 +301,20 @@ class ClientPool(IdlePool):
         self.add(conn)
 
     def _dialled(self, conn: PoolConn) -> None:
-        self.in_flight -= 1
+        self._dial_ended()
         self._fails = 0
         self.add(conn)
 
     def _dial_failed(self, exc: BaseException) -> None:
-        self.in_flight -= 1
+        self._dial_ended()
         if not self.closed:
             self._failed(exc)
+
+    def _dial_ended(self) -> None:
+        self.in_flight -= 1
+        if self._capped:  # the loop left some dials for later: now there is room
+            self._capped = False
+            self._wake.set()
 
     def _failed(self, exc: BaseException) -> None:
         self._fails += 1

@@ -256,3 +256,42 @@ def test_client_pool_refills_in_the_hub_and_close_cancels_dials(listener):
         pool.close()
         for conn in held:
             conn.close()
+
+
+def test_client_pool_hub_dials_keep_to_the_concurrency_limit(listener):
+    """As the greenlet pool did: at most *concurrency* dials in flight; the rest follow as
+    dials finish, without waiting for the next interval."""
+    accepted: list[socket.socket] = []
+
+    def server() -> None:
+        n = 0
+        while True:
+            conn, _ = listener.accept()
+            accepted.append(conn)
+            n += 1
+            gevent.spawn_later(0.05, conn.sendall, b"%04d" % n)  # each id after a while
+
+    g = gevent.spawn(server)
+    most = [0]
+
+    def hub_dial(on_conn, on_fail, in_progress):
+        hubsetup.dial(socket.AF_INET, listener.getsockname(), b"", 5, 60, 15,
+                      lambda sock, cid: on_conn(PoolConn(cid.hex(), sock, sock)), on_fail, in_progress)
+        most[0] = max(most[0], len(in_progress))
+
+    # a long interval: only the finished dials can bring the rest in time
+    pool = ClientPool(InstanceLog("debug"), lambda: None, Adaptive(8, 8, 30.0, 30.0),  # type: ignore[arg-type]
+                      concurrency=2, hub_dial=hub_dial)
+    runner = gevent.spawn(pool.run)
+    try:
+        deadline = time.monotonic() + 5
+        while pool.active < 8 and time.monotonic() < deadline:
+            gevent.sleep(0.02)
+        assert pool.active == 8
+        assert most[0] == 2
+    finally:
+        runner.kill()
+        g.kill()
+        pool.close()
+        for conn in accepted:
+            conn.close()
