@@ -151,7 +151,7 @@ class Api:
             return err(409, "Instance ID already exists")
         resp = ok(rec.to_api(), 201)
         insts.publish("create", rec)
-        gevent.spawn(insts.start, rec.id)
+        insts.start_soon(rec.id)
         insts.save_soon()
         return resp
 
@@ -187,8 +187,10 @@ class Api:
             if action not in ("start", "stop", "restart", "reset"):
                 return err(400, "Invalid action: %s" % action)
             if action == "start" and rec.status == "stopped":
-                gevent.spawn(insts.start, rid)
-            elif action == "stop" and rec.status != "stopped":
+                insts.start_soon(rid)
+            elif action == "stop" and (rec.status != "stopped" or insts.busy(rid)):
+                # busy: a start is still spawning the child (the status reads "stopped" until
+                # it is up); the stop queues behind it instead of being lost
                 gevent.spawn(insts.stop, rid)
             elif action == "restart":
                 gevent.spawn(insts.restart, rid)
@@ -243,13 +245,13 @@ class Api:
         enhanced = enhance_url(url, insts.mtls)
         if enhanced == rec.url:
             return err(409, "Instance URL conflict")
-        if rec.status != "stopped":
-            insts.stop(rec.id)
+        if rec.status != "stopped" or insts.busy(rec.id):
+            insts.stop(rec.id)  # waits for a start in progress, then stops what it started
             gevent.sleep(0.1)
         insts.set_url(rec, enhanced)
         rec.status = "stopped"
         self.master.log.info("Instance URL updated: %s [%s]", enhanced, rec.id)
-        gevent.spawn(insts.start, rec.id)
+        insts.start_soon(rec.id)
         insts.save_soon()
         return ok(rec.to_api())
 

@@ -45,11 +45,13 @@ METRICS_LINE = re.compile(r"Metrics: http://(127\.0\.0\.1:\d+)/metrics")
 class Managed:
     """A record plus its running child (if any)."""
 
-    __slots__ = ("deleting", "last_checkpoint", "lock", "metrics_addr", "proc", "rec", "stopping")
+    __slots__ = ("deleting", "last_checkpoint", "lock", "metrics_addr", "proc", "rec", "start_pending",
+                 "stopping")
 
     def __init__(self, rec: Record) -> None:
         self.rec = rec
         self.lock = RLock()  # start/stop/restart of one instance never interleave
+        self.start_pending = False  # a background start was asked for and has not run yet
         self.proc: subprocess.Popen | None = None
         self.last_checkpoint = 0.0
         self.deleting = False
@@ -140,7 +142,21 @@ class Instances:
         if m is None:
             return
         with m.lock:
+            m.start_pending = False
             self._start(m)
+
+    def start_soon(self, rid: str) -> None:
+        """Start in the background; :meth:`busy` is true from now until the start is done."""
+        m = self.items.get(rid)
+        if m is None:
+            return
+        m.start_pending = True
+        gevent.spawn(self.start, rid)
+
+    def busy(self, rid: str) -> bool:
+        """A start or stop of *rid* is pending or in progress (its status may not show it yet)."""
+        m = self.items.get(rid)
+        return m is not None and (m.start_pending or m.lock.locked())
 
     def _start(self, m: Managed) -> None:
         if m.proc is not None or m.deleting:

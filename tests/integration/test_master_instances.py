@@ -136,6 +136,25 @@ def test_stop_restart_delete_kill_the_child(tmp_path):
         assert m.stop() == 0
 
 
+def test_a_stop_right_after_start_is_not_lost(tmp_path):
+    """A panel that creates (or starts) an instance and stops it at once: the stop must win
+    even while the child is still being spawned (its status not yet "running"), and leave
+    no child behind and the record "stopped"."""
+    with MasterProcess(tmp_path / "s") as m:
+        for _ in range(5):
+            rid = _create(m, "client://127.0.0.1:%d/127.0.0.1:9?mode=1" % free_port())
+            assert m.api("PATCH", "/instances/" + rid, {"action": "stop"}).status == 200
+            _wait(lambda: not _children(m.pid))
+            _wait(lambda: m.api("GET", "/instances/" + rid).json["status"] == "stopped")
+            gevent.sleep(0.5)  # a start that slipped past the stop would show up by now
+            assert _children(m.pid) == set()
+            assert m.api("GET", "/instances/" + rid).json["status"] == "stopped"
+            assert m.api("PATCH", "/instances/" + rid, {"action": "start"}).status == 200
+            assert m.api("PATCH", "/instances/" + rid, {"action": "stop"}).status == 200
+            _wait(lambda: not _children(m.pid))
+            assert m.api("DELETE", "/instances/" + rid).status == 204
+
+
 def test_sse_events_key_in_query_keepalive_and_regeneration(tmp_path):
     with MasterProcess(tmp_path / "s") as m:
         assert SSEReader(m.port, "/api/v1/events", "wrong", in_query=True).reader.join(5) is None
