@@ -145,7 +145,7 @@ def test_a_stop_right_after_start_is_not_lost(tmp_path):
             rid = _create(m, "client://127.0.0.1:%d/127.0.0.1:9?mode=1" % free_port())
             assert m.api("PATCH", "/instances/" + rid, {"action": "stop"}).status == 200
             _wait(lambda: not _children(m.pid))
-            _wait(lambda: m.api("GET", "/instances/" + rid).json["status"] == "stopped")
+            _wait(lambda rid=rid: m.api("GET", "/instances/" + rid).json["status"] == "stopped")
             gevent.sleep(0.5)  # a start that slipped past the stop would show up by now
             assert _children(m.pid) == set()
             assert m.api("GET", "/instances/" + rid).json["status"] == "stopped"

@@ -211,22 +211,28 @@ def test_a_failing_callback_does_not_reach_the_hub(pair, monkeypatch):
     gevent.sleep(0.05)
 
 
-def test_client_pool_refills_in_the_hub_and_close_cancels_dials(listener):
-    """ClientPool with hub dials: ids arrive, connections are pooled; close() ends dials the
-    server never answered, closing their sockets, without logging a failure."""
-    answered = 3
-    held: list[socket.socket] = []
-
-    def server() -> None:
+def id_server(listener: socket.socket, held: list[socket.socket], answered: int = 1 << 30,
+              delay: float = 0.0) -> gevent.Greenlet:
+    """A pool server's id half: accepts, keeps every connection in *held*, and gives the
+    first *answered* their 4-byte id (each after *delay*)."""
+    def serve() -> None:
         n = 0
         while True:
             conn, _ = listener.accept()
             held.append(conn)
             n += 1
             if n <= answered:
-                conn.sendall(b"%04d" % n)
+                gevent.spawn_later(delay, conn.sendall, b"%04d" % n)
 
-    g = gevent.spawn(server)
+    return gevent.spawn(serve)
+
+
+def test_client_pool_refills_in_the_hub_and_close_cancels_dials(listener):
+    """ClientPool with hub dials: ids arrive, connections are pooled; close() ends dials the
+    server never answered, closing their sockets, without logging a failure."""
+    answered = 3
+    held: list[socket.socket] = []
+    g = id_server(listener, held, answered)
     log = InstanceLog("debug")
     capture = LogCapture()
     logging.getLogger(ROOT).addHandler(capture)
@@ -262,16 +268,7 @@ def test_client_pool_hub_dials_keep_to_the_concurrency_limit(listener):
     """As the greenlet pool did: at most *concurrency* dials in flight; the rest follow as
     dials finish, without waiting for the next interval."""
     accepted: list[socket.socket] = []
-
-    def server() -> None:
-        n = 0
-        while True:
-            conn, _ = listener.accept()
-            accepted.append(conn)
-            n += 1
-            gevent.spawn_later(0.05, conn.sendall, b"%04d" % n)  # each id after a while
-
-    g = gevent.spawn(server)
+    g = id_server(listener, accepted, delay=0.05)  # each id after a while
     most = [0]
 
     def hub_dial(on_conn, on_fail, in_progress):
