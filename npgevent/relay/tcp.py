@@ -105,16 +105,15 @@ def relay(
     ``acct[tx]`` counts bytes written to *target*, ``acct[rx]`` bytes read from
     it.  Sockets are left open: the caller closes them.
     """
+    can_splice = (splice and SPLICE_OK and type(user) is _GeventSocket
+                  and type(target) is _GeventSocket)
     if tcphub.usable(user, target, limiter, idle):
-        can = splice and SPLICE_OK
         return _describe(tcphub.relay_in_hub(user, target, acct, rx, tx,
-                                             bufsize if can else max(bufsize, STREAM_CHUNK), can))
+                                             chunk_size(bufsize, None, can_splice), can_splice))
     sess = _Session(idle) if idle > 0 else None
     if idle > 0:
         user.settimeout(idle)
         target.settimeout(idle)
-    can_splice = (splice and SPLICE_OK and type(user) is _GeventSocket
-                  and type(target) is _GeventSocket)
     main = gevent.getcurrent()
     state = {"main_done": False}
     loop = gevent.get_hub().loop
@@ -193,6 +192,16 @@ def buffer_pool(size: int) -> BufferPool:
     return pool
 
 
+def chunk_size(bufsize: int, limiter: RateLimiter | None, can_splice: bool) -> int:
+    """The read size of a direction: ``NP_TCP_DATA_BUF_SIZE``, at most the limiter's chunk, and
+    at least :data:`STREAM_CHUNK` where nothing splices and nothing limits (into TLS/QUIC:
+    fewer, larger writes; buffers are pooled)."""
+    chunk = bufsize if limiter is None else min(bufsize, limiter.chunk)
+    if not can_splice and limiter is None:
+        chunk = max(chunk, STREAM_CHUNK)
+    return chunk
+
+
 def _pump(
     src: Stream,
     dst: Stream,
@@ -204,9 +213,7 @@ def _pump(
     can_splice: bool,
 ) -> BaseException | None:
     """Copy src -> dst until EOF (then half-close dst). Return the error, or None."""
-    chunk = bufsize if limiter is None else min(bufsize, limiter.chunk)
-    if not can_splice and limiter is None:
-        chunk = max(chunk, STREAM_CHUNK)  # into TLS/QUIC: fewer, larger writes (buffers are pooled)
+    chunk = chunk_size(bufsize, limiter, can_splice)
     try:
         if type(src) is _GeventSocket:
             _copy_socket(src, dst, acct, idx, limiter, sess, chunk, can_splice)

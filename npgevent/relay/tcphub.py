@@ -94,16 +94,20 @@ class _HubRelay:
         pool, chunk = self.pool, self.chunk
         buf = pool.get()
         try:
+            self._pass_chunk(d, buf, chunk)
+        finally:
+            pool.put(buf)
+
+    def _pass_chunk(self, d: _Direction, buf: bytearray, chunk: int) -> None:
+        """One read of *d* into *buf* and its non-blocking write (the caller keeps *buf*)."""
+        try:
             n = d.recv_into(buf, chunk)
         except BlockingIOError:
-            pool.put(buf)
             return
         except OSError as exc:
-            pool.put(buf)
             self.fail(exc)
             return
         if not n:
-            pool.put(buf)
             d.watcher.stop()
             try:
                 d.raw_dst.shutdown(_SHUT_WR)
@@ -116,17 +120,12 @@ class _HubRelay:
         except BlockingIOError:
             sent = 0
         except OSError as exc:
-            pool.put(buf)
             self.fail(exc)
             return
         self.acct[d.idx] += n
         if sent < n or n == chunk:
-            rest = bytes(buf[sent:n])
-            pool.put(buf)
             d.watcher.stop()
-            d.job = runners.run(self._in_greenlet, d, rest)
-            return
-        pool.put(buf)
+            d.job = runners.run(self._in_greenlet, d, bytes(buf[sent:n]))
 
     def done(self, d: _Direction) -> None:
         d.open = False
