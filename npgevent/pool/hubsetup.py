@@ -26,7 +26,7 @@ from typing import Any
 import gevent
 from gevent import socket
 
-from ..net.sockopt import established, tune_tcp
+from ..net.sockopt import established, tune_tcp, write_nowait
 
 
 class Cancelled(ConnectionAbortedError):
@@ -185,7 +185,7 @@ class _Bound:
 def send_now(sock: socket.socket, data: bytes) -> None:
     """A few bytes into a send buffer that holds nothing yet, without waiting: all go out, or
     ConnectionError."""
-    if sock._sock.send(data) != len(data):
+    if write_nowait(sock, data) != len(data):
         raise ConnectionError("pool set-up: a %d-byte write did not go out whole" % len(data))
 
 
