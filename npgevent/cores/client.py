@@ -107,7 +107,7 @@ class DualClientCore(TunnelCore):
             log.info("Tunnel authenticated: %s proved the key", self.peer)
         log.info("Tunnel signal <- : %s <- %s", reply.encode(), self.peer)
         log.info("Tunnel handshaked: %s <-> %s", format_addr(sock.getsockname()), self.peer)
-        connector = self._dial_pool
+        connector = self._dial_pool  # TLS; plain TCP pool connections go through hub_dial
         hub_dial = None
         if reply.quic:
             connector = self._start_quic(reply.max)
@@ -177,38 +177,37 @@ class DualClientCore(TunnelCore):
                       lambda sock, cid: on_conn(PoolConn(cid.hex(), sock, sock)), on_fail, in_progress)
 
     def _dial_pool(self) -> PoolConn:
-        """One pool connection: TCP, TLS for codes 1/2, then the server's 4-byte id."""
+        """One TLS pool connection (codes 1/2): TCP, the TLS handshake, then the server's
+        4-byte id.  Plain TCP ones are set up by :meth:`_hub_dial_pool`."""
+        from ..net.tls import TLSStream
+
+        assert self.ctx is not None
         opts = self.opts
         host = self.inst.spec.tunnel.host
         sock = socket.socket(family_of(self.server_ip), socket.SOCK_STREAM)
         try:
             connect_numeric(sock, (self.server_ip, self.inst.spec.tunnel.port), opts.tcp_dial_timeout)
             tune_tcp(sock, opts.report_interval)
-            stream: Any = sock
-            if self.ctx is not None:
-                from ..net.tls import TLSStream
-
-                self._await_ticket()
-                stream = TLSStream.client(sock, self.ctx, host, self.tls_session)
-                stream.handshake(opts.handshake_timeout, verify_name=host if self.tls_code == "2" else "")
-                resumed = stream.resumed
-                self.inst.events.tls_handshake(resumed)
-                # a resumed session is as authentic as the connection its ticket came from, and
-                # tickets are kept only from connections that passed this check: no need to
-                # hash the certificate again (~30 us a pool connection)
-                if self.vouched and not resumed and stream.peer_fingerprint() != self.vouched:
-                    self.log.limited(ERROR, "cert-mismatch", "Tunnel connection to %s refused: its TLS "
-                                     "certificate %s is not the one the authenticated server vouched for "
-                                     "(%s): a man in the middle?" % (self.inst.spec.tunnel,
-                                                                     stream.peer_fingerprint(), self.vouched))
-                    raise ConnectionError("pool connection: certificate not the one vouched for")
+            self._await_ticket()
+            stream = TLSStream.client(sock, self.ctx, host, self.tls_session)
+            stream.handshake(opts.handshake_timeout, verify_name=host if self.tls_code == "2" else "")
+            resumed = stream.resumed
+            self.inst.events.tls_handshake(resumed)
+            # a resumed session is as authentic as the connection its ticket came from, and
+            # tickets are kept only from connections that passed this check: no need to hash
+            # the certificate again (~30 us a pool connection)
+            if self.vouched and not resumed and stream.peer_fingerprint() != self.vouched:
+                self.log.limited(ERROR, "cert-mismatch", "Tunnel connection to %s refused: its TLS "
+                                 "certificate %s is not the one the authenticated server vouched for "
+                                 "(%s): a man in the middle?" % (self.inst.spec.tunnel,
+                                                                 stream.peer_fingerprint(), self.vouched))
+                raise ConnectionError("pool connection: certificate not the one vouched for")
             if self.prover is not None:
                 send_all(stream, self.prover.proof())
             sock.settimeout(POOL_ID_TIMEOUT)
             cid = read_exact(stream, 4).hex()
             sock.settimeout(None)
-            if self.ctx is not None:  # the server's tickets came before the id: resume from them
-                self.tls_session = stream.session()
+            self.tls_session = stream.session()  # the server's tickets came before the id
         except BaseException:
             sock.close()
             raise
