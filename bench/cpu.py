@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""CPU per event of the relay processes, under one ``npbench`` load: the method behind the
+performance passes in bench/README.md.
+
+    python bench/cpu.py PATH LOAD [--seconds 4] [--workers N] [--go BIN] [--tree DIR]
+    python bench/cpu.py PATH LOAD --pairs 6 --base DIR     # old/new pairs, order flipped each pair
+
+PATH is a path of ``bench.py`` (``forward``, ``tunnel-rev-tls0``, ...), LOAD one of ``cps``
+(a new connection per 64-byte request), ``udp`` (512-byte round trips) or ``tput`` (echo
+throughput; the event is a MiB).  The relay processes' ``utime``/``stime`` are read from
+``/proc/<pid>/stat`` (children included) just before and after the load; a run prints the
+rate and the CPU per event of each process, user and system, in microseconds.  ``--tree``
+runs npgevent from another checkout (a ``git worktree`` of an older commit, say);
+``--pairs`` alternates ``--base`` and this checkout, flipping the order every pair, and
+prints the means: absolute figures drift 10-30 % between minutes on a shared machine, the
+pairs' difference much less.  ``--spy DIR`` records a ``py-spy`` raw profile of each process
+during the load, ``--perf DIR`` a ``perf record`` (cpu-clock) one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import compileall
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from compare import npbench
+
+import bench
+
+TICK = os.sysconf("SC_CLK_TCK")
+SPY = ["py-spy", "record", "-r", "250", "-f", "raw", "-d", "{seconds}", "-p", "{pid}", "-o", "{out}/{pid}.txt"]
+PERF = ["perf", "record", "-q", "-e", "cpu-clock", "-F", "2000", "-p", "{pid}", "-o", "{out}/{pid}.data",
+        "--", "sleep", "{seconds}"]
+EVENTS = {"cps": "cps", "udp": "rtt_per_s", "tput": "gbit_s"}
+
+
+def tree_pids(root: int) -> list[int]:
+    """*root* and its descendants (the workers of a ``workers=`` instance)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry) as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def cpu_ticks(pid: int) -> tuple[int, int]:
+    """(user, system) clock ticks of *pid* and its descendants."""
+    user = system = 0
+    for p in tree_pids(pid):
+        try:
+            with open("/proc/%d/stat" % p) as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        user, system = user + int(fields[11]), system + int(fields[12])
+    return user, system
+
+
+def load_args(load: str, addr: str, seconds: float, workers: int) -> list[str]:
+    if load == "cps":
+        return ["cps", "-addr", addr, "-workers", str(workers), "-dur", "%gs" % seconds, "-size", "64"]
+    if load == "udp":
+        return ["udp", "-addr", addr, "-workers", str(workers), "-dur", "%gs" % seconds, "-size", "512"]
+    return ["tput", "-addr", addr, "-bytes", str(seconds_bytes(seconds))]
+
+
+def seconds_bytes(seconds: float) -> int:
+    """The echo's size for a *seconds* load: 32 MiB a second (about a second per Gbit/s)."""
+    return int(seconds * (32 << 20))
+
+
+def run_once(args: argparse.Namespace, tree: Path | None) -> dict[str, Any]:
+    """Open the path (npgevent from *tree*, or Go with ``--go``), load it, read its CPU."""
+    bench.ROOT = tree or bench.ROOT  # where spawn() runs npgevent from
+    path = bench.PATHS[args.path](program=[args.go] if args.go else None)
+    target = bench.free_port()
+    server = subprocess.Popen([args.npbench, "serve", "-listen", "127.0.0.1:%d" % target],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    spies: list[subprocess.Popen] = []
+    try:
+        bench.wait_port(target)
+        addr = "127.0.0.1:%d" % path.open(target)
+        time.sleep(args.warm)
+        npbench(args.npbench, *load_args(args.load, addr, 1.0, args.workers))  # warm-up
+        pids = [p.pid for p in path.procs]
+        for folder, command in ((args.spy, SPY), (args.perf, PERF)):
+            if folder:
+                os.makedirs(folder, exist_ok=True)
+                spies += [subprocess.Popen([a.format(pid=pid, seconds=int(args.seconds), out=folder) for a in command],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for pid in pids]
+        before = [cpu_ticks(pid) for pid in pids]
+        start = time.monotonic()
+        result = npbench(args.npbench, *load_args(args.load, addr, args.seconds, args.workers))
+        elapsed = time.monotonic() - start
+        after = [cpu_ticks(pid) for pid in pids]
+        for spy in spies:
+            spy.wait(timeout=60)
+    finally:
+        path.close()
+        bench.stop(server)
+    rate = float(result[EVENTS[args.load]])
+    events = seconds_bytes(args.seconds) / (1 << 20) if args.load == "tput" else rate * elapsed
+    us = 1e6 / TICK / max(events, 1.0)
+    cpu = [[round((a[0] - b[0]) * us, 1), round((a[1] - b[1]) * us, 1)] for a, b in zip(after, before, strict=True)]
+    return {"rate": round(rate, 3), "cpu_us": cpu, "result": result}
+
+
+def mean(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    n = len(rows)
+    cpu = [[round(sum(r["cpu_us"][i][j] for r in rows) / n, 1) for j in (0, 1)] for i in range(len(rows[0]["cpu_us"]))]
+    return {"rate": round(sum(r["rate"] for r in rows) / n, 3), "cpu_us": cpu}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("path", choices=sorted(bench.PATHS))
+    ap.add_argument("load", choices=sorted(EVENTS))
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--workers", type=int, default=1, help="npbench workers (cps, udp)")
+    ap.add_argument("--warm", type=float, default=1.0, help="seconds between opening the path and the load")
+    ap.add_argument("--go", default="", help="measure this Go NodePass binary instead of npgevent")
+    ap.add_argument("--npbench", default=os.environ.get("NPG_NPBENCH", ""))
+    ap.add_argument("--tree", type=Path, help="run npgevent from this checkout")
+    ap.add_argument("--pairs", type=int, default=0, help="alternate --base and --tree (or this checkout)")
+    ap.add_argument("--base", type=Path, help="the checkout to compare against with --pairs")
+    ap.add_argument("--spy", default="", help="write py-spy raw profiles into this folder")
+    ap.add_argument("--perf", default="", help="write perf (cpu-clock) profiles into this folder")
+    args = ap.parse_args()
+    if not args.npbench:
+        go = args.go or os.environ.get("NPG_GO_NODEPASS", "")
+        args.npbench = os.path.join(os.path.dirname(go), "npbench") if go else ""
+    if not os.access(args.npbench or "/nonexistent", os.X_OK):
+        raise SystemExit("npbench not found: set NPG_NPBENCH or NPG_GO_NODEPASS (see ../shared/tools/README.md)")
+    new = (args.tree or bench.ROOT).resolve()
+    trees = [new] if not args.pairs else [(args.base or new).resolve(), new]
+    for tree in trees:
+        compileall.compile_dir(str(tree / "npgevent"), quiet=1)
+    if not args.pairs:
+        print(run_once(args, new))
+        return 0
+    rows: dict[Path, list[dict[str, Any]]] = {t: [] for t in trees}
+    for i in range(args.pairs):
+        for tree in (trees if i % 2 == 0 else trees[::-1]):
+            r = run_once(args, tree)
+            rows[tree].append(r)
+            print("pair %d %-5s rate %s cpu_us %s" % (i + 1, "base" if tree == trees[0] else "new", r["rate"], r["cpu_us"]))
+            sys.stdout.flush()
+    for tree, label in zip(trees, ("base", "new"), strict=True):
+        print("mean %-5s %s" % (label, mean(rows[tree])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
