@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -69,6 +70,28 @@ class UdpListener(DatagramServer):
 
     def do_handle(self, *args: Any) -> None:
         self._handle(*args)  # inline: gevent's wrapper would also call do_close (a no-op) per datagram
+
+    def _do_read(self) -> None:
+        """The watcher's callback.  gevent's loop asks ``full()``, resets its error back-off and
+        goes through :meth:`do_handle` for every datagram, and calls :meth:`do_read` once more
+        after the last; this one reads, handles and stops where the socket is drained.  A read
+        error goes to gevent's loop, which reports it and backs off (or closes, if fatal)."""
+        handle = self._handle
+        for _ in range(self.max_accept):
+            try:
+                got = self.do_read()
+            except OSError:
+                super()._do_read()
+                return
+            if got is None:
+                return
+            try:
+                handle(*got)
+            except Exception:  # a bug: reported, and the listener carries on
+                self.loop.handle_error((got[1], self), *sys.exc_info())
+            if self._drained:
+                self._drained = False
+                return
 
 
 class UdpSession:

@@ -112,6 +112,66 @@ def test_the_udp_listener_reads_a_burst_without_a_failing_read():
         sock.close()
 
 
+class _CountingListener(UdpListener):
+    reads = 0
+
+    def do_read(self) -> Any:
+        self.reads += 1
+        return super().do_read()
+
+
+def test_the_udp_listener_callback_reads_handles_and_stops_at_the_last_datagram():
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    got: list[bytes] = []
+    listener = _CountingListener(sock, lambda data, addr: got.append(data))
+    listener.start()
+    try:
+        with Calls("recvfrom") as syscalls:
+            for data in (b"a", b"b", b"c"):
+                sender.sendto(data, sock.getsockname())
+            gevent.sleep(0.05)
+        assert got == [b"a", b"b", b"c"]
+        # one read per datagram: gevent's loop asks do_read once more after the last one
+        assert listener.reads == 3
+        assert syscalls.count == 3
+    finally:
+        listener.close()
+        sender.close()
+
+
+def test_a_failing_handler_is_reported_and_the_udp_listener_reads_on():
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    got: list[bytes] = []
+    reported: list[Any] = []
+
+    def handle(data: bytes, addr: Any) -> None:
+        if data == b"bad":
+            raise ValueError("a bug")
+        got.append(data)
+
+    listener = UdpListener(sock, handle)
+    hub = gevent.get_hub()
+    listener.start()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(hub, "handle_error", lambda *args: reported.append(args))
+            for data in (b"one", b"bad", b"two"):
+                sender.sendto(data, sock.getsockname())
+            gevent.sleep(0.05)
+            sender.sendto(b"three", sock.getsockname())
+            gevent.sleep(0.05)
+        assert got == [b"one", b"two", b"three"]
+        assert len(reported) == 1 and reported[0][1] is ValueError
+        assert listener.started
+    finally:
+        listener.close()
+        sender.close()
+
+
 def _serve(reader: HubReader) -> gevent.Greenlet:
     glet = gevent.spawn(reader.serve)
     gevent.sleep(0)
