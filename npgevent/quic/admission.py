@@ -14,7 +14,14 @@ event loop.  :class:`AdmittingServer` sits in front of it and, in this order:
 3. caps the connections still handshaking, :data:`MAX_HANDSHAKING` in total and
    :data:`MAX_HANDSHAKING_PER_IP` per address; an Initial over a cap is dropped
    before aioquic sees it;
-4. catches whatever aioquic raises for one datagram: counted, logged at a
+4. lets at most :data:`NEW_CONNECTION_RATE` long-header packets a second that
+   would open a connection (their destination connection id is nobody's) reach the
+   parser: answering one (a Retry, or a close for a bad token) costs ~100 us of
+   Python, so a flood of forged Initials "from the client" would otherwise take the
+   QUIC thread, and with it the tunnel's data, for as long as it lasts.  The tunnel
+   opens one QUIC connection (its pool is streams), so the budget is far above
+   what it needs; the excess is dropped after a look at three bytes;
+5. catches whatever aioquic raises for one datagram: counted, logged at a
    rate-limited DEBUG, never a crash of the QUIC thread.
 
 The owner (:class:`~npgevent.quic.thread.QuicThread`) holds the admitted IP,
@@ -23,6 +30,8 @@ the counters and the handshaking table; this module only decides.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aioquic.asyncio.server import QuicServer
@@ -37,7 +46,35 @@ if TYPE_CHECKING:
 #: connections that have not completed their handshake, in total and per source IP
 MAX_HANDSHAKING = 64
 MAX_HANDSHAKING_PER_IP = 16
+#: long-header packets a second (and at once) that may open a connection
+NEW_CONNECTION_RATE = 500
 _SMALLEST_INITIAL = 1200  # RFC 9000: a client's Initial datagram is padded to at least this
+
+
+class Budget:
+    """A token bucket: :meth:`take` grants at most *rate* a second, and *rate* at once."""
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.clock = rate, clock
+        self.tokens = float(rate)
+        self.stamp = clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+def long_header_dcid(data: bytes) -> bytes | None:
+    """The destination connection id of a long-header packet, or None if *data* is too short
+    to hold one (RFC 9000 section 17.2: flags, 4-byte version, length, id)."""
+    if len(data) < 6 or len(data) < 6 + data[5]:
+        return None
+    return data[6 : 6 + data[5]]
 
 
 class AdmittingServer(QuicServer):
@@ -46,6 +83,7 @@ class AdmittingServer(QuicServer):
     def __init__(self, owner: QuicThread, **kw: Any) -> None:
         super().__init__(retry=True, **kw)
         self.owner = owner
+        self.opening = Budget(NEW_CONNECTION_RATE)
 
     def datagram_received(self, data: Any, addr: Any) -> None:
         owner = self.owner
@@ -62,6 +100,10 @@ class AdmittingServer(QuicServer):
                     protocol = self._protocols.get(data[1:cid_end]) if len(data) >= cid_end else None
                     if protocol is not None:
                         protocol.datagram_received(data, addr)
+                return
+            if long_header_dcid(data) not in self._protocols and not self.opening.take():
+                owner.drop("flood", "QUIC datagram from %s dropped: over %d new-connection packets a "
+                           "second" % (ip, NEW_CONNECTION_RATE))
                 return
             if not self._may_create(data, ip):
                 return

@@ -12,6 +12,8 @@ import asyncio
 import os
 import socket as std
 import ssl
+import subprocess
+import sys
 import threading
 import time
 
@@ -21,7 +23,7 @@ from gevent import socket
 from helpers import EchoPair, echo_roundtrip, free_port, in_process, tunnel_urls, udp_roundtrip, wait_pool
 
 from npgevent.protocol.handshake import client_hello, read_reply
-from npgevent.quic.admission import MAX_HANDSHAKING_PER_IP
+from npgevent.quic.admission import MAX_HANDSHAKING_PER_IP, NEW_CONNECTION_RATE
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -182,6 +184,43 @@ def test_garbage_initials_from_the_admitted_address_keep_no_state(quic_tunnel):
         assert s.capture.count(r"QUIC thread error|Server error|Server restart") == 0
     finally:
         flood.close()
+
+
+FLOOD = """
+import os, socket, sys, time
+def initial():
+    head = b"\\xc3\\x00\\x00\\x00\\x01\\x08" + os.urandom(8) + b"\\x08" + os.urandom(8) + b"\\x00"
+    size = 1200 - len(head) - 2
+    return head + bytes([0x40 | (size >> 8), size & 0xFF]) + os.urandom(size)
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind(("127.0.0.1", 0))
+end = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    sock.sendto(initial(), ("127.0.0.1", int(sys.argv[1])))
+"""
+
+
+def test_a_flood_of_forged_initials_does_not_take_the_quic_thread(quic_tunnel):
+    """An attacker process sends garbage Initials "from the client" as fast as it can: past a
+    budget they are dropped after a look at three bytes, instead of each costing a parse, a
+    Retry and a send (~100 us of Python), so the tunnel's own packets keep flowing."""
+    s, _c, tport, uport = quic_tunnel
+    attacker = subprocess.Popen([sys.executable, "-c", FLOOD, str(tport), "4"])
+    took = []
+    try:
+        gevent.sleep(0.5)  # the flood is on
+        while attacker.poll() is None:
+            start = time.monotonic()
+            assert echo_roundtrip(uport, b"during the flood") == b"during the flood"
+            took.append(time.monotonic() - start)
+            gevent.sleep(0.1)
+    finally:
+        attacker.kill()
+        attacker.wait()
+    assert len(took) >= 10, took  # before the budget: three round trips in 8 s, one of 7.9 s
+    assert max(took) < 1.0, took
+    assert s.core.engine.drops["flood"] > 10 * NEW_CONNECTION_RATE
+    assert s.capture.count(r"QUIC thread error|Server error|Server restart") == 0
 
 
 def stalled_handshakes(port: int, count: int) -> int:
