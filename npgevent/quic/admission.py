@@ -20,7 +20,7 @@ event loop.  :class:`AdmittingServer` sits in front of it and, in this order:
    Python, so a flood of forged Initials "from the client" would otherwise take the
    QUIC thread, and with it the tunnel's data, for as long as it lasts.  The tunnel
    opens one QUIC connection (its pool is streams), so the budget is far above
-   what it needs; the excess is dropped after a look at three bytes;
+   what it needs; the excess is dropped after a look at its first bytes;
 5. catches whatever aioquic raises for one datagram: counted, logged at a
    rate-limited DEBUG, never a crash of the QUIC thread.
 

@@ -202,7 +202,7 @@ while time.monotonic() < end:
 
 def test_a_flood_of_forged_initials_does_not_take_the_quic_thread(quic_tunnel):
     """An attacker process sends garbage Initials "from the client" as fast as it can: past a
-    budget they are dropped after a look at three bytes, instead of each costing a parse, a
+    budget they are dropped after a look at their first bytes, instead of each costing a parse, a
     Retry and a send (~100 us of Python), so the tunnel's own packets keep flowing."""
     s, _c, tport, uport = quic_tunnel
     attacker = subprocess.Popen([sys.executable, "-c", FLOOD, str(tport), "4"])
