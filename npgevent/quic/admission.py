@@ -30,8 +30,6 @@ the counters and the handshaking table; this module only decides.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aioquic.asyncio.server import QuicServer
@@ -39,6 +37,7 @@ from aioquic.buffer import Buffer
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
 from ..net.sockopt import unmap
+from ..relay.limit import RateLimiter
 
 if TYPE_CHECKING:
     from .thread import QuicThread
@@ -49,24 +48,6 @@ MAX_HANDSHAKING_PER_IP = 16
 #: long-header packets a second (and at once) that may open a connection
 NEW_CONNECTION_RATE = 500
 _SMALLEST_INITIAL = 1200  # RFC 9000: a client's Initial datagram is padded to at least this
-
-
-class Budget:
-    """A token bucket: :meth:`take` grants at most *rate* a second, and *rate* at once."""
-
-    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate, self.clock = rate, clock
-        self.tokens = float(rate)
-        self.stamp = clock()
-
-    def take(self) -> bool:
-        now = self.clock()
-        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
 
 
 def long_header_dcid(data: bytes) -> bytes | None:
@@ -83,7 +64,7 @@ class AdmittingServer(QuicServer):
     def __init__(self, owner: QuicThread, **kw: Any) -> None:
         super().__init__(retry=True, **kw)
         self.owner = owner
-        self.opening = Budget(NEW_CONNECTION_RATE)
+        self.opening = RateLimiter(NEW_CONNECTION_RATE, burst=NEW_CONNECTION_RATE)
 
     def datagram_received(self, data: Any, addr: Any) -> None:
         owner = self.owner
@@ -101,7 +82,7 @@ class AdmittingServer(QuicServer):
                     if protocol is not None:
                         protocol.datagram_received(data, addr)
                 return
-            if long_header_dcid(data) not in self._protocols and not self.opening.take():
+            if long_header_dcid(data) not in self._protocols and not self.opening.try_take():
                 owner.drop("flood", "QUIC datagram from %s dropped: over %d new-connection packets a "
                            "second" % (ip, NEW_CONNECTION_RATE))
                 return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import gevent
 
@@ -16,16 +17,19 @@ class RateLimiter:
     greenlet) for as long as the bucket is in debt, so one greedy connection
     cannot starve the others for more than one chunk.  The burst is 100 ms worth
     of the rate (at least 16 KiB), which keeps a 3 s average within a few
-    percent of the set rate.
+    percent of the set rate.  :meth:`try_take` is the bucket for callers that drop what is
+    over the rate instead of waiting (outside gevent too: the QUIC thread's admission).
     """
 
-    __slots__ = ("_stamp", "_tokens", "burst", "rate")
+    __slots__ = ("_clock", "_stamp", "_tokens", "burst", "rate")
 
-    def __init__(self, rate_bytes: float, burst: float | None = None) -> None:
+    def __init__(self, rate_bytes: float, burst: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = float(rate_bytes)
         self.burst = float(burst if burst is not None else max(16384.0, self.rate / 10))
         self._tokens = self.burst
-        self._stamp = time.monotonic()
+        self._clock = clock
+        self._stamp = clock()
 
     @classmethod
     def from_mbps(cls, mbps: int) -> RateLimiter | None:
@@ -42,13 +46,24 @@ class RateLimiter:
         """Largest read worth doing at once under this limit."""
         return max(1024, int(self.burst))
 
-    def take(self, n: int) -> None:
-        now = time.monotonic()
-        tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate) - n
+    def _refill(self) -> float:
+        now = self._clock()
+        tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
         self._stamp = now
+        return tokens
+
+    def take(self, n: int) -> None:
+        tokens = self._refill() - n
         self._tokens = tokens
         if tokens < 0:
             gevent.sleep(-tokens / self.rate)
+
+    def try_take(self, n: float = 1.0) -> bool:
+        """Charge *n* if the bucket holds it, else nothing; never waits."""
+        tokens = self._refill()
+        granted = tokens >= n
+        self._tokens = tokens - n if granted else tokens
+        return granted
 
 
 class Slots:
