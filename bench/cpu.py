@@ -14,7 +14,8 @@ runs npgevent from another checkout (a ``git worktree`` of an older commit, say)
 ``--pairs`` alternates ``--base`` and this checkout, flipping the order every pair, and
 prints the means: absolute figures drift 10-30 % between minutes on a shared machine, the
 pairs' difference much less.  ``--spy DIR`` records a ``py-spy`` raw profile of each process
-during the load, ``--perf DIR`` a ``perf record`` (cpu-clock) one.
+during the load, ``--perf DIR`` a ``perf record`` (cpu-clock) one, ``--strace DIR`` its
+syscall counts (``strace -c``: it slows the process, so read counts per event, not rates).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ TICK = os.sysconf("SC_CLK_TCK")
 SPY = ["py-spy", "record", "-r", "250", "-f", "raw", "-d", "{seconds}", "-p", "{pid}", "-o", "{out}/{pid}.txt"]
 PERF = ["perf", "record", "-q", "-e", "cpu-clock", "-F", "2000", "-p", "{pid}", "-o", "{out}/{pid}.data",
         "--", "sleep", "{seconds}"]
+STRACE = ["timeout", "-s", "INT", "{seconds}", "strace", "-c", "-f", "-p", "{pid}", "-o", "{out}/{pid}.strace"]
 EVENTS = {"cps": "cps", "udp": "rtt_per_s", "tput": "gbit_s"}
 
 
@@ -98,7 +100,7 @@ def run_once(args: argparse.Namespace, tree: Path | None) -> dict[str, Any]:
         time.sleep(args.warm)
         npbench(args.npbench, *load_args(args.load, addr, 1.0, args.workers))  # warm-up
         pids = [p.pid for p in path.procs]
-        for folder, command in ((args.spy, SPY), (args.perf, PERF)):
+        for folder, command in ((args.spy, SPY), (args.perf, PERF), (args.strace, STRACE)):
             if folder:
                 os.makedirs(folder, exist_ok=True)
                 spies += [subprocess.Popen([a.format(pid=pid, seconds=int(args.seconds), out=folder) for a in command],
@@ -140,6 +142,7 @@ def main() -> int:
     ap.add_argument("--base", type=Path, help="the checkout to compare against with --pairs")
     ap.add_argument("--spy", default="", help="write py-spy raw profiles into this folder")
     ap.add_argument("--perf", default="", help="write perf (cpu-clock) profiles into this folder")
+    ap.add_argument("--strace", default="", help="write strace -c syscall counts into this folder")
     args = ap.parse_args()
     if not args.npbench:
         go = args.go or os.environ.get("NPG_GO_NODEPASS", "")
