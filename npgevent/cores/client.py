@@ -112,7 +112,7 @@ class DualClientCore(TunnelCore):
         if reply.quic:
             connector = self._start_quic(reply.max)
         elif self.tls_code != "0":
-            from ..net.tls import client_context  # pyOpenSSL costs ~12 MB: load it only when used
+            from ..net.tlsctx import client_context  # pyOpenSSL costs ~12 MB: load it only when used
 
             self.ctx = client_context(self.tls_code)
         else:

@@ -42,7 +42,7 @@ from .control_slot import ControlSlot
 from .tunnel import KeepingStreamServer, TunnelCore
 
 if TYPE_CHECKING:
-    from ..net.tls import ServerTLS
+    from ..net.tlsctx import ServerTLS
 
 WARNED_GO_CLIENTS: set[str] = set()  # Go clients (by IP) already warned about in this process
 
@@ -56,7 +56,7 @@ def server_tls(inst: Instance) -> ServerTLS | None:
         if code == "0":
             inst.log.warn("TLS code-0: unencrypted")
         else:
-            from ..net.tls import ServerTLS  # pyOpenSSL costs ~12 MB: load it only when used
+            from ..net.tlsctx import ServerTLS  # pyOpenSSL costs ~12 MB: load it only when used
 
             tls = ServerTLS(code, opts.crt, opts.key, opts.reload_interval, inst.log)
         inst.server_tls = tls  # type: ignore[attr-defined]

@@ -222,7 +222,7 @@ class Master:
         if code == "0":
             self.log.warn("TLS code-0: unencrypted")
         else:
-            from ..net.tls import ServerTLS
+            from ..net.tlsctx import ServerTLS
 
             try:
                 self._tls = ServerTLS(code, self.raw_crt, self.raw_key, self.opts.reload_interval, self.log)

@@ -1,20 +1,12 @@
-"""TLS for pool connections (and the master API) with pyOpenSSL on gevent sockets.
+"""A TLS connection over a gevent socket, with the socket methods the relay needs.
 
-* Certificates, fingerprints and PEM files are in :mod:`npgevent.net.certs`.
-* :class:`ServerTLS` holds the server side: code 1 (self-signed) or 2 (the
-  ``crt``/``key`` PEM files, re-read every ``NP_RELOAD_INTERVAL`` when a new
-  connection arrives; live connections keep the context they started with; a
-  file that cannot be loaded at start falls back to code 1 with an error log).
-* :func:`client_context` builds the client side: code 1 without verification,
-  code 2 verifying against the system roots (``SSL_CERT_FILE`` is honoured, as
-  Go does) and the URL's host name or IP.
-* :class:`TLSStream` wraps a connected gevent socket in an
-  ``OpenSSL.SSL.Connection`` and offers the socket methods the relay uses
-  (``recv_into``, ``sendall``, ``shutdown``, ``close``, ``settimeout``).  The
-  OS socket stays non-blocking; ``WantRead``/``WantWrite`` wait on the gevent
-  socket's own watchers, so closing the socket wakes any waiter.
-  ``shutdown(SHUT_WR)`` sends close_notify and leaves reading open (TLS 1.3
-  half-close).
+:class:`TLSStream` wraps a connected gevent socket in an ``OpenSSL.SSL.Connection`` (from a
+context of :mod:`npgevent.net.tlsctx`) and offers ``recv_into``, ``sendall``, ``shutdown``,
+``close``, ``settimeout``, plus the non-blocking reads and writes of hub callbacks.  The OS
+socket stays non-blocking; ``WantRead``/``WantWrite`` wait on the gevent socket's own
+watchers, so closing the socket wakes any waiter.  ``shutdown(SHUT_WR)`` sends close_notify
+and leaves reading open (TLS 1.3 half-close).  Records are read and written through
+:mod:`npgevent.net.tlsio` (OpenSSL's calls without pyOpenSSL's wrapping around each).
 """
 
 from __future__ import annotations
@@ -23,126 +15,14 @@ import os
 import time
 from typing import Any, Literal
 
-from cryptography import x509
 from gevent import socket
 from gevent.socket import wait_read, wait_write
 from OpenSSL import SSL
 
-from ..log import InstanceLog
-from .certs import common_name, fingerprint, load_pem_pair, self_signed
+from .certs import fingerprint
 from .sockopt import has_input, peek
-
-
-def _base_context() -> SSL.Context:
-    ctx = SSL.Context(SSL.TLS_METHOD)
-    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
-    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)  # an idle pool connection keeps no record buffers
-    return ctx
-
-
-def server_context(cert: x509.Certificate, key: Any) -> SSL.Context:
-    ctx = _base_context()
-    ctx.use_certificate(cert)
-    ctx.use_privatekey(key)
-    ctx.check_privatekey()
-    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
-    return ctx
-
-
-class ServerTLS:
-    """The server's TLS certificate and context for codes 1 and 2 (see module doc)."""
-
-    def __init__(self, code: str, crt: str, key: str, reload_interval: float, log: InstanceLog) -> None:
-        self.log = log
-        self.crt, self.key = crt, key
-        self.cert: x509.Certificate
-        self.pkey: Any
-        self.context: SSL.Context
-        self.reload_interval = reload_interval
-        self.code = code
-        self._loaded_at = 0.0
-        self._mtimes: tuple[float, float] = (0.0, 0.0)
-        if code == "2":
-            try:
-                self._load_files()
-                log.info("TLS code-2: %s with TLS 1.3", common_name(self.cert) or crt)
-                return
-            except (OSError, ValueError, SSL.Error) as exc:
-                log.error("TLS code-2: cannot load crt=%s key=%s (%s): falling back to code-1",
-                          crt, key, _reason(exc))
-                self.code = "1"
-        self.cert, self.pkey = self_signed()
-        self.context = server_context(self.cert, self.pkey)
-        log.info("TLS code-1: RAM cert with TLS 1.3")
-
-    def _load_files(self) -> None:
-        cert, pkey = load_pem_pair(self.crt, self.key)
-        ctx = server_context(cert, pkey)
-        self.cert, self.pkey, self.context = cert, pkey, ctx
-        self._loaded_at = time.monotonic()
-        self._mtimes = (os.path.getmtime(self.crt), os.path.getmtime(self.key))
-
-    def current(self) -> SSL.Context:
-        """The context for a new connection (reloading code-2 files when due)."""
-        if self.code == "2" and time.monotonic() - self._loaded_at >= self.reload_interval:
-            self._loaded_at = time.monotonic()
-            try:
-                mtimes = (os.path.getmtime(self.crt), os.path.getmtime(self.key))
-                if mtimes != self._mtimes:
-                    old = fingerprint(self.cert)
-                    self._load_files()
-                    self.log.info("TLS cert reloaded: %s %s (was %s)", common_name(self.cert) or self.crt,
-                                  fingerprint(self.cert), old)
-            except (OSError, ValueError, SSL.Error) as exc:
-                self.log.error("TLS cert reload failed (%s): keeping the current certificate", _reason(exc))
-        return self.context
-
-    def reload_now(self) -> bool:
-        """Re-read the code-2 files at once (SIGHUP); on failure keep the current pair.
-        True when a new certificate is in use."""
-        if self.code != "2":
-            return False
-        old = fingerprint(self.cert)
-        try:
-            self._load_files()
-        except (OSError, ValueError, SSL.Error) as exc:
-            self.log.error("TLS cert reload failed (%s): keeping the current certificate", _reason(exc))
-            return False
-        if fingerprint(self.cert) == old:
-            self.log.info("TLS cert reloaded: unchanged (%s)", old)
-            return False
-        self.log.info("TLS cert reloaded: %s %s (was %s)", common_name(self.cert) or self.crt,
-                      fingerprint(self.cert), old)
-        return True
-
-    @property
-    def fingerprint(self) -> str:
-        return fingerprint(self.cert)
-
-
-def client_context(code: str) -> SSL.Context:
-    """Client side: code 1 trusts anything, code 2 verifies against the system roots."""
-    ctx = _base_context()
-    if code == "2":
-        ctx.set_verify(SSL.VERIFY_PEER, lambda _c, _x, _e, _d, ok: bool(ok))
-        ctx.set_default_verify_paths()
-        cafile = os.environ.get("SSL_CERT_FILE")
-        if cafile and os.path.exists(cafile):
-            ctx.load_verify_locations(cafile)
-    else:
-        ctx.set_verify(SSL.VERIFY_NONE, lambda *_a: True)
-    return ctx
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return "%s: %s" % (exc.strerror, exc.filename or "")
-    if isinstance(exc, SSL.Error) and exc.args and exc.args[0]:
-        try:
-            return "; ".join(str(e[2]) for e in exc.args[0])
-        except (TypeError, IndexError):
-            pass
-    return str(exc) or type(exc).__name__
+from .tlsctx import reason
+from .tlsio import RecordIO
 
 
 class TLSError(OSError):
@@ -152,11 +32,12 @@ class TLSError(OSError):
 class TLSStream:
     """A TLS connection over a gevent socket with the socket methods the relay needs."""
 
-    __slots__ = ("_fd", "_pending", "_retry", "conn", "sock")
+    __slots__ = ("_fd", "_io", "_pending", "_retry", "conn", "sock")
 
     def __init__(self, sock: socket.socket, conn: SSL.Connection) -> None:
         self.sock = sock
         self.conn = conn
+        self._io = RecordIO(conn)  # the record reads and writes (npgevent.net.tlsio)
         self._pending = b""
         self._fd = sock.fileno()
         # a read met something other than "nothing yet" (close_notify, an alert, a write OpenSSL
@@ -215,7 +96,7 @@ class TLSStream:
                 detail = exc.args[1] if len(exc.args) > 1 else exc
                 raise TLSError("TLS handshake failed: %s" % detail) from None
             except SSL.Error as exc:
-                raise TLSError("TLS handshake failed: %s" % _reason(exc)) from None
+                raise TLSError("TLS handshake failed: %s" % reason(exc)) from None
         if verify_name:
             self._verify_name(verify_name)
 
@@ -233,28 +114,40 @@ class TLSStream:
 
     # -- socket-like API ----------------------------------------------------------------
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        """Fill *buffer* with as many decrypted records as are ready (at least one byte)."""
-        want = nbytes or len(buffer)
-        data = self.recv(want)
-        n = len(data)
-        if not n:
-            return 0
-        buffer[:n] = data
-        conn = self.conn
+        """Fill *buffer* with as many decrypted records as are ready (at least one byte),
+        reading straight into it."""
+        want = min(nbytes or len(buffer), len(buffer))
+        if self._pending:
+            data = self.recv(want)
+            buffer[: len(data)] = data
+            return len(data)
+        sock, io = self.sock, self._io
+        if self.drained():  # the read would fail: wait for the socket first
+            sock._wait(sock._read_event)
+        n = 0
         # a TLS record carries at most 16 KiB: take what is already here without blocking,
         # so the relay writes one large chunk instead of one per record
-        while n < want and not self.drained():
+        while n < want:
             try:
-                more = conn.recv(want - n)
-            except SSL.WantReadError:
-                break  # nothing more now
-            except SSL.Error:
-                self._retry = True  # EOF, an alert or a needed write: the next recv reports it
+                got = io.recv_into(buffer, n, want - n)
+            except SSL.Error as exc:
+                if n:
+                    if not isinstance(exc, SSL.WantReadError):
+                        self._retry = True  # EOF, an alert or a needed write: the next read reports it
+                    break
+                outcome = self._failed_read(exc)
+                if outcome is None:
+                    sock._wait(sock._read_event)
+                elif outcome is False:
+                    wait_write(sock.fileno(), timeout=sock.timeout)
+                else:
+                    return 0  # the end
+                continue
+            if not got:
                 break
-            if not more:
+            n += got
+            if self.drained():
                 break
-            buffer[n : n + len(more)] = more
-            n += len(more)
         return n
 
     def recv(self, n: int) -> bytes:
@@ -277,22 +170,25 @@ class TLSStream:
             data, self._pending = self._pending[:n], self._pending[n:]
             return data
         try:
-            return self.conn.recv(n)
-        except SSL.WantReadError:
+            return self._io.recv(n)
+        except SSL.Error as exc:
+            return self._failed_read(exc)
+
+    def _failed_read(self, exc: SSL.Error) -> Literal[b"", False] | None:
+        """What a read that raised *exc* means (as :meth:`_read_once` returns it), or the
+        error to raise."""
+        if isinstance(exc, SSL.WantReadError):
             return None
-        except SSL.WantWriteError:
+        if isinstance(exc, SSL.WantWriteError):
             return False
-        except SSL.ZeroReturnError:
-            self._retry = True  # the end: every later read reports it at once, none waits
+        self._retry = True  # the end or a failure: every later read reports it at once
+        if isinstance(exc, SSL.ZeroReturnError):
             return b""
-        except SSL.SysCallError as exc:
-            self._retry = True
+        if isinstance(exc, SSL.SysCallError):
             if exc.args and exc.args[0] == -1:
                 return b""  # peer closed without close_notify: treat as EOF
             raise _oserror(exc) from None
-        except SSL.Error as exc:
-            self._retry = True
-            raise TLSError("TLS error: %s" % _reason(exc)) from None
+        raise TLSError("TLS error: %s" % reason(exc)) from None
 
     def recv_nowait(self, n: int) -> bytes | None:
         """What is ready, without waiting: ``None`` if nothing is, ``b""`` at the end (for
@@ -307,13 +203,13 @@ class TLSStream:
         waiting; 0 means none, and the same bytes must be offered again (OpenSSL may hold part
         of a record)."""
         try:
-            return int(self.conn.send(data))
+            return self._io.send(data)
         except (SSL.WantWriteError, SSL.WantReadError):
             return 0
         except SSL.SysCallError as exc:
             raise _oserror(exc) from None
         except SSL.Error as exc:
-            raise TLSError("TLS error: %s" % _reason(exc)) from None
+            raise TLSError("TLS error: %s" % reason(exc)) from None
 
     def drained(self) -> bool:
         """A read now would find nothing: nothing decrypted inside, no bytes on the socket, and
@@ -325,16 +221,16 @@ class TLSStream:
 
     def has_buffered(self) -> bool:
         """Decrypted bytes are waiting inside (no socket event will announce them)."""
-        return bool(self._pending) or self.conn.pending() > 0
+        return bool(self._pending) or self._io.pending() > 0
 
     def sendall(self, data: Any, flags: int = 0) -> None:
         view = memoryview(data).cast("B")
-        conn, sock = self.conn, self.sock
+        io, sock = self._io, self.sock
         total = len(view)
         off = 0
         while off < total:
             try:
-                off += conn.send(view[off : off + 65536])
+                off += io.send(view[off : off + 65536])
             except SSL.WantWriteError:
                 sock._wait(sock._write_event)
             except SSL.WantReadError:
@@ -342,7 +238,7 @@ class TLSStream:
             except SSL.SysCallError as exc:
                 raise _oserror(exc) from None
             except SSL.Error as exc:
-                raise TLSError("TLS error: %s" % _reason(exc)) from None
+                raise TLSError("TLS error: %s" % reason(exc)) from None
 
     def shutdown(self, how: int) -> None:
         """SHUT_WR sends close_notify (reading stays open); SHUT_RDWR also shuts the socket."""
@@ -400,7 +296,7 @@ class TLSStream:
         if not waiting:
             return False
         try:
-            data = self.conn.recv(65536)
+            data = self._io.recv(65536)
         except SSL.WantReadError:
             return True
         except (SSL.ZeroReturnError, SSL.SysCallError):

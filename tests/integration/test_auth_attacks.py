@@ -281,7 +281,7 @@ def test_a_thousand_pool_connections_from_the_clients_ip_get_nothing(tls):
     """The attacker shares the client's IP (NAT, a shared host) and opens 1000 pool
     connections: none proves membership, none gets an id or a user session."""
     with tunnel(tls=tls) as (s, _c, tport, uport, _echo):
-        from npgevent.net.tls import client_context
+        from npgevent.net.tlsctx import client_context
 
         rogue: list = []
         got_ids = 0

@@ -17,28 +17,38 @@ from gevent import socket
 from OpenSSL import SSL
 
 from npgevent.net.certs import self_signed
-from npgevent.net.tls import TLSStream, client_context, server_context
+from npgevent.net.tls import TLSStream
+from npgevent.net.tlsctx import client_context, server_context
 from npgevent.relay.hubread import HubReader
 
 pytestmark = pytest.mark.timeout(30)
 
 
-class CountingConn:
-    """An SSL.Connection whose reads that found nothing are counted."""
+class CountingIO:
+    """A stream's record reader (npgevent.net.tlsio.RecordIO) whose reads that found nothing
+    are counted, and whose reads are counted in all."""
 
-    def __init__(self, conn: SSL.Connection) -> None:
-        self._conn = conn
+    def __init__(self, io: Any) -> None:
+        self._io = io
         self.empty_reads = 0
+        self.reads = 0
 
-    def recv(self, n: int) -> bytes:
+    def _count(self, read: Any, *args: Any) -> Any:
+        self.reads += 1
         try:
-            return self._conn.recv(n)
+            return read(*args)
         except SSL.WantReadError:
             self.empty_reads += 1
             raise
 
+    def recv(self, n: int) -> bytes:
+        return self._count(self._io.recv, n)
+
+    def recv_into(self, buffer: Any, offset: int, n: int) -> int:
+        return self._count(self._io.recv_into, buffer, offset, n)
+
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._conn, name)
+        return getattr(self._io, name)
 
 
 @pytest.fixture
@@ -56,8 +66,8 @@ def pair():
     gevent.joinall(handshakes, raise_error=True, timeout=10)
     server.sendall(b"hello")  # behind the server's session tickets: reading it consumes them
     assert client.recv(16) == b"hello"
-    counting = CountingConn(client.conn)
-    client.conn = counting  # type: ignore[assignment]
+    counting = CountingIO(client._io)
+    client._io = counting  # type: ignore[assignment]
     yield server, client, counting
     for stream in (server, client):
         stream.close()
@@ -97,6 +107,7 @@ def test_recv_and_recv_into_wait_first_instead_of_failing_a_read(pair):
     n = client.recv_into(buf)
     assert bytes(buf[:n]) == b"record 0;record 1;record 2;record 3;"
     assert counting.empty_reads == 0
+    assert counting.reads > 3  # the reads went through the counted reader
 
 
 def test_close_notify_met_while_gathering_records_is_the_next_reads_eof(pair):

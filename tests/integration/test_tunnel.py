@@ -342,7 +342,7 @@ def test_tls2_by_host_name_with_sni(certs, monkeypatch):
     tport, uport = free_port(), free_port()
     monkeypatch.setenv("SSL_CERT_FILE", str(certs["ca"]))
     seen_sni = []
-    from npgevent.net import tls as tlsmod
+    from npgevent.net import tlsctx as tlsmod
 
     real = tlsmod.server_context
 
