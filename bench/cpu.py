@@ -9,7 +9,8 @@ PATH is a path of ``bench.py`` (``forward``, ``tunnel-rev-tls0``, ...), LOAD one
 (a new connection per 64-byte request), ``udp`` (512-byte round trips) or ``tput`` (echo
 throughput; the event is a MiB).  The relay processes' ``utime``/``stime`` are read from
 ``/proc/<pid>/stat`` (children included) just before and after the load; a run prints the
-rate and the CPU per event of each process, user and system, in microseconds.  ``--tree``
+rate and the CPU per event of each process, user and system, in microseconds, and its minor
+page faults per event.  ``--tree``
 runs npgevent from another checkout (a ``git worktree`` of an older commit, say);
 ``--pairs`` alternates ``--base`` and this checkout, flipping the order every pair, and
 prints the means: absolute figures drift 10-30 % between minutes on a shared machine, the
@@ -60,17 +61,17 @@ def tree_pids(root: int) -> list[int]:
     return out
 
 
-def cpu_ticks(pid: int) -> tuple[int, int]:
-    """(user, system) clock ticks of *pid* and its descendants."""
-    user = system = 0
+def cpu_ticks(pid: int) -> tuple[int, int, int]:
+    """(user, system) clock ticks and minor page faults of *pid* and its descendants."""
+    user = system = faults = 0
     for p in tree_pids(pid):
         try:
             with open("/proc/%d/stat" % p) as fh:
                 fields = fh.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        user, system = user + int(fields[11]), system + int(fields[12])
-    return user, system
+        user, system, faults = user + int(fields[11]), system + int(fields[12]), faults + int(fields[7])
+    return user, system, faults
 
 
 def load_args(load: str, addr: str, seconds: float, workers: int) -> list[str]:
@@ -119,7 +120,8 @@ def run_once(args: argparse.Namespace, tree: Path | None) -> dict[str, Any]:
     events = seconds_bytes(args.seconds) / (1 << 20) if args.load == "tput" else rate * elapsed
     us = 1e6 / TICK / max(events, 1.0)
     cpu = [[round((a[0] - b[0]) * us, 1), round((a[1] - b[1]) * us, 1)] for a, b in zip(after, before, strict=True)]
-    return {"rate": round(rate, 3), "cpu_us": cpu, "result": result}
+    faults = [round((a[2] - b[2]) / max(events, 1.0), 2) for a, b in zip(after, before, strict=True)]
+    return {"rate": round(rate, 3), "cpu_us": cpu, "faults": faults, "result": result}
 
 
 def mean(rows: list[dict[str, Any]]) -> dict[str, Any]:
