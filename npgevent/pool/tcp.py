@@ -232,7 +232,11 @@ class ClientPool(IdlePool):
     Capacity and interval follow NodePass's rules, evaluated once per interval.
     Beyond Go, refilling is also reactive: taking a connection wakes the manager,
     which tops the pool up at once instead of at the next tick, so a burst of
-    sessions does not drain the pool for a whole interval.
+    sessions does not drain the pool for a whole interval.  Failures slow it down
+    instead: the dials of a round not yet started when one of them failed are not
+    made, and until a dial succeeds again each interval sends one dial as a probe
+    (a server that just died, or its replacement still waiting for the control
+    connection, gets one connection at a time, not the whole pool).
     """
 
     def __init__(
@@ -267,14 +271,18 @@ class ClientPool(IdlePool):
         tick = time.monotonic() + ad.interval
         while not self.closed:
             need = ad.need(len(self.idle), self.in_flight) if self._fails < 3 else 0
+            if self._fails and need:
+                # after failures, one dial probes the server; its success brings the rest
+                need = 0 if self.in_flight else 1
             if self.hub_dial is not None and need > self.concurrency - self.in_flight:
                 need, self._capped = max(0, self.concurrency - self.in_flight), True
+            fails = self._fails
             for _ in range(need):
                 self.in_flight += 1
                 if self.hub_dial is not None:
                     self.hub_dial(self._dialled, self._dial_failed, self.setups)
                 else:
-                    self.dialers.spawn(self._dial_one)
+                    self.dialers.spawn(self._dial_one, fails)
             created += need
             left = tick - time.monotonic()
             if left <= 0:
@@ -289,7 +297,16 @@ class ClientPool(IdlePool):
                 # first, so the refill's connect and handshake are not in its path
                 gevent.sleep(REFILL_DEFER)
 
-    def _dial_one(self) -> None:
+    def _dial_one(self, fails: int = 0) -> None:
+        """One greenlet dial of a round that started with *fails* failures counted.  A TLS
+        round's dials start one after another (each handshake's first flight costs CPU before
+        the next greenlet runs: ~100 ms for 64 on a loaded machine), so a dial whose round has
+        failed meanwhile is not started: the server is likely gone, and its replacement must
+        not find a queue of stale dials in its backlog before the control connection (a Go
+        server takes one pre-handshake connection a second).  The next interval retries."""
+        if self._fails > fails:
+            self.in_flight -= 1
+            return
         try:
             conn = self.connector()
         except (OSError, gevent.Timeout) as exc:
@@ -297,13 +314,18 @@ class ClientPool(IdlePool):
             return
         finally:
             self.in_flight -= 1
-        self._fails = 0
+        self._succeeded()
         self.add(conn)
 
     def _dialled(self, conn: PoolConn) -> None:
         self._dial_ended()
-        self._fails = 0
+        self._succeeded()
         self.add(conn)
+
+    def _succeeded(self) -> None:
+        if self._fails:
+            self._fails = 0
+            self._wake.set()  # a probe got through: the rest of the pool now
 
     def _dial_failed(self, exc: BaseException) -> None:
         self._dial_ended()

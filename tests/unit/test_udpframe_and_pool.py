@@ -9,7 +9,7 @@ from gevent import socket
 from npgevent.errors import LocalProtocolError
 from npgevent.log import InstanceLog
 from npgevent.pool.base import Adaptive
-from npgevent.pool.tcp import IdlePool, PoolConn
+from npgevent.pool.tcp import ClientPool, IdlePool, PoolConn
 from npgevent.protocol.udpframe import Deframer, frame
 
 
@@ -120,3 +120,63 @@ def test_flush_and_sweep():
         peer.settimeout(1)
         assert peer.recv(1) == b""
         peer.close()
+
+
+def test_a_greenlet_round_that_fails_starts_no_more_dials_and_a_probe_leads_the_next():
+    """A TLS round's dials start one after another; once one of them failed (the server is
+    likely gone), the dials of that round not yet started stay off the wire, so a restarted
+    server does not find them queued before the control connection.  The next interval sends
+    one dial as a probe, alone; its success brings the rest at once."""
+    calls: list[int] = []  # the dials in flight when each was made
+    peers: list[socket.socket] = []
+
+    def connector() -> PoolConn:
+        calls.append(pool.in_flight)
+        n = len(calls)
+        if n == 1:
+            raise ConnectionRefusedError(111, "Connection refused")
+        gevent.sleep(0.01)  # a handshake: the next dial's greenlet runs meanwhile
+        conn, peer = _conn("%08x" % n)
+        peers.append(peer)
+        return conn
+
+    pool = ClientPool(InstanceLog("none"), connector, Adaptive(8, 8, 0.3, 0.3))
+    runner = gevent.spawn(pool.run)
+    try:
+        gevent.sleep(0.1)  # the first round: one dial, failed; the other seven not made
+        assert calls == [8]
+        assert pool.in_flight == 0 and pool.active == 0
+        with gevent.Timeout(5):
+            while pool.active < 8:  # the next interval: the probe, then the rest at once
+                gevent.sleep(0.02)
+        assert len(calls) == 9
+        assert calls[1] == 1  # the probe went alone
+        assert max(calls[2:]) > 1  # the rest together, without waiting for another interval
+    finally:
+        runner.kill()
+        pool.close()
+        for peer in peers:
+            peer.close()
+
+
+def test_probes_go_one_at_a_time_while_the_server_does_not_answer():
+    """A server that accepts and never answers (a Go server before its control connection
+    arrives keeps pre-handshake connections in its backlog): one dial in flight at a time."""
+    calls: list[int] = []
+
+    def connector() -> PoolConn:
+        calls.append(pool.in_flight)
+        if len(calls) == 1:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        gevent.sleep(0.25)  # waits for an answer that never comes
+        raise TimeoutError("TLS handshake timeout")
+
+    pool = ClientPool(InstanceLog("none"), connector, Adaptive(8, 8, 0.05, 0.05))
+    runner = gevent.spawn(pool.run)
+    try:
+        gevent.sleep(1.0)  # twenty intervals
+    finally:
+        runner.kill()
+        pool.close()
+    assert 3 <= len(calls) <= 6, calls  # about one a quarter second, not eight an interval
+    assert max(calls[1:]) == 1, calls
