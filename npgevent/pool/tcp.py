@@ -303,7 +303,8 @@ class ClientPool(IdlePool):
         the next greenlet runs: ~100 ms for 64 on a loaded machine), so a dial whose round has
         failed meanwhile is not started: the server is likely gone, and its replacement must
         not find a queue of stale dials in its backlog before the control connection (a Go
-        server takes one pre-handshake connection a second).  The next interval retries."""
+        server reads pre-handshake connections one at a time, with ``NP_SERVICE_COOLDOWN``
+        after each that is not a handshake).  The next interval retries."""
         if self._fails > fails:
             self.in_flight -= 1
             return
