@@ -136,12 +136,9 @@ class TLSStream:
                         self._retry = True  # EOF, an alert or a needed write: the next read reports it
                     break
                 outcome = self._failed_read(exc)
-                if outcome is None:
-                    sock._wait(sock._read_event)
-                elif outcome is False:
-                    wait_write(sock.fileno(), timeout=sock.timeout)
-                else:
+                if outcome is not None and outcome is not False:
                     return 0  # the end
+                self._wait(outcome is False)
                 continue
             if not got:
                 break
@@ -156,12 +153,17 @@ class TLSStream:
             sock._wait(sock._read_event)
         while True:
             data = self._read_once(n)
-            if data is None:
-                sock._wait(sock._read_event)
-            elif data is False:
-                wait_write(sock.fileno(), timeout=sock.timeout)
-            else:
+            if data is not None and data is not False:
                 return data
+            self._wait(data is False)
+
+    def _wait(self, for_write: bool) -> None:
+        """Wait until OpenSSL can go on: the socket readable, or writable (*for_write*)."""
+        sock = self.sock
+        if for_write:
+            wait_write(sock.fileno(), timeout=sock.timeout)
+        else:
+            sock._wait(sock._read_event)
 
     def _read_once(self, n: int) -> bytes | Literal[False] | None:
         """One read without waiting: the bytes (``b""`` at the end), None if OpenSSL needs to
