@@ -136,7 +136,7 @@ class TLSStream:
                         self._retry = True  # EOF, an alert or a needed write: the next read reports it
                     break
                 outcome = self._failed_read(exc)
-                if outcome is not None and outcome is not False:
+                if outcome == b"":
                     return 0  # the end
                 self._wait(outcome is False)
                 continue
