@@ -157,7 +157,10 @@ def spawn(*args: str, env: dict[str, str] | None = None, quiet: bool = True) -> 
     if env:
         full.update(env)
     out = subprocess.DEVNULL if quiet else None
-    return subprocess.Popen([sys.executable, *args], env=full, stdout=out, stderr=out)
+    # "python -m" puts the working directory first on sys.path, before PYTHONPATH: run it in
+    # ROOT, or a checkout in the working directory is what runs (cpu.py --base/--tree)
+    cwd = str(ROOT) if args[:1] == ("-m",) else None
+    return subprocess.Popen([sys.executable, *args], env=full, stdout=out, stderr=out, cwd=cwd)
 
 
 def stop(proc: subprocess.Popen) -> None:
