@@ -30,6 +30,8 @@ from ..pool import hubsetup
 from ..pool.base import Adaptive
 from ..pool.tcp import ClientPool, PoolConn, read_exact
 from ..protocol.auth import ControlCipher, PoolProver
+from ..protocol.handshake import reuses_pool
+from ..protocol.signals import Level
 from .common import Instance
 from .tunnel import TunnelCore
 
@@ -121,6 +123,9 @@ class DualClientCore(TunnelCore):
         self.pool = ClientPool(log, connector, adaptive, report_every=opts.report_interval,
                                hub_dial=hub_dial)
         self.spawn_task(self.pool.run)
+        self.reuse = reuses_pool(self.npg, self.tls_code, reply.quic)
+        if self.reuse:  # the server announced level 2: tell it ours, so that it frames its launches
+            self._write_or_fail(Level(self.npg))
         if self.flow == "+":
             self.open_user_listeners(spec.targets[0])
         self.start_control()

@@ -36,7 +36,7 @@ from ..net.sockopt import ListenError, format_addr, listen_tcp, listen_udp, send
 from ..pool import hubsetup
 from ..pool.tcp import IdlePool, PoolConn, new_cid, read_exact
 from ..protocol.auth import POOL_PROOF, ControlCipher, PoolVerifier
-from ..protocol.handshake import Reply
+from ..protocol.handshake import Reply, reuses_pool
 from .common import Instance
 from .control_slot import ControlSlot
 from .tunnel import KeepingStreamServer, TunnelCore
@@ -96,6 +96,7 @@ class ServerCore(TunnelCore):
         self._verified = False
         self.setups: set[hubsetup.Setup] = set()  # plain pool connections reading their proof
         self.pool = IdlePool(self.log)
+        self.pool.max_idle = self.opts.max  # reused connections kept (receiving side)
         self.engine: Any = None  # QuicEngine when quic=1
         self.pool_verifier: PoolVerifier | None = None  # set when the client authenticated
         self.quic_pool: Any = None  # QuicServerPool when quic=1
@@ -186,6 +187,7 @@ class ServerCore(TunnelCore):
         sock.settimeout(None)
         self.control, self.peer, self.peer_ip = sock, peer, unmap(addr[0])
         self.leftover, self.npg = outcome.leftover, outcome.reply.npg
+        self.reuse = False  # until the client says it speaks level 2 too (on_level)
         if outcome.keys is not None:
             self.cipher = ControlCipher(outcome.keys.s2c, outcome.keys.c2s)
             self.pool_verifier = PoolVerifier(outcome.keys.pool)
@@ -197,6 +199,14 @@ class ServerCore(TunnelCore):
                      "connections unauthenticated; auth=2 refuses such peers", peer)
         log.info("Tunnel signal -> : %s -> %s", outcome.reply.encode(), peer)
         log.info("Tunnel handshaked: %s <-> %s", format_addr(sock.getsockname()), peer)
+
+    def on_level(self, level: int) -> None:
+        """The client's extension level: at 2 on a TLS pool, our launches are framed and their
+        pool connections reused (a client that announced nothing stays at level 1 here)."""
+        if reuses_pool(min(level, self.npg), self.tls_code, self.engine is not None) and not self.reuse:
+            self.reuse = True
+            self.log.debug("Tunnel extension level %d: TCP sessions reuse their pool connections",
+                           min(level, self.npg))
 
     def _pool_accept(self, sock: socket.socket, addr: Any) -> None:
         """A connection to the tunnel port after the handshake, in its own greenlet: a
@@ -272,7 +282,7 @@ class ServerCore(TunnelCore):
         """Give the admitted connection its id and put it in the pool; False if the write
         failed (the caller closes).  In the hub, *write* is one that never waits."""
         cid = new_cid()
-        while cid in self.pool.idle:
+        while cid in self.pool.idle or cid in self.pool.lent:
             cid = new_cid()
         try:
             write(stream, bytes.fromhex(cid))

@@ -22,7 +22,9 @@ After the handshake both ends run the same machinery:
 
 UDP rides one pool connection per user address: raw (every read is one
 datagram) with a Go peer, length-framed between npgevent peers (extension
-level 1, see :mod:`npgevent.protocol.handshake`).
+level 1, see :mod:`npgevent.protocol.handshake`).  At level 2 (TLS pools) the receiving
+side marks its TCP launches framed (``#3``): the session is relayed in frames
+(:mod:`npgevent.relay.framed`) and its pool connection goes back to both pools after it.
 """
 
 from __future__ import annotations
@@ -44,7 +46,19 @@ from ..net.sockopt import format_addr, send_all
 from ..pool.tcp import IdlePool, PoolConn
 from ..protocol.auth import ControlCipher
 from ..protocol.proxyproto import proxy_v1
-from ..protocol.signals import Flush, Launch, LineDecoder, Ping, Pong, Signal, Unknown, Verify, encode_line
+from ..protocol.signals import (
+    Flush,
+    Launch,
+    Level,
+    LineDecoder,
+    Ping,
+    Pong,
+    Signal,
+    Unknown,
+    Verify,
+    encode_line,
+)
+from ..relay.framed import relay_framed
 from ..relay.listeners import Listeners
 from ..relay.stats import TCP_RX, TCP_TX
 from ..relay.tcp import relay
@@ -52,6 +66,7 @@ from ..relay.udp import SessionTable, UdpSession
 from ..url import HostPort, parse_hostport
 from .common import Core, Instance
 from .tunnel_udp import TunnelUdpSession, udp_exchange
+from .verify import VerifySignal
 
 FORGED_LIMIT = 3  # control lines failing authentication before the tunnel is torn down
 
@@ -98,7 +113,7 @@ def parse_user_addr(text: str) -> tuple[str, int] | None:
     return hp.host, hp.port
 
 
-class TunnelCore(Core):
+class TunnelCore(VerifySignal, Core):
     """Base of the dual-end server and client cores (see module docstring)."""
 
     pool: IdlePool
@@ -114,6 +129,7 @@ class TunnelCore(Core):
         self.flow = "-"
         self.tls_code = "0"
         self.npg = 0  # agreed extension level (0 with a Go peer)
+        self.reuse = False  # level 2 on a TLS pool: our TCP launches are framed (#3), and reused
         self.leftover = b""  # bytes read past the handshake line
         self.cipher: ControlCipher | None = None  # set when both ends authenticated
         self.pool_rejected = 0  # pool connections that failed to prove membership
@@ -218,8 +234,14 @@ class TunnelCore(Core):
                 victim.lost_to_verify()
                 return
             self.sessions.spawn(self._on_verify, sig, conn)
+        elif isinstance(sig, Level):
+            self.on_level(sig.level)
         elif isinstance(sig, Unknown):
             self.log.debug("Unknown signal ignored: %s", sig.text[:80])
+
+    def on_level(self, level: int) -> None:
+        """The peer's ``np:#n<level>`` (the server overrides it: the client's level)."""
+        self.log.debug("Extension level signal ignored: %d", level)
 
     def _write_or_fail(self, sig: Signal) -> None:
         try:
@@ -262,26 +284,40 @@ class TunnelCore(Core):
 
     def _user_tcp(self, sock: socket.socket, addr: Any) -> None:
         """One user connection on the receiving side (its slot is held by the listener)."""
-        inst, log = self.inst, self.log
+        log = self.log
         conn = self.pool.take_any(self.opts.pool_get_timeout)
         if conn is None:
             log.limited(WARN, "pool-empty", "Tunnel connection: request timeout for %s (no idle pool "
                         "connection)", format_addr(addr))
             return
+        framed = self.reuse
+        if framed:
+            self.pool.lend(conn)
+        leftover = None
         try:
             log.debug("Tunnel connection: get %s <- pool active %d", conn.cid, self.pool.active)
             try:
-                self.send_signal(Launch(False, format_addr(addr), conn.cid))
+                self.send_signal(Launch(False, format_addr(addr), conn.cid, framed))
             except OSError as exc:
                 self.fail(CoreError("control write failed: %s" % (exc.strerror or exc)))
                 return
             log.debug("TCP launch signal: cid %s -> %s", conn.cid, self.peer)
-            reason = relay(conn.stream, sock, inst.traffic.bytes, TCP_RX, TCP_TX,
-                           limiter=inst.limiter, idle=self.opts.read, bufsize=self.opts.tcp_data_buf_size)
+            reason, leftover = self._relay_tcp(conn, sock, framed)
             log.debug("Exchange complete: %s: %s", conn.cid, reason)
         finally:
-            conn.close()
-            log.debug("Tunnel connection: closed %s", conn.cid)
+            # nothing may follow the dialling side's terminal frame: only a clean end is reused
+            kept = self.pool.finish(conn, None if leftover else leftover, trim=True)
+            log.debug("Tunnel connection: %s %s", "back in the pool" if kept else "closed", conn.cid)
+
+    def _relay_tcp(self, conn: PoolConn, local: socket.socket, framed: bool) -> tuple[str, bytes | None]:
+        """One TCP session on *conn*: why it ended and, framed, the bytes read past it if
+        *conn* may be reused (else None: it is closed)."""
+        inst, opts = self.inst, self.opts
+        if framed:
+            return relay_framed(conn.stream, local, inst.traffic.bytes, TCP_RX, TCP_TX, limiter=inst.limiter,
+                                idle=opts.read, bufsize=opts.tcp_data_buf_size)
+        return relay(conn.stream, local, inst.traffic.bytes, TCP_RX, TCP_TX, limiter=inst.limiter,
+                     idle=opts.read, bufsize=opts.tcp_data_buf_size), None
 
     def _new_udp_session(self, table: SessionTable, addr: Any) -> UdpSession:
         return TunnelUdpSession(table, addr, self)
@@ -304,6 +340,9 @@ class TunnelCore(Core):
         conn = self._take_named(sig, kind + " launch")
         if conn is None:
             return
+        if sig.framed:
+            self.pool.lend(conn)
+        leftover = None
         slots = inst.slots
         acquire, release = ((slots.acquire_udp, slots.release_udp) if sig.udp
                             else (slots.acquire_tcp, slots.release_tcp))
@@ -324,21 +363,22 @@ class TunnelCore(Core):
                         udp_exchange(self, conn, target)
                         log.debug("Transfer complete: %s <-> %s", sig.addr, where)
                     else:
-                        self._tcp_exchange(conn, target, where, sig)
+                        leftover = self._tcp_exchange(conn, target, where, sig)
                 finally:
                     target.close()
             finally:
                 release()
         finally:
-            conn.close()
+            self.pool.finish(conn, leftover)
 
-    def _tcp_exchange(self, conn: PoolConn, target: socket.socket, where: HostPort, sig: Launch) -> None:
+    def _tcp_exchange(self, conn: PoolConn, target: socket.socket, where: HostPort,
+                      sig: Launch) -> bytes | None:
         self.log.debug("Target connection: %s <-> %s", sig.addr, where)
         if self.opts.proxy:
             self._send_proxy(target, sig.addr)
-        reason = relay(conn.stream, target, self.inst.traffic.bytes, TCP_RX, TCP_TX,
-                       limiter=self.inst.limiter, idle=self.opts.read, bufsize=self.opts.tcp_data_buf_size)
+        reason, leftover = self._relay_tcp(conn, target, sig.framed)
         self.log.debug("Exchange complete: %s: %s", sig.cid, reason)
+        return leftover
 
     def _send_proxy(self, target: socket.socket, user: str) -> None:
         src = parse_user_addr(user)
@@ -347,58 +387,6 @@ class TunnelCore(Core):
                              user[:80])
             return
         send_all(target, proxy_v1(src, target.getpeername()))
-
-    def _on_verify(self, sig: Verify, conn: PoolConn | None = None) -> None:
-        """Client side of ``#v``: log the fingerprint of the certificate seen on *cid* (*conn*
-        if the control loop already claimed it)."""
-        self.log.debug("TLS verify signal: cid %s <- %s", sig.cid, self.peer)
-        if conn is None:
-            conn = self._take_named(sig, "TLS verify")
-        if conn is None:
-            return
-        try:
-            fp = getattr(conn.stream, "peer_fingerprint", lambda: "")()
-            if fp:
-                self.log.info("TLS cert verified: %s", fp)
-            else:
-                self.log.warn("TLS verify signal for %s, but that connection has no TLS", sig.cid)
-        finally:
-            conn.close()
-
-    def send_verify(self, fingerprint: str) -> bool:
-        """Server side of ``#v``: name an idle connection and log our certificate. True if sent.
-
-        The connection is the one the receiving side is least likely to hand a user meanwhile:
-        npgevent takes the newest for users (so here the oldest), a Go client the oldest (so
-        here the newest, when the client receives: forward flow)."""
-        conn = self.pool.take_clean(newest=self.npg == 0 and self.flow == "+")
-        if conn is None:
-            return False
-        try:
-            self.send_signal(Verify(self.peer, conn.cid))
-        except BaseException:
-            conn.close()
-            raise
-        self.log.info("TLS cert verified: %s", fingerprint)
-        self.log.debug("TLS verify signal: cid %s -> %s", conn.cid, self.peer)
-        # keep it open until the peer has taken and closed it, so the peer's pool sweep cannot
-        # drop it as dead before the signal arrives; and keep it claimable by a launch
-        self.verifying[conn.cid] = conn
-        self.sessions.spawn(self._close_after_peer, conn)
-        return True
-
-    def _close_after_peer(self, conn: PoolConn) -> None:
-        """Close the verify connection once the peer closed it, or after NP_POOL_GET_TIMEOUT.
-        Nothing is read from it: if the peer gave it to a user instead, what arrives is that
-        session's, and the launch signal naming it claims it from :attr:`verifying`."""
-        deadline = time.monotonic() + self.opts.pool_get_timeout
-        while self.verifying.get(conn.cid) is conn and time.monotonic() < deadline:
-            if not conn.alive(strict=False):
-                break  # closed by the peer, nothing waiting
-            gevent.sleep(0.05)
-        if self.verifying.get(conn.cid) is conn:
-            del self.verifying[conn.cid]
-            conn.close()
 
     # -- teardown ------------------------------------------------------------------------
     def _stop_accepting(self) -> None:

@@ -308,6 +308,11 @@ class TLSStream:
         self._pending += data
         return True
 
+    def unread(self, data: bytes) -> None:
+        """Put *data* back in front of what the next read returns (the start of the next
+        session on a reused pool connection, read past the last one's end)."""
+        self._pending = data + self._pending
+
     @property
     def has_pending(self) -> bool:
         return bool(self._pending)

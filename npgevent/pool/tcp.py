@@ -22,7 +22,17 @@ by a periodic sweep.
 and interval (:mod:`npgevent.pool.base`).  Plain TCP connections are set up in
 hub callbacks (``hub_dial``, :mod:`npgevent.pool.hubsetup`); TLS ones through a
 gevent greenlet pool.
-Pool connections are single-use: whoever takes one closes it after its session.
+
+Pool connections are single-use, as in NodePass: whoever takes one closes it after its
+session.  Between npgevent peers at extension level 2 (TLS pools) a TCP session's connection
+is *lent* instead (``lend``) and comes back after it (``finish``) when the session ended
+cleanly at both ends (:mod:`npgevent.relay.framed`); it keeps its id meanwhile.  The client
+counts lent connections toward its pool, up to half the capacity (a long session's
+connection is still replaced), and the receiving side keeps a returning one only while its
+idle pool is below the server's ``max`` (else closes it: the dialling side never picks a
+connection by itself, and drops it when its sweep sees the close).  So after a burst the
+pool stays as large as the burst needed, up to ``max``, as NodePass's adaptive capacity can
+grow it too.
 """
 
 from __future__ import annotations
@@ -87,6 +97,8 @@ class IdlePool:
         self.closed = False
         self._wanted: dict[str, AsyncResult] = {}
         self._any: deque[AsyncResult] = deque()
+        self.lent: dict[str, PoolConn] = {}  # level 2: on a session now, back after it
+        self.max_idle = 0  # the receiving side keeps returning connections below this (0: any)
         self.on_take: Callable[[], None] | None = None  # the client's refill manager listens
 
     def _taken(self) -> None:
@@ -116,6 +128,37 @@ class IdlePool:
             return False
         self.idle[conn.cid] = conn
         return True
+
+    def lend(self, conn: PoolConn) -> None:
+        """*conn* carries a session and comes back after it (see module docstring)."""
+        self.lent[conn.cid] = conn
+
+    def keep_limit(self) -> int:
+        """How many idle connections the receiving side keeps when one comes back."""
+        return self.max_idle
+
+    def finish(self, conn: PoolConn, leftover: bytes | None, trim: bool = False) -> bool:
+        """After a session on *conn*: back to the idle pool if the session left it reusable
+        (*leftover*, the bytes read past it, is not None), it was lent since the last flush,
+        and (with *trim*, the receiving side) fewer than :meth:`keep_limit` are idle; else
+        closed.  True if it went back."""
+        lent = self.lent.get(conn.cid) is conn
+        if lent:
+            del self.lent[conn.cid]
+        if leftover is not None and lent and not self.closed:
+            limit = self.keep_limit() if trim else 0
+            if not limit or len(self.idle) < limit:
+                if leftover:
+                    unread = getattr(conn.stream, "unread", None)
+                    if unread is not None:
+                        unread(leftover)
+                        return self.add(conn)
+                else:
+                    return self.add(conn)
+        conn.close()
+        if lent:
+            self._taken()  # it won't come back: the client's refill replaces it
+        return False
 
     def discard(self, cid: str) -> None:
         conn = self.idle.pop(cid, None)
@@ -205,6 +248,7 @@ class IdlePool:
         return len(dead)
 
     def flush(self) -> None:
+        self.lent.clear()  # those on a session now are closed after it, at both ends
         conns, self.idle = list(self.idle.values()), {}
         for conn in conns:
             conn.close()
@@ -270,7 +314,9 @@ class ClientPool(IdlePool):
         created = 0
         tick = time.monotonic() + ad.interval
         while not self.closed:
-            need = ad.need(len(self.idle), self.in_flight) if self._fails < 3 else 0
+            # a lent connection comes back after its session: up to half the pool counts
+            lent = min(len(self.lent), ad.capacity // 2)
+            need = ad.need(len(self.idle), self.in_flight + lent) if self._fails < 3 else 0
             if self._fails and need:
                 # after failures, one dial probes the server; its success brings the rest
                 need = 0 if self.in_flight else 1
@@ -296,6 +342,9 @@ class ClientPool(IdlePool):
                 # woken by a take: let the session that took the connection dial its target
                 # first, so the refill's connect and handshake are not in its path
                 gevent.sleep(REFILL_DEFER)
+
+    def keep_limit(self) -> int:
+        return self.adaptive.max_capacity  # the server's max, as on the server
 
     def _dial_one(self, fails: int = 0) -> None:
         """One greenlet dial of a round that started with *fails* failures counted.  A TLS

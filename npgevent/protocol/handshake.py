@@ -14,7 +14,9 @@ base64 decoder ignores the ``\\r``, so a Go server accepts the line unchanged
 and never knows.  An npgevent server that sees the ``\\r`` adds
 ``?npg=<level>`` to its reply URL; a Go client would ignore a query, but it
 never receives one, because only npgevent clients send the ``\\r``.  Level 1
-means UDP datagrams are length-framed on pool connections.
+means UDP datagrams are length-framed on pool connections; level 2 adds TCP sessions framed
+on TLS pool connections, which go back to the pool after the session
+(:mod:`npgevent.protocol.sessionframe`).  Both ends use the lower of their levels.
 """
 
 from __future__ import annotations
@@ -25,8 +27,14 @@ from urllib.parse import parse_qs, urlsplit
 from ..errors import LocalProtocolError, RemoteProtocolError
 from .signals import decode_line, encode_line
 
-#: the extension level this npgevent speaks (1: UDP length framing)
-EXTENSION_LEVEL = 1
+#: the extension level this npgevent speaks (1: UDP length framing, 2: reused TLS pool connections)
+EXTENSION_LEVEL = 2
+
+
+def reuses_pool(level: int, tls: str, quic: bool) -> bool:
+    """Whether TCP sessions are framed and their pool connections reused: extension level 2,
+    on TLS pools only (plain TCP sessions splice raw bytes; a QUIC stream costs no handshake)."""
+    return level >= 2 and tls != "0" and not quic
 
 
 def client_hello(key: bytes, extensions: bool = True) -> bytes:

@@ -13,6 +13,10 @@ After the handshake every message is a URL with scheme ``np``:
 ``np://<user addr>/<id>#1``         TCP launch: take pool connection *id*, dial, relay
 ``np://<user addr>/<id>#2``         UDP launch
 ``np://<peer addr>/<id>#v``         TLS verify: log the certificate fingerprint of *id*
+``np://<user addr>/<id>#3``         npgevent, extension level 2: TCP launch whose session
+                                    is framed, and *id* goes back to the pool after it
+``np:#n<level>``                    npgevent: the client's extension level (its first
+                                    line, sent only to a server that announced level 2)
 =================================  ====================================================
 
 Nothing here touches a socket: :class:`LineDecoder` takes bytes and returns
@@ -86,15 +90,27 @@ class Flush:
 
 @dataclass(frozen=True)
 class Launch:
-    """TCP (``#1``) or UDP (``#2``) launch naming pool connection *cid*."""
+    """TCP (``#1``) or UDP (``#2``) launch naming pool connection *cid*; a *framed* TCP launch
+    (``#3``, npgevent peers only) relays in :mod:`.sessionframe`'s frames."""
 
     udp: bool
     addr: str
     cid: str
+    framed: bool = False
 
     def encode(self) -> str:
         _check_cid(self.cid)
-        return "np://%s/%s#%s" % (self.addr, self.cid, "2" if self.udp else "1")
+        return "np://%s/%s#%s" % (self.addr, self.cid, "2" if self.udp else "3" if self.framed else "1")
+
+
+@dataclass(frozen=True)
+class Level:
+    """``np:#n<level>``: an npgevent client's extension level (:mod:`.handshake`)."""
+
+    level: int
+
+    def encode(self) -> str:
+        return "np:#n%d" % self.level
 
 
 @dataclass(frozen=True)
@@ -119,7 +135,7 @@ class Unknown:
         return self.text
 
 
-Signal = Ping | Pong | Flush | Launch | Verify | Unknown
+Signal = Ping | Pong | Flush | Launch | Level | Verify | Unknown
 
 
 def _check_cid(cid: str) -> None:
@@ -143,7 +159,7 @@ def parse_signal(text: str) -> Signal:
         return Pong()
     if frag == "f":
         return Flush()
-    if frag in ("1", "2", "v"):
+    if frag in ("1", "2", "3", "v"):
         plain = _PLAIN.match(text) if text.isascii() else None
         if plain is not None:  # what urlsplit would find, without its ~10 us of rules
             addr, cid = plain.group(1), plain.group(2)
@@ -151,15 +167,18 @@ def parse_signal(text: str) -> Signal:
             addr, cid = _by_urlsplit(text)
         if frag == "v":
             return Verify(addr, cid)
-        return Launch(frag == "2", addr, cid)
+        return Launch(frag == "2", addr, cid, frag == "3")
+    level = frag[1:]
+    if frag[:1] == "n" and level.isascii() and level.isdigit() and len(level) <= 9 and text == "np:#" + frag:
+        return Level(int(level))
     return Unknown(text)
 
 
-#: a launch or verify signal in its plain form, ``np://<addr>/<id>#<1|2|v>`` in ASCII with no
+#: a launch or verify signal in its plain form, ``np://<addr>/<id>#<1|2|3|v>`` in ASCII with no
 #: ``/?#[]`` in the address and no ``/?#`` in the id: urlsplit's netloc and path are then
 #: exactly these two parts (its other rules apply to brackets, non-ASCII, queries and
 #: slashes, which take the urlsplit path)
-_PLAIN = re.compile(r"np://([^/?#\[\]]+)/([^/?#]+)#[12v]\Z")
+_PLAIN = re.compile(r"np://([^/?#\[\]]+)/([^/?#]+)#[123v]\Z")
 
 
 def _by_urlsplit(text: str) -> tuple[str, str]:

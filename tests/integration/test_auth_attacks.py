@@ -167,7 +167,7 @@ def test_a_recorded_handshake_reveals_no_key_and_cannot_be_replayed():
                 for piece in line.split():
                     with contextlib.suppress(ValueError):
                         raw = base64.b64decode(piece)
-                        for plain in (b"np://0@1024/-#1", b"np://0@1024/-?npg=1#1"):
+                        for plain in (b"np://0@1024/-#1", b"np://0@1024/-?npg=2#1"):
                             guess = bytes(a ^ b for a, b in zip(raw, plain, strict=False))
                             assert KEY.encode()[: len(guess)] != guess
             s.core.fail(CoreError("test: control channel lost"))

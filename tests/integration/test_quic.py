@@ -90,7 +90,7 @@ def test_quic_tunnel_cli(flow, tls, certs):
     env = {"SSL_CERT_FILE": str(certs["ca"])}
     try:
         with NpProcess(server_url, env=env) as s, NpProcess(client_url, env=env) as c:
-            s.wait_for(r"INFO  Tunnel signal -> : np://1@1024/[-+]\?npg=1#%s " % tls)
+            s.wait_for(r"INFO  Tunnel signal -> : np://1@1024/[-+]\?npg=2#%s " % tls)
             receiver = s if flow == "rev" else c
             receiver.wait_for(r"CHECK_POINT\|MODE=\d\|PING=\d+ms\|POOL=([1-9]\d)")
             exercise_tcp_sha(uport, 32 * MiB)
@@ -328,7 +328,7 @@ def test_quic_large_datagrams_only_between_npgevent_peers():
         with in_process(server_url, quic_datagram_size="16000") as s, \
                 in_process(client_url, quic_datagram_size="16000") as c:
             wait_pool(lambda: c.core.pool.active, 2)
-            assert c.core.npg == 1
+            assert c.core.npg == 2
             server_config = s.core.engine.thread.servers[0][1]._configuration
             assert server_config.max_datagram_size == 16000
             assert all(p._quic._max_datagram_size == 16000 for p in c.core.engine.thread.protocols.values())

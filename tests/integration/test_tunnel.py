@@ -115,9 +115,10 @@ def cli_tunnel(flow, tls, certs, extra_server="", extra_client="", env=None):
 @pytest.mark.parametrize(("flow", "tls"), COMBOS)
 def test_tunnel_in_process(flow, tls, certs, monkeypatch):
     with inproc_tunnel(flow, tls, certs, monkeypatch) as (s, c, uport, _echo):
-        assert s.core.npg == 1 and c.core.npg == 1  # both npgevent: extension negotiated
+        assert s.core.npg == 2 and c.core.npg == 2  # both npgevent: extension negotiated
         assert s.core.mode == (1 if flow == "rev" else 2) and c.core.mode == 2
         exercise_tcp_sha(uport)
+        assert s.core.reuse == c.core.reuse == (tls != "0")  # TLS pools: reused connections
         exercise_tcp_concurrent(uport)
         exercise_udp(uport)
         for side in (s, c):
@@ -224,9 +225,9 @@ def test_start_lines_and_handshake_log(certs):
     with cli_tunnel("rev", "0", certs) as (s, c, _uport, _echo):
         s.wait_for(r"INFO  Server started: server://secret@127\.0\.0\.1:\d+/127\.0\.0\.1:\d+\?dns=1\.1\.1\.1,8\.8\.8\.8"
                    r"&max=1024&mode=1&quic=0&dial=auto&read=0s&rate=0&slot=65536&proxy=0&notcp=0&noudp=0$")
-        s.wait_for(r"INFO  Tunnel signal -> : np://0@1024/-\?npg=1#0 -> 127\.0\.0\.1:\d+$")
+        s.wait_for(r"INFO  Tunnel signal -> : np://0@1024/-\?npg=2#0 -> 127\.0\.0\.1:\d+$")
         s.wait_for(r"INFO  Tunnel handshaked: 127\.0\.0\.1:\d+ <-> 127\.0\.0\.1:\d+$")
-        c.wait_for(r"INFO  Tunnel signal <- : np://0@1024/-\?npg=1#0 <- 127\.0\.0\.1:\d+$")
+        c.wait_for(r"INFO  Tunnel signal <- : np://0@1024/-\?npg=2#0 <- 127\.0\.0\.1:\d+$")
         line = c.wait_for(r"INFO  Client started: (.*)$").group(1)
         assert re.search(r"&min=64&mode=2&quic=0&", line)
 

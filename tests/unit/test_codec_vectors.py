@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from npgevent.errors import RemoteProtocolError
 from npgevent.protocol.handshake import (
+    EXTENSION_LEVEL,
     Reply,
     check_hello,
     client_hello,
@@ -86,7 +87,7 @@ def test_reply_fields():
     assert parse_reply("np://0@4/-#0") == Reply(False, 4, "-", "0")
     assert parse_reply("np://1@1024/+#1") == Reply(True, 1024, "+", "1")
     assert parse_reply("np://0@1024/-?npg=1#2") == Reply(False, 1024, "-", "2", npg=1)
-    assert parse_reply("np://0@1024/-?npg=9#0").npg == 1  # capped at what we speak
+    assert parse_reply("np://0@1024/-?npg=9#0").npg == EXTENSION_LEVEL == 2  # capped at what we speak
     assert Reply(False, 1024, "-", "0", npg=1).encode() == "np://0@1024/-?npg=1#0"
 
 
@@ -152,10 +153,10 @@ def test_signals_with_control_characters_are_rejected():
 def _as_urlsplit_reads_it(text):
     """parse_signal as it was: every launch and verify signal through urlsplit."""
     frag = text.rpartition("#")[2] if "#" in text else ""
-    if frag not in ("1", "2", "v"):
+    if frag not in ("1", "2", "3", "v"):
         return parse_signal(text)
     addr, cid = _by_urlsplit(text)
-    return Verify(addr, cid) if frag == "v" else Launch(frag == "2", addr, cid)
+    return Verify(addr, cid) if frag == "v" else Launch(frag == "2", addr, cid, frag == "3")
 
 
 def _outcome(parse, text):
@@ -168,7 +169,7 @@ def _outcome(parse, text):
 @settings(max_examples=2000, deadline=None)
 @given(st.text(alphabet="ab1:.@ %~/?#[]\x80\xe9\uff0f\u2100", max_size=7),
        st.text(alphabet="ab1:.@ %~/?#[]\x80\xe9\uff0f\u2100", max_size=7),
-       st.sampled_from(["1", "2", "v", "#1", "x"]))
+       st.sampled_from(["1", "2", "3", "v", "#1", "x"]))
 def test_signals_read_without_urlsplit_read_as_urlsplit_reads_them(addr, cid, frag):
     """Plain launch signals skip urlsplit (~10 us each); every signal must still come out as
     urlsplit reads it, refusals included: brackets, slashes, queries, non-ASCII (the NFKC

@@ -1,0 +1,251 @@
+"""A TCP session on a reusable pool connection (extension level 2).
+
+The frames are :mod:`npgevent.protocol.sessionframe`'s.  :func:`relay_framed` copies a local
+socket (the user's or the target's) to and from a pool stream (a TLS stream, or any stream
+with ``recv_into``/``sendall``) in frames, and tells the caller whether the pool connection
+came out of it clean: both terminal frames exchanged, nothing broken.  Then it goes back to
+the pool, with whatever the peer sent after its terminal (the next session's first bytes).
+
+* **up** (a parked worker greenlet, :mod:`npgevent.relay.runners`): the local socket's
+  reads become DATA frames, one write each with the header in front of the payload in the
+  same buffer.  Local EOF sends EOF; a local error or the idle timeout sends ABORT.
+* **down** (the calling greenlet): the peer's frames; DATA is written to the local socket,
+  EOF shuts down its write side (a half-close, as :mod:`npgevent.relay.tcp` does), ABORT
+  shuts the local socket down both ways (which ends **up** with its terminal).  When a write
+  to the local socket fails, the socket is shut down the same way and **up** answers ABORT;
+  what the peer still sends until its terminal is read and dropped.
+
+After this end sent ABORT, the peer has :data:`DRAIN` seconds to answer with its terminal;
+a peer that doesn't, a pool stream that fails, or a malformed frame leaves the connection
+unusable (the caller closes it, and the peer sees the close).  Nothing is reused that could
+hold a half-written frame: a pump is only killed when the connection is given up.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import gevent
+from gevent import socket
+
+from ..net.sockopt import send_all
+from ..protocol.sessionframe import (
+    ABORT,
+    ABORT_FRAME,
+    DATA,
+    EOF_FRAME,
+    HEADER,
+    MAX_DATA,
+    NEED,
+    FrameReader,
+    pack_data_header,
+)
+from . import runners
+from .limit import RateLimiter
+from .tcp import IdleTimeout, Stream, _describe, _Session, buffer_pool, chunk_size
+
+DRAIN = 10.0  # s: after our ABORT, the peer's terminal must arrive within this
+READER_SIZE = 1 << 16
+_readers: list[FrameReader] = []  # parsed out completely at every session's end: reusable
+KEEP_READERS = 16
+
+
+class _GiveUp(BaseException):
+    """Thrown into the calling pump: the pool connection is unusable (see :class:`_State`)."""
+
+
+class _State:
+    __slots__ = ("aborted", "broken", "done", "reason", "sent")
+
+    def __init__(self) -> None:
+        self.aborted = False  # this end's session failed: its terminal is ABORT, peer data dropped
+        self.broken: BaseException | None = None  # the pool connection failed: not reusable
+        self.reason: BaseException | None = None  # why this end aborted
+        self.sent = False  # our terminal frame is out
+        self.done = False  # the calling pump has finished (nothing may be thrown into it)
+
+    def abort(self, why: BaseException, local: socket.socket) -> None:
+        if not self.aborted:
+            self.aborted, self.reason = True, why
+        _stop(local)
+
+
+def _stop(local: socket.socket) -> None:
+    """Shut the local socket down both ways: a read waiting on it returns (EOF) at once."""
+    try:
+        local.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def relay_framed(
+    pool: Stream,
+    local: socket.socket,
+    acct: list[int],
+    rx: int,
+    tx: int,
+    *,
+    limiter: RateLimiter | None = None,
+    idle: float = 0.0,
+    bufsize: int = 16384,
+) -> tuple[str, bytes | None]:
+    """Relay one session; return why it ended and, if the pool connection may be reused,
+    the bytes read past the peer's terminal (else None: close it).
+
+    ``acct[tx]`` counts bytes written to *local*, ``acct[rx]`` bytes read from it.  Both
+    streams are left open."""
+    st = _State()
+    sess = _Session(idle) if idle > 0 else None
+    if idle > 0:
+        local.settimeout(idle)
+        pool.settimeout(idle)
+    reader = _readers.pop() if _readers else FrameReader(READER_SIZE)
+    main = gevent.getcurrent()
+    loop = gevent.get_hub().loop
+    timer: list[Any] = []
+
+    def give_up() -> None:  # in the hub: only while the calling pump still runs
+        if not st.done:
+            main.throw(_GiveUp)
+
+    def upward() -> None:
+        _up(pool, local, st, acct, rx, limiter, sess, _payload(bufsize, limiter))
+        if st.done:
+            return
+        if st.broken is not None:
+            loop.run_callback(give_up)
+        elif st.aborted:  # the peer's terminal has DRAIN seconds to arrive
+            t = loop.timer(DRAIN)
+            timer.append(t)
+            t.start(_drain_expired, st, give_up)
+
+    up = runners.run(upward)
+    try:
+        _down(pool, local, st, reader, acct, tx, limiter, sess)
+        st.done = True
+        up.join()
+    except _GiveUp:
+        st.done = True
+        up.kill(block=True)
+        st.broken = st.broken or TimeoutError("no terminal frame from the peer within %gs" % DRAIN)
+    except Exception as exc:  # the pool stream failed, or a malformed frame
+        st.done = True
+        st.broken = st.broken or exc
+        up.kill(block=True)
+    except BaseException:
+        st.done = True
+        up.kill(block=True)
+        raise
+    finally:
+        for t in timer:
+            t.close()
+    reusable = st.broken is None and st.sent
+    leftover = reader.rest() if reusable else None
+    reader.start = reader.end = reader.left = 0
+    if len(_readers) < KEEP_READERS:
+        _readers.append(reader)
+    if reusable and idle > 0:
+        pool.settimeout(None)
+    return _describe(st.broken or st.reason), leftover
+
+
+def _payload(bufsize: int, limiter: RateLimiter | None) -> int:
+    """The local read size: a frame (header included) fills whole 16 KiB TLS records."""
+    chunk = min(chunk_size(bufsize, limiter, False), MAX_DATA)
+    return chunk - HEADER if chunk > HEADER and chunk % 16384 == 0 else chunk
+
+
+def _drain_expired(st: _State, give_up: Any) -> None:
+    if not st.done:  # else the terminal came in time, and the session is over
+        st.broken = st.broken or TimeoutError("no terminal frame from the peer within %gs" % DRAIN)
+        give_up()
+
+
+def _up(pool: Stream, local: socket.socket, st: _State, acct: list[int], idx: int,
+        limiter: RateLimiter | None, sess: _Session | None, chunk: int) -> None:
+    """Local socket -> DATA frames; then this end's terminal frame."""
+    bufs = buffer_pool(chunk + HEADER)  # a read's frame: header in front, one write
+    raw_recv_into = local._sock.recv_into
+    wait = local._wait
+    try:
+        while True:
+            buf = bufs.get()
+            try:
+                n = raw_recv_into(memoryview(buf)[HEADER:], chunk)
+            except BlockingIOError:
+                bufs.put(buf)
+                try:
+                    wait(local._read_event)
+                except socket.timeout:
+                    if sess is not None and not sess.expired():
+                        continue
+                    st.abort(IdleTimeout(), local)
+                    break
+                continue
+            except OSError as exc:  # the local socket failed
+                bufs.put(buf)
+                st.abort(exc, local)
+                break
+            if not n:
+                bufs.put(buf)
+                break
+            try:
+                pack_data_header(buf, n)
+                pool.sendall(memoryview(buf)[: HEADER + n])
+            finally:
+                bufs.put(buf)
+            acct[idx] += n
+            if sess is not None:
+                sess.last = time.monotonic()
+            if limiter is not None:
+                limiter.take(n)
+        pool.sendall(ABORT_FRAME if st.aborted else EOF_FRAME)
+        st.sent = True
+    except Exception as exc:  # the pool stream failed (a TLS error is not an OSError)
+        st.broken = st.broken or exc
+
+
+def _down(pool: Stream, local: socket.socket, st: _State, reader: FrameReader, acct: list[int],
+          idx: int, limiter: RateLimiter | None, sess: _Session | None) -> None:
+    """The peer's frames -> local socket, until the peer's terminal frame (returns) or a
+    failure of the pool stream (raises)."""
+    recv_into = pool.recv_into
+    while True:
+        kind, data = reader.next()
+        if kind == DATA:
+            assert data is not None
+            if st.aborted:
+                continue  # this end gave up the session: the rest is dropped
+            try:
+                send_all(local, data)
+            except OSError as exc:
+                st.abort(exc, local)
+                continue
+            n = len(data)
+            acct[idx] += n
+            if sess is not None:
+                sess.last = time.monotonic()
+            if limiter is not None:
+                limiter.take(n)
+        elif kind == NEED:
+            room = reader.room()
+            try:
+                n = recv_into(room, len(room))
+            except socket.timeout:
+                if sess is None or not sess.expired() or st.aborted:
+                    continue  # after an abort, DRAIN decides
+                st.abort(IdleTimeout(), local)
+                continue
+            if not n:
+                raise ConnectionResetError("pool connection closed in mid-session")
+            reader.filled(n)
+        elif kind == ABORT:
+            st.abort(ConnectionAbortedError("the peer aborted the session"), local)
+            return
+        else:  # EOF
+            try:
+                local.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            return
