@@ -7,7 +7,8 @@ bytes (its id) and then waits in the idle pool like a TCP pool connection.
 
 Client: ceil(max / 128) QUIC connections (1 to 64), each redialled 500 ms after
 it dies; the pool's connector opens a stream on the least loaded live
-connection (at most 128 streams each), writes ``0x00`` and reads the id.  The
+connection (at most 128 streams each), writes ``0x00`` (and, authenticated, its pool
+proof in the same packet) and reads the id.  The
 idle pool, adaptive refill, flush and verify logic are the TCP pool's.
 """
 
@@ -159,15 +160,15 @@ class QuicConnector:
         # the thread and pooled by the server, which could then name it in a launch signal
         opening[conn] += 1
         try:
-            stream = self.engine.open_stream(conn, self.id_timeout)
+            # the proof rides with the hello: one packet, not two
+            proof = self.prover.proof() if self.prover is not None else b""
+            stream = self.engine.open_stream(conn, self.id_timeout, proof)
         finally:
             opening[conn] -= 1
             if opening[conn] <= 0:
                 del opening[conn]
         stream.settimeout(self.id_timeout)
         try:
-            if self.prover is not None:
-                stream.sendall(self.prover.proof())
             cid = read_exact(stream, 4).hex()
         except BaseException:
             stream.close()

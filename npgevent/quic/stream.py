@@ -311,10 +311,11 @@ class QuicEngine:
             raise ConnectionError("QUIC dial %s:%d: %s" % (ip, port, err))
         return int(conn)
 
-    def open_stream(self, conn: int, timeout: float) -> QuicStream:
+    def open_stream(self, conn: int, timeout: float, proof: bytes = b"") -> QuicStream:
+        """A new pool stream on *conn*, its hello (and *proof*) written."""
         token = next(self._tokens)
         waiter = self._waiting[token] = AsyncResult()
-        self.thread.call(self.thread.open_stream, token, conn)
+        self.thread.call(self.thread.open_stream, token, conn, proof)
         try:
             stream, err = waiter.get(timeout=timeout)
         except BaseException:

@@ -269,7 +269,9 @@ class QuicThread:
         self.bridge.to_gevent(self.sink._dialled, token, protocol.key, protocol.wquic.peer_fingerprint(), "")
 
     # -- streams ----------------------------------------------------------------------
-    def open_stream(self, token: int, conn: int) -> None:
+    def open_stream(self, token: int, conn: int, proof: bytes = b"") -> None:
+        """Open a pool stream with NodePass's hello, and the pool *proof* of an authenticated
+        tunnel in the same packet."""
         protocol = self.protocols.get(conn)
         if protocol is None or protocol.terminated:
             self.bridge.to_gevent(self.sink._opened, token, conn, None, "connection closed")
@@ -277,7 +279,7 @@ class QuicThread:
         quic = protocol._quic
         try:
             sid = quic.get_next_available_stream_id()
-            quic.send_stream_data(sid, b"\x00")  # NodePass's stream hello
+            quic.send_stream_data(sid, b"\x00" + proof)  # NodePass's stream hello
         except Exception as exc:  # StreamLimitReached and the like
             self.bridge.to_gevent(self.sink._opened, token, conn, None, str(exc) or type(exc).__name__)
             return

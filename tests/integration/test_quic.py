@@ -82,6 +82,43 @@ def test_quic_pool_streams_spread_over_every_connection():
         echo.close()
 
 
+def test_a_pool_stream_opens_with_its_hello_and_proof_in_one_packet(monkeypatch):
+    """An authenticated tunnel's pool stream sends NodePass's 0x00 and its 24-byte pool proof
+    in one STREAM frame (they used to take a packet each, and the server an ACK for them)."""
+    from aioquic.quic.logger import QuicLogger
+
+    import npgevent.quic.config as quic_config
+
+    loggers = []
+    real = quic_config.make_configuration
+
+    def logged(is_client, *args, **kwargs):
+        config = real(is_client, *args, **kwargs)
+        if is_client:
+            config.quic_logger = QuicLogger()
+            loggers.append(config.quic_logger)
+        return config
+
+    monkeypatch.setattr(quic_config, "make_configuration", logged)
+    echo = EchoPair()
+    tport, uport = free_port(), free_port()
+    try:
+        server_url = "server://k@127.0.0.1:%d/127.0.0.1:%d?mode=1&quic=1&max=128" % (tport, uport)
+        client_url = "client://k@127.0.0.1:%d/127.0.0.1:%d?mode=2&min=8" % (tport, echo.port)
+        with in_process(server_url) as s, in_process(client_url) as c:
+            wait_pool(lambda: s.core.pool.active, 8)
+            assert c.core.cipher is not None  # authenticated: every stream proves membership
+            assert echo_roundtrip(uport, b"proven") == b"proven"
+            firsts = [frame for logger in loggers for trace in logger._traces for event in trace._events
+                      if event["name"] == "transport:packet_sent"
+                      for frame in event["data"]["frames"]
+                      if frame["frame_type"] == "stream" and frame["offset"] == 0]
+            assert len(firsts) >= 8
+            assert {frame["length"] for frame in firsts} == {1 + 24}, firsts
+    finally:
+        echo.close()
+
+
 @pytest.mark.parametrize(("flow", "tls"), COMBOS)
 def test_quic_tunnel_cli(flow, tls, certs):
     echo = EchoPair()
