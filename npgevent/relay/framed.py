@@ -13,7 +13,10 @@ the pool, with whatever the peer sent after its terminal (the next session's fir
   EOF shuts down its write side (a half-close, as :mod:`npgevent.relay.tcp` does), ABORT
   shuts the local socket down both ways (which ends **up** with its terminal).  When a write
   to the local socket fails, the socket is shut down the same way and **up** answers ABORT;
-  what the peer still sends until its terminal is read and dropped.
+  what the peer still sends until its terminal is read and dropped.  **up** stops reading
+  once the session is aborted (a socket shut down for reading still returns what it had
+  queued, and a sender that never stops would keep it busy).  A write that fails after
+  this end's EOF went out can no longer be told to the peer: the connection is given up.
 
 After this end sent ABORT, the peer has :data:`DRAIN` seconds to answer with its terminal;
 a peer that doesn't, a pool stream that fails, or a malformed frame leaves the connection
@@ -34,6 +37,7 @@ from ..protocol.sessionframe import (
     ABORT,
     ABORT_FRAME,
     DATA,
+    EOF,
     EOF_FRAME,
     HEADER,
     MAX_DATA,
@@ -62,7 +66,7 @@ class _State:
         self.aborted = False  # this end's session failed: its terminal is ABORT, peer data dropped
         self.broken: BaseException | None = None  # the pool connection failed: not reusable
         self.reason: BaseException | None = None  # why this end aborted
-        self.sent = False  # our terminal frame is out
+        self.sent = 0  # our terminal frame once it is out: EOF or ABORT
         self.done = False  # the calling pump has finished (nothing may be thrown into it)
 
     def abort(self, why: BaseException, local: socket.socket) -> None:
@@ -110,9 +114,12 @@ def relay_framed(
             main.throw(_GiveUp)
 
     def upward() -> None:
-        _up(pool, local, st, acct, rx, limiter, sess, _payload(bufsize, limiter))
+        aborted = _up(pool, local, st, acct, rx, limiter, sess, _payload(bufsize, limiter))
         if st.done:
             return
+        if st.aborted and not aborted and st.broken is None:
+            # the session failed after our EOF went: the peer can no longer be told to stop
+            st.broken = ConnectionAbortedError("the session failed after its half-close")
         if st.broken is not None:
             loop.run_callback(give_up)
         elif st.aborted:  # the peer's terminal has DRAIN seconds to arrive
@@ -163,13 +170,17 @@ def _drain_expired(st: _State, give_up: Any) -> None:
 
 
 def _up(pool: Stream, local: socket.socket, st: _State, acct: list[int], idx: int,
-        limiter: RateLimiter | None, sess: _Session | None, chunk: int) -> None:
-    """Local socket -> DATA frames; then this end's terminal frame."""
+        limiter: RateLimiter | None, sess: _Session | None, chunk: int) -> bool:
+    """Local socket -> DATA frames; then this end's terminal frame.  True if it was ABORT.
+
+    It stops reading once the session is aborted (by either pump): a local socket shut down
+    for reading still returns what it had queued, and a sender that never stops (a stream
+    the user gave up) would keep it reading."""
     bufs = buffer_pool(chunk + HEADER)  # a read's frame: header in front, one write
     raw_recv_into = local._sock.recv_into
     wait = local._wait
     try:
-        while True:
+        while not st.aborted:
             buf = bufs.get()
             try:
                 n = raw_recv_into(memoryview(buf)[HEADER:], chunk)
@@ -181,6 +192,9 @@ def _up(pool: Stream, local: socket.socket, st: _State, acct: list[int], idx: in
                     if sess is not None and not sess.expired():
                         continue
                     st.abort(IdleTimeout(), local)
+                    break
+                except OSError as exc:  # shut down by an abort (gevent cancels the wait), or failed
+                    st.abort(exc, local)
                     break
                 continue
             except OSError as exc:  # the local socket failed
@@ -200,10 +214,13 @@ def _up(pool: Stream, local: socket.socket, st: _State, acct: list[int], idx: in
                 sess.last = time.monotonic()
             if limiter is not None:
                 limiter.take(n)
-        pool.sendall(ABORT_FRAME if st.aborted else EOF_FRAME)
-        st.sent = True
+        aborted = st.aborted
+        pool.sendall(ABORT_FRAME if aborted else EOF_FRAME)
+        st.sent = ABORT if aborted else EOF
+        return aborted
     except Exception as exc:  # the pool stream failed (a TLS error is not an OSError)
         st.broken = st.broken or exc
+        return False
 
 
 def _down(pool: Stream, local: socket.socket, st: _State, reader: FrameReader, acct: list[int],
@@ -220,6 +237,8 @@ def _down(pool: Stream, local: socket.socket, st: _State, reader: FrameReader, a
             try:
                 send_all(local, data)
             except OSError as exc:
+                if st.sent == EOF:  # the peer can't be told to stop any more: give it up
+                    raise
                 st.abort(exc, local)
                 continue
             n = len(data)
@@ -235,6 +254,8 @@ def _down(pool: Stream, local: socket.socket, st: _State, reader: FrameReader, a
             except socket.timeout:
                 if sess is None or not sess.expired() or st.aborted:
                     continue  # after an abort, DRAIN decides
+                if st.sent == EOF:  # as for a failed write after our EOF
+                    raise IdleTimeout() from None
                 st.abort(IdleTimeout(), local)
                 continue
             if not n:

@@ -177,14 +177,16 @@ def test_a_user_reset_in_mid_download_aborts_the_session_and_keeps_the_connectio
                     got += len(data)
                 _rst(sock)  # the target keeps sending: the session must still end at both ends
             c.capture.wait_for(r"Exchange complete: \w+: the peer aborted the session")
-            for _ in range(3):
+            for _ in range(3):  # and a user that resets at once, mid-stream
                 sock = connect_retry(uport)
                 sock.settimeout(10)
                 assert sock.recv(65536)
-                sock.close()
-            gevent.sleep(0.5)
-            assert _handshakes(c) == before  # the aborted sessions' connections came back
-            assert s.capture.count(r"Tunnel connection: back in the pool") >= 8
+                _rst(sock)
+            # the aborted sessions' connections came back (the pool may still grow by one or two
+            # while several aborted sessions finish at once: a refill, not a lost connection)
+            assert _logged(s.capture, r"Tunnel connection: back in the pool", 8) == 8
+            assert s.capture.count(r"Tunnel connection: closed") == 0
+            assert _handshakes(c) - before <= 2
             assert not s.core.sessions and not c.core.sessions  # nothing left hanging
     finally:
         source.close()

@@ -8,6 +8,7 @@ import socket as stdsocket
 import struct
 
 import gevent
+import gevent.event
 import pytest
 from gevent import socket
 from helpers import tcp_pair
@@ -176,6 +177,53 @@ def test_an_idle_session_ends_with_an_abort_and_stays_reusable(ends):
     reason, leftover = g.get(timeout=5)
     assert (reason, leftover) == ("idle timeout", b"")
     assert pool_sock.gettimeout() is None  # back in the pool without the session's timeout
+
+
+def test_the_peers_abort_stops_reading_a_local_sender_that_never_stops(ends):
+    """The target streams forever (a download the user gave up): after the peer's ABORT the
+    relay must stop reading it, send its terminal and end, not keep relaying what the
+    socket still delivers after its shutdown."""
+    peer, pool_sock, target, local = ends
+    stop = gevent.event.Event()
+
+    def stream_forever() -> None:
+        try:
+            while not stop.is_set():
+                target.sendall(b"s" * 65536)
+        except OSError:
+            pass
+
+    source = gevent.spawn(stream_forever)
+    g = _run(pool_sock, local)
+    try:
+        gevent.sleep(0.1)
+        peer.send(ABORT_FRAME)
+        data, kind = peer.read_session(timeout=5)  # drains what was on its way
+        assert kind in (EOF, ABORT) and len(data) > 0
+        reason, leftover = g.get(timeout=5)
+        assert leftover == b"" and "aborted" in reason
+    finally:
+        stop.set()
+        source.kill()
+
+
+def test_a_local_write_failing_after_our_eof_gives_the_connection_up(ends):
+    peer, pool_sock, user, local = ends
+    g = _run(pool_sock, local)
+    user.sendall(b"request")
+    user.shutdown(socket.SHUT_WR)
+    assert peer.read_session() == (b"request", EOF)  # our EOF is out
+    _rst(user)  # and now the user is gone
+    gevent.sleep(0.05)
+    for _ in range(40):  # the peer still streams: it can't be told to stop any more
+        if g.ready():
+            break
+        try:
+            peer.send(data_frame(b"z" * 60000))
+        except OSError:
+            break
+    reason, leftover = g.get(timeout=5)
+    assert leftover is None, reason
 
 
 def test_local_writes_that_fail_abort_the_session(ends):
