@@ -32,6 +32,7 @@ from ..log import InstanceLog
 from ..metrics import Events
 from ..net.resolver import Resolver
 from ..relay.limit import RateLimiter, Slots
+from ..relay.runners import Sessions
 from ..relay.stats import Traffic
 from ..settings import Options
 from ..url import TunnelSpec
@@ -80,7 +81,7 @@ class Core:
         self.inst = inst
         self.log = inst.log
         self.opts = inst.opts
-        self.sessions = Group()
+        self.sessions = Sessions()  # user sessions' handlers, on parked workers
         self.tasks = Group()  # background loops (reporter, pool manager...)
         self._outcome: AsyncResult = AsyncResult()
         self._closed = False
@@ -110,7 +111,7 @@ class Core:
             self.sessions.join(timeout=grace)
         self.close()
 
-    def close(self, keep_sessions: bool = False) -> Group | None:
+    def close(self, keep_sessions: bool = False) -> Sessions | None:
         """Release everything.  With *keep_sessions* (a restart after a failure), live sessions
         are not killed: their own connections may still be healthy, so they carry on and the
         group holding them is returned to the caller, which drains them on shutdown."""
@@ -171,7 +172,7 @@ class Runner:
         self.core: Core | None = None
         self.mode: str | int = inst.opts.mode
         self.starts = 0
-        self.survivors = Group()  # sessions of failed cores that carry on (see Core.close)
+        self.survivors = Sessions()  # sessions of failed cores that carry on (see Core.close)
         self._stopping = False
         self._wake = Event()
         self._greenlet: gevent.Greenlet | None = None
@@ -272,11 +273,10 @@ class Runner:
         if tls is not None and not tls_changed:
             tls.reload_now()
 
-    def _keep(self, sessions: Group | None) -> None:
+    def _keep(self, sessions: Sessions | None) -> None:
         if sessions is not None:
             self.log.info("%d live sessions carry on across the restart", len(sessions))
-            for greenlet in list(sessions):
-                self.survivors.add(greenlet)
+            self.survivors.adopt(sessions)
 
     def close(self) -> None:
         self.stop(0)

@@ -19,9 +19,8 @@ from ..pool.tcp import IdlePool, PoolConn
 from ..protocol.signals import Signal, Verify
 
 if TYPE_CHECKING:
-    from gevent.pool import Group
-
     from ..log import InstanceLog
+    from ..relay.runners import Sessions
     from ..settings import Options
 
 
@@ -32,7 +31,7 @@ class VerifySignal:
     log: InstanceLog
     opts: Options
     pool: IdlePool
-    sessions: Group
+    sessions: Sessions
     peer: str
     npg: int
     flow: str

@@ -94,3 +94,43 @@ def test_an_exception_in_a_job_is_reported_and_the_worker_survives(monkeypatch):
     again = runners.run(lambda: "ok")
     again.join(timeout=5)
     assert again.value == "ok"
+
+
+def test_sessions_count_join_and_kill_like_a_group():
+    sessions = runners.Sessions()
+    gate = Event()
+    done = []
+    jobs = [sessions.spawn(lambda i=i: (gate.wait(), done.append(i))) for i in range(5)]
+    assert len(sessions) == 5 and not sessions.join(timeout=0.05)
+    gate.set()
+    assert sessions.join(timeout=5) and len(sessions) == 0
+    assert sorted(done) == list(range(5)) and all(job.dead for job in jobs)
+
+    stuck = [sessions.spawn(Event().wait) for _ in range(3)]
+    gevent.sleep(0)
+    sessions.kill(block=True, timeout=5)  # GreenletExit in each, as Group.kill
+    assert len(sessions) == 0 and all(job.dead for job in stuck)
+
+
+def test_sessions_that_carry_on_are_adopted_and_drained_by_their_new_owner():
+    old, survivors = runners.Sessions(), runners.Sessions()
+    gate = Event()
+    old.spawn(gate.wait)
+    old.spawn(gate.wait)
+    gevent.sleep(0)
+    survivors.adopt(old)
+    assert len(old) == 0 and old.join(timeout=0) and len(survivors) == 2
+    gate.set()
+    assert survivors.join(timeout=5) and len(survivors) == 0
+
+
+def test_session_handlers_reuse_parked_workers():
+    """A user connection's handler costs a job on a parked worker, not a new greenlet: no
+    frame stack mapped and unmapped, no Greenlet object, per connection."""
+    sessions = runners.Sessions()
+    first = sessions.spawn(getcurrent)
+    first.join(timeout=5)
+    for _ in range(20):
+        job = sessions.spawn(getcurrent)
+        job.join(timeout=5)
+        assert job.value is first.value
