@@ -1,8 +1,9 @@
 """The user-facing listeners of a core: TCP and UDP on one address.
 
 Single-end forwarding listens on the tunnel address, the receiving side of a
-tunnel on its first target address; both open a gevent ``StreamServer`` (one
-greenlet per connection) and a UDP :class:`~npgevent.relay.udp.SessionTable`,
+tunnel on its first target address; both open a gevent ``StreamServer`` (each
+connection's handler on a parked worker greenlet, :class:`~npgevent.relay.runners.Sessions`)
+and a UDP :class:`~npgevent.relay.udp.SessionTable`,
 as ``notcp``/``noudp`` allow, and tear them down the same way.  Both count
 every user session against ``slot=``: a connection over the limit is refused
 here (the UDP table does the same for new source addresses).

@@ -14,9 +14,9 @@ A :class:`Job` offers what the relay needs of a greenlet: ``join``, ``kill``, ``
 ``value``.  :class:`Sessions` offers what a core needs of its ``Group`` of session handlers
 (``spawn``, ``len``, ``join``, ``kill``): a user connection's handler runs on a parked worker
 too (a gevent ``Greenlet`` spawned into a ``Group``, run and reaped costs ~31 us here, a job
-on a parked worker ~10 us).  A kill is decided in a hub callback: it throws into the worker only while the
-worker runs *that* job, and a job killed before it started never runs, so a late kill can't
-reach the worker's next job.  An exception other than the kill is reported through the hub,
+on a parked worker ~10 us).  A kill is decided in a hub callback: it throws into the worker
+only while the worker runs *that* job, and a job killed before it started never runs, so a
+late kill can't reach the worker's next job.  An exception other than the kill is reported through the hub,
 as an uncaught exception in a greenlet is.  Jobs must not rely on greenlet identity or
 greenlet-local state (the relay's pumps don't).
 """

@@ -349,7 +349,7 @@ def test_master_tls2_files_and_fallback(tmp_path):
         m.wait_for(r"INFO  TLS code-2: master-cert with TLS 1\.3")
         info = m.api("GET", "/info").json
         assert (info["tls"], info["crt"], info["key"]) == ("2", str(certs["crt"]), str(certs["key"]))
-        rid = _create(m, "server://:%d/127.0.0.1:9?mode=2" % free_port())
+        rid = _create(m, "server://127.0.0.1:%d/127.0.0.1:9?mode=2" % free_port())
         url = m.api("GET", "/instances/" + rid).json["url"]
         assert "tls=2" in url and "crt=" in url and "key=" in url  # code-2 settings passed on to servers
     q = "log=info&tls=2&crt=%s&key=%s" % (tmp_path / "missing.crt", tmp_path / "missing.key")
