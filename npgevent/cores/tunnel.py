@@ -306,7 +306,7 @@ class TunnelCore(VerifySignal, Core):
             log.debug("Exchange complete: %s: %s", conn.cid, reason)
         finally:
             # nothing may follow the dialling side's terminal frame: only a clean end is reused
-            kept = self.pool.finish(conn, None if leftover else leftover, trim=True)
+            kept = self.pool.finish(conn, leftover if leftover == b"" else None, trim=True)
             log.debug("Tunnel connection: %s %s", "back in the pool" if kept else "closed", conn.cid)
 
     def _relay_tcp(self, conn: PoolConn, local: socket.socket, framed: bool) -> tuple[str, bytes | None]:

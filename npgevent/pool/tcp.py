@@ -133,28 +133,21 @@ class IdlePool:
         """*conn* carries a session and comes back after it (see module docstring)."""
         self.lent[conn.cid] = conn
 
-    def keep_limit(self) -> int:
-        """How many idle connections the receiving side keeps when one comes back."""
-        return self.max_idle
-
     def finish(self, conn: PoolConn, leftover: bytes | None, trim: bool = False) -> bool:
         """After a session on *conn*: back to the idle pool if the session left it reusable
         (*leftover*, the bytes read past it, is not None), it was lent since the last flush,
-        and (with *trim*, the receiving side) fewer than :meth:`keep_limit` are idle; else
+        and (with *trim*, the receiving side) fewer than :attr:`max_idle` are idle; else
         closed.  True if it went back."""
         lent = self.lent.get(conn.cid) is conn
         if lent:
             del self.lent[conn.cid]
-        if leftover is not None and lent and not self.closed:
-            limit = self.keep_limit() if trim else 0
-            if not limit or len(self.idle) < limit:
-                if leftover:
-                    unread = getattr(conn.stream, "unread", None)
-                    if unread is not None:
-                        unread(leftover)
-                        return self.add(conn)
-                else:
-                    return self.add(conn)
+        kept = (leftover is not None and lent and not self.closed
+                and not (trim and self.max_idle and len(self.idle) >= self.max_idle)
+                and (not leftover or hasattr(conn.stream, "unread")))  # a plain socket can't take it back
+        if kept:
+            if leftover:
+                conn.stream.unread(leftover)
+            return self.add(conn)
         conn.close()
         if lent:
             self._taken()  # it won't come back: the client's refill replaces it
@@ -300,6 +293,7 @@ class ClientPool(IdlePool):
         self.concurrency = concurrency  # dials in flight at most, as the greenlet pool allows
         self._capped = False  # a round opened fewer than it needed: a finished dial wakes the loop
         self.adaptive = adaptive
+        self.max_idle = adaptive.max_capacity  # the server's max=, as on the server
         self.in_flight = 0
         self.dialers = Pool(concurrency)
         self.report_every = report_every
@@ -342,9 +336,6 @@ class ClientPool(IdlePool):
                 # woken by a take: let the session that took the connection dial its target
                 # first, so the refill's connect and handshake are not in its path
                 gevent.sleep(REFILL_DEFER)
-
-    def keep_limit(self) -> int:
-        return self.adaptive.max_capacity  # the server's max, as on the server
 
     def _dial_one(self, fails: int = 0) -> None:
         """One greenlet dial of a round that started with *fails* failures counted.  A TLS

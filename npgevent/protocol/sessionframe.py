@@ -123,3 +123,7 @@ class FrameReader:
     def rest(self) -> bytes:
         """The bytes read past the last event returned."""
         return bytes(self._view[self.start : self.end])
+
+    def reset(self) -> None:
+        """Forget everything read (the reader serves the next session)."""
+        self.start = self.end = self.left = 0

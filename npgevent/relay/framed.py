@@ -149,7 +149,7 @@ def relay_framed(
             t.close()
     reusable = st.broken is None and st.sent
     leftover = reader.rest() if reusable else None
-    reader.start = reader.end = reader.left = 0
+    reader.reset()
     if len(_readers) < KEEP_READERS:
         _readers.append(reader)
     if reusable and idle > 0:
