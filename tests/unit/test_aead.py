@@ -39,15 +39,44 @@ def impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
     if request.param == "native":
         if not aead.native():
             pytest.skip("this Python's hashlib is not linked against a shared OpenSSL")
+        # this test process has loaded cryptography (the reference): keep the objects on ctypes
+        monkeypatch.setattr(aead, "_cryptography_loaded", lambda: False)
     else:
         monkeypatch.setattr(aead, "_EVP", None)
     return str(request.param)
+
+
+def _backend(box: aead.ChaCha20Poly1305) -> str:
+    return "ctypes" if box._impl is None else "cryptography"
 
 
 def test_rfc8439_vector(impl: str) -> None:
     box = aead.ChaCha20Poly1305(KEY)
     assert box.encrypt(NONCE, PLAIN, AAD) == SEALED
     assert box.decrypt(NONCE, SEALED, AAD) == PLAIN
+    assert _backend(box) == ("ctypes" if impl == "native" else "cryptography")
+
+
+def test_moves_to_cryptography_once_the_process_has_loaded_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ctypes call costs ~2 us: a tls=1 or QUIC tunnel, which loads cryptography anyway,
+    seals its control lines with cryptography's class from its next message on; lines sealed
+    before and after the move open on either side, in sequence."""
+    if not aead.native():
+        pytest.skip("this Python's hashlib is not linked against a shared OpenSSL")
+    loaded = [False]
+    monkeypatch.setattr(aead, "_cryptography_loaded", lambda: loaded[0])
+    a, b = ControlCipher(b"1" * 32, b"2" * 32), ControlCipher(b"2" * 32, b"1" * 32)
+    first = a.seal_line(b"np://one")
+    assert _backend(a._send) == _backend(b._recv) == "ctypes"
+    loaded[0] = True  # pyOpenSSL is imported for the first TLS pool connection
+    assert b.open_line(first) == b"np://one"
+    assert _backend(b._recv) == "cryptography" and _backend(a._send) == "ctypes"
+    second = a.seal_line(b"np://two")
+    assert _backend(a._send) == "cryptography"
+    assert b.open_line(second) == b"np://two"
+    with pytest.raises(RemoteProtocolError):
+        b.open_line(first)  # replayed across the move: still refused
+    assert _backend(aead.ChaCha20Poly1305(KEY)) == "cryptography"  # new objects start there
 
 
 def test_agrees_with_cryptography_over_many_messages_on_one_object(impl: str) -> None:
