@@ -200,6 +200,23 @@ class TLSStream:
             raise TLSError("TLS read needs a write first")  # never waits in the hub
         return data
 
+    def recv_into_nowait(self, buffer: Any) -> int | None:
+        """Read what is ready into *buffer* without waiting (a hub callback's read): the count,
+        ``None`` if nothing is, ``0`` at the end, ``-1`` if OpenSSL must write first (which
+        only a greenlet can wait for)."""
+        if self._pending:
+            n = min(len(buffer), len(self._pending))
+            buffer[:n] = self._pending[:n]
+            self._pending = self._pending[n:]
+            return n
+        try:
+            return self._io.recv_into(buffer, 0, len(buffer))
+        except SSL.Error as exc:
+            outcome = self._failed_read(exc)
+        if outcome is None:
+            return None
+        return -1 if outcome is False else 0
+
     def send_nowait(self, data: bytes) -> int:
         """What :func:`~npgevent.net.sockopt.write_nowait` needs: the bytes written without
         waiting; 0 means none, and the same bytes must be offered again (OpenSSL may hold part

@@ -18,6 +18,10 @@ the pool, with whatever the peer sent after its terminal (the next session's fir
   queued, and a sender that never stops would keep it busy).  A write that fails after
   this end's EOF went out can no longer be told to the peer: the connection is given up.
 
+On a TLS pool stream with no idle timeout and no rate limit, a session starts in hub
+callbacks (:mod:`npgevent.relay.framedhub`): a short one runs to its end there, and anything
+else hands each direction's state over to these pumps, which carry on from it.
+
 After this end sent ABORT, the peer has :data:`DRAIN` seconds to answer with its terminal;
 a peer that doesn't, a pool stream that fails, or a malformed frame leaves the connection
 unusable (the caller closes it, and the peer sees the close).  Nothing is reused that could
@@ -45,7 +49,7 @@ from ..protocol.sessionframe import (
     FrameReader,
     pack_data_header,
 )
-from . import runners
+from . import framedhub, runners
 from .limit import RateLimiter
 from .tcp import IdleTimeout, Stream, _describe, _Session, buffer_pool, chunk_size
 
@@ -113,8 +117,8 @@ def relay_framed(
         if not st.done:
             main.throw(_GiveUp)
 
-    def upward() -> None:
-        aborted = _up(pool, local, st, acct, rx, limiter, sess, _payload(bufsize, limiter))
+    def upward(first: bytes, terminal: int) -> None:
+        aborted = _up(pool, local, st, acct, rx, limiter, sess, _payload(bufsize, limiter), first, terminal)
         if st.done:
             return
         if st.aborted and not aborted and st.broken is None:
@@ -127,22 +131,33 @@ def relay_framed(
             timer.append(t)
             t.start(_drain_expired, st, give_up)
 
-    up = runners.run(upward)
+    # what is left of each direction: (bytes to write first, our terminal they complete) for
+    # the up pump, bytes for the local socket for the down pump; None = that direction is over
+    up_left: tuple[bytes, int] | None = (b"", 0)
+    down_left: bytes | None = b""
+    up: runners.Job | None = None
     try:
-        _down(pool, local, st, reader, acct, tx, limiter, sess)
+        if framedhub.usable(pool, local, limiter, idle):  # short sessions never leave the hub
+            up_left, down_left = framedhub.run(pool, local, st, reader, acct, rx, tx,
+                                               _payload(bufsize, limiter))
+        if up_left is not None:
+            up = runners.run(upward, *up_left)
+        if down_left is not None:
+            _down(pool, local, st, reader, acct, tx, limiter, sess, down_left)
         st.done = True
-        up.join()
+        if up is not None:
+            up.join()
     except _GiveUp:
         st.done = True
-        up.kill(block=True)
+        _kill(up)
         st.broken = st.broken or TimeoutError("no terminal frame from the peer within %gs" % DRAIN)
     except Exception as exc:  # the pool stream failed, or a malformed frame
         st.done = True
         st.broken = st.broken or exc
-        up.kill(block=True)
+        _kill(up)
     except BaseException:
         st.done = True
-        up.kill(block=True)
+        _kill(up)
         raise
     finally:
         for t in timer:
@@ -155,6 +170,11 @@ def relay_framed(
     if reusable and idle > 0:
         pool.settimeout(None)
     return _describe(st.broken or st.reason), leftover
+
+
+def _kill(job: runners.Job | None) -> None:
+    if job is not None:
+        job.kill(block=True)
 
 
 def _payload(bufsize: int, limiter: RateLimiter | None) -> int:
@@ -170,8 +190,13 @@ def _drain_expired(st: _State, give_up: Any) -> None:
 
 
 def _up(pool: Stream, local: socket.socket, st: _State, acct: list[int], idx: int,
-        limiter: RateLimiter | None, sess: _Session | None, chunk: int) -> bool:
+        limiter: RateLimiter | None, sess: _Session | None, chunk: int, first: bytes = b"",
+        terminal: int = 0) -> bool:
     """Local socket -> DATA frames; then this end's terminal frame.  True if it was ABORT.
+
+    *first*: the rest of a frame the hub phase could not write whole (:mod:`.framedhub`),
+    written before anything else; *terminal*: it completes this end's terminal frame, and
+    the direction is over once it is out.
 
     It stops reading once the session is aborted (by either pump): a local socket shut down
     for reading still returns what it had queued, and a sender that never stops (a stream
@@ -180,6 +205,11 @@ def _up(pool: Stream, local: socket.socket, st: _State, acct: list[int], idx: in
     raw_recv_into = local._sock.recv_into
     wait = local._wait
     try:
+        if first:
+            pool.sendall(first)
+        if terminal:
+            st.sent = terminal
+            return terminal == ABORT
         while not st.aborted:
             buf = bufs.get()
             try:
@@ -223,24 +253,33 @@ def _up(pool: Stream, local: socket.socket, st: _State, acct: list[int], idx: in
         return False
 
 
+def _write_local(local: socket.socket, st: _State, data: Any) -> bool:
+    """A data frame's bytes to the local socket; False if that failed and the session is
+    aborted (raises where the peer can no longer be told to stop: after this end's EOF)."""
+    try:
+        send_all(local, data)
+    except OSError as exc:
+        if st.sent == EOF:  # the peer can't be told to stop any more: give it up
+            raise
+        st.abort(exc, local)
+        return False
+    return True
+
+
 def _down(pool: Stream, local: socket.socket, st: _State, reader: FrameReader, acct: list[int],
-          idx: int, limiter: RateLimiter | None, sess: _Session | None) -> None:
+          idx: int, limiter: RateLimiter | None, sess: _Session | None, first: bytes = b"") -> None:
     """The peer's frames -> local socket, until the peer's terminal frame (returns) or a
-    failure of the pool stream (raises)."""
+    failure of the pool stream (raises).  *first*: the rest of a data frame the hub phase
+    could not write whole (already counted), written before the next frame."""
     recv_into = pool.recv_into
+    if first:
+        _write_local(local, st, first)  # a failure aborts: what the peer still sends is dropped
     while True:
         kind, data = reader.next()
         if kind == DATA:
             assert data is not None
-            if st.aborted:
+            if st.aborted or not _write_local(local, st, data):
                 continue  # this end gave up the session: the rest is dropped
-            try:
-                send_all(local, data)
-            except OSError as exc:
-                if st.sent == EOF:  # the peer can't be told to stop any more: give it up
-                    raise
-                st.abort(exc, local)
-                continue
             n = len(data)
             acct[idx] += n
             if sess is not None:

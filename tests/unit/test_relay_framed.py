@@ -4,6 +4,7 @@ scripted here: it writes frames and reads what the relay writes."""
 
 from __future__ import annotations
 
+import random
 import socket as stdsocket
 import struct
 
@@ -64,13 +65,49 @@ def _rst(sock: socket.socket) -> None:
     sock.close()
 
 
-@pytest.fixture
-def ends():
+class NowaitStream:
+    """A plain socket with a TLS stream's reads and writes without waiting: the relay starts
+    its sessions in hub callbacks on it (npgevent.relay.framedhub), as on a TLS pool."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def recv_into(self, buffer, nbytes: int = 0) -> int:
+        return self.sock.recv_into(buffer, nbytes)
+
+    def sendall(self, data) -> None:
+        self.sock.sendall(data)
+
+    def settimeout(self, value) -> None:
+        self.sock.settimeout(value)
+
+    def gettimeout(self):
+        return self.sock.gettimeout()
+
+    def has_buffered(self) -> bool:
+        return False
+
+    def recv_into_nowait(self, buffer) -> int | None:
+        try:
+            return self.sock._sock.recv_into(buffer)
+        except BlockingIOError:
+            return None
+
+    def send_nowait(self, data) -> int:
+        try:
+            return self.sock._sock.send(data)
+        except BlockingIOError:
+            return 0
+
+
+@pytest.fixture(params=["greenlets", "hub"])
+def ends(request):
     pool_near, pool_far = tcp_pair()  # the relay's pool stream / the scripted peer
     local_near, local_far = tcp_pair()  # the user (or target) / the relay's local socket
     for s in (pool_near, pool_far, local_near, local_far):
         s.settimeout(None)
-    yield Peer(pool_far), pool_near, local_near, local_far
+    stream = pool_near if request.param == "greenlets" else NowaitStream(pool_near)
+    yield Peer(pool_far), stream, local_near, local_far
     for s in (pool_near, pool_far, local_near, local_far):
         s.close()
 
@@ -235,6 +272,161 @@ def test_local_writes_that_fail_abort_the_session(ends):
     assert peer.read_session()[1] == ABORT
     peer.send(EOF_FRAME)
     assert g.get(timeout=5)[1] == b""
+
+
+@pytest.fixture
+def hub_ends():
+    pool_near, pool_far = tcp_pair()
+    local_near, local_far = tcp_pair()
+    for s in (pool_near, pool_far, local_near, local_far):
+        s.settimeout(None)
+    yield Peer(pool_far), NowaitStream(pool_near), local_near, local_far
+    for s in (pool_near, pool_far, local_near, local_far):
+        s.close()
+
+
+def _count_jobs(monkeypatch) -> list[int]:
+    jobs = [0]
+    real = framed.runners.run
+
+    def counted(fn, *args):
+        jobs[0] += 1
+        return real(fn, *args)
+
+    monkeypatch.setattr(framed.runners, "run", counted)
+    return jobs
+
+
+def test_hub_a_request_and_response_runs_in_hub_callbacks_alone(hub_ends, monkeypatch):
+    """The whole short session in the hub: no worker job for the up pump."""
+    jobs = _count_jobs(monkeypatch)
+    peer, pool_sock, user, local = hub_ends
+    g = _run(pool_sock, local)
+    peer.send(data_frame(b"GET /"))
+    assert user.recv(100) == b"GET /"
+    user.sendall(b"200 OK")
+    user.shutdown(socket.SHUT_WR)
+    assert peer.read_session() == (b"200 OK", EOF)
+    peer.send(EOF_FRAME, data_frame(b"next"))
+    assert g.get(timeout=5) == ("EOF", b"\x00\x00\x00\x04next")
+    assert user.recv(100) == b""
+    assert jobs[0] == 0
+    assert g.acct == [6, 5]
+
+
+def test_hub_hands_a_download_the_user_reads_slowly_to_the_pumps_byte_exact(hub_ends, monkeypatch):
+    jobs = _count_jobs(monkeypatch)
+    peer, pool_sock, user, local = hub_ends
+    g = _run(pool_sock, local)
+    body = bytes(range(251)) * 20000  # ~5 MB: the local socket's buffers fill up
+    sender = gevent.spawn(peer.send, *[data_frame(body[i:i + 60000]) for i in range(0, len(body), 60000)],
+                          EOF_FRAME)
+    gevent.sleep(0.2)  # the user reads nothing yet: a local write goes out short
+    got = bytearray()
+    user.settimeout(5)
+    while True:
+        chunk = user.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    assert bytes(got) == body
+    sender.get(timeout=5)
+    user.sendall(b"thanks")
+    user.shutdown(socket.SHUT_WR)
+    assert peer.read_session() == (b"thanks", EOF)
+    assert g.get(timeout=5) == ("EOF", b"")
+    assert jobs[0] == 1  # the up pump took over with the session
+    assert g.acct == [6, len(body)]
+
+
+def test_hub_hands_an_upload_the_peer_reads_slowly_to_the_pumps_byte_exact(hub_ends):
+    peer, pool_sock, user, local = hub_ends
+    g = _run(pool_sock, local)
+    body = bytes(range(7, 250)) * 20000
+    uploader = gevent.spawn(lambda: (user.sendall(body), user.shutdown(socket.SHUT_WR)))
+    gevent.sleep(0.2)  # the peer reads nothing yet: a frame goes out short
+    assert peer.read_session(timeout=10) == (body, EOF)
+    uploader.get(timeout=5)
+    peer.send(EOF_FRAME)
+    assert g.get(timeout=5) == ("EOF", b"")
+    assert g.acct[0] == len(body)
+
+
+def test_hub_a_local_socket_closed_under_the_phase_aborts_and_stays_reusable(hub_ends):
+    peer, pool_sock, _user, local = hub_ends
+    g = _run(pool_sock, local)
+    gevent.sleep(0.05)
+    local.close()  # another greenlet closes it: gevent cancels the watcher
+    assert peer.read_session() == (b"", ABORT)
+    peer.send(EOF_FRAME)
+    reason, leftover = g.get(timeout=5)
+    assert leftover == b"", reason
+
+
+def test_hub_a_killed_relay_leaves_no_watcher_running(hub_ends):
+    peer, pool_sock, user, local = hub_ends
+    g = _run(pool_sock, local)
+    peer.send(data_frame(b"x"))
+    assert user.recv(10) == b"x"
+    g.kill(block=True, timeout=5)
+    assert g.dead
+    assert not local._read_event.active and not pool_sock.sock._read_event.active
+    user.sendall(b"after")  # nothing reads it any more, nothing fails
+    gevent.sleep(0.05)
+
+
+def _peer_sends(peer: Peer, data: bytes, pause: float, step: int) -> None:
+    gevent.sleep(pause)
+    for pos in range(0, len(data), step):
+        peer.send(data_frame(data[pos:pos + step]))
+    peer.send(EOF_FRAME)
+
+
+def _user_talks(user: socket.socket, data: bytes, pause: float) -> bytes:
+    """Send *data*, half-close, and read everything until the relay's half-close."""
+    gevent.sleep(pause)
+    user.sendall(data)
+    user.shutdown(socket.SHUT_WR)
+    got = bytearray()
+    while True:
+        chunk = user.recv(65536)
+        if not chunk:
+            return bytes(got)
+        got += chunk
+
+
+def test_hub_randomised_sessions_one_after_another_on_one_connection(hub_ends, monkeypatch):
+    """Sessions of random sizes and timing on the same pool connection, as a reused one
+    carries them: some end in the hub, some are handed over midway; every byte arrives once
+    and in order both ways, and the connection is clean after each."""
+    jobs = _count_jobs(monkeypatch)
+    handed_over = []
+    peer, pool_sock, _user, _local = hub_ends
+    rng = random.Random(2026)
+    sizes = [0, 1, 64, 5000, 70000, 400000]
+    for i in range(40):
+        user, local = tcp_pair()
+        user.settimeout(10)
+        local.settimeout(None)
+        try:
+            down = rng.randbytes(rng.choice(sizes))
+            up = rng.randbytes(rng.choice(sizes))
+            pause_user, pause_peer = rng.choice([0, 0, 0.02]), rng.choice([0, 0, 0.02])
+            g = _run(pool_sock, local)
+
+            sender = gevent.spawn(_peer_sends, peer, down, pause_peer, rng.randint(1, 60000))
+            talker = gevent.spawn(_user_talks, user, up, pause_user)
+            assert peer.read_session(timeout=10) == (up, EOF), i
+            assert talker.get(timeout=10) == down, i
+            sender.get(timeout=10)
+            assert g.get(timeout=10) == ("EOF", b""), i
+            assert g.acct == [len(up), len(down)], i
+            handed_over.append(jobs[0])
+            jobs[0] = 0
+        finally:
+            user.close()
+            local.close()
+    assert 0 in handed_over and any(handed_over)  # both courses were taken
 
 
 def _conn(cid: str) -> tuple[PoolConn, socket.socket]:
