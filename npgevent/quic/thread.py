@@ -18,6 +18,9 @@ most ``WINDOW`` bytes handed over but not yet on the wire, and
 :meth:`QuicThread._after_transmit` reports the sent offset of streams with
 pending data ("credit"), which releases blocked writers.  Who may connect is
 decided by :mod:`npgevent.quic.admission`.
+
+Every packet crosses both threads, and a thread keeps the GIL from the other for up to the
+switch interval (5 ms by default): once the QUIC thread starts, :data:`SWITCH_INTERVAL`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import sys
 import traceback
 from collections.abc import Callable
 from typing import Any, cast
@@ -47,6 +51,8 @@ _RealSocket = monkey.get_original("socket", "socket")
 _RealSelector = monkey.get_original("selectors", "DefaultSelector")
 
 _STOP_SENDING: Any = getattr(events, "StopSendingReceived", None)
+#: s: how long a thread may keep the GIL while the other waits (see module docstring)
+SWITCH_INTERVAL = 0.0005
 
 
 class QuicThread:
@@ -85,6 +91,7 @@ class QuicThread:
 
     # -- lifecycle --------------------------------------------------------------------
     def start(self) -> None:
+        sys.setswitchinterval(SWITCH_INTERVAL)
         _start_new_thread(self._main, ())
 
     def _main(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 import gevent
@@ -58,6 +59,27 @@ def test_quic_tunnel_in_process(flow, tls, certs, monkeypatch):
         gevent.sleep(0.2)
         assert not any(map(_thread_running, ids))  # both QUIC threads are gone
     finally:
+        echo.close()
+
+
+def test_a_quic_process_lets_its_threads_take_turns_within_half_a_millisecond():
+    """Every packet crosses the gevent thread and the QUIC thread; the default switch interval
+    lets one keep the GIL from the other for 5 ms."""
+    from npgevent.quic.thread import SWITCH_INTERVAL
+
+    default = sys.getswitchinterval()
+    sys.setswitchinterval(0.005)
+    echo = EchoPair()
+    tport, uport = free_port(), free_port()
+    try:
+        server_url = "server://k@127.0.0.1:%d/127.0.0.1:%d?mode=1&quic=1" % (tport, uport)
+        client_url = "client://k@127.0.0.1:%d/127.0.0.1:%d?mode=2&min=2" % (tport, echo.port)
+        with in_process(server_url) as s, in_process(client_url):
+            wait_pool(lambda: s.core.pool.active, 2)
+            assert SWITCH_INTERVAL < 0.001 and sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL)
+            assert echo_roundtrip(uport, b"turns") == b"turns"
+    finally:
+        sys.setswitchinterval(default)
         echo.close()
 
 
