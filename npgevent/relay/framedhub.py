@@ -132,13 +132,18 @@ class _Phase:
                 return
             if not n:
                 self.local_watcher.stop()
-                if pool.send_nowait(EOF_FRAME) == HEADER:
+                written = pool.send_nowait(EOF_FRAME)
+                if written == HEADER:
                     st.sent = EOF
                     self.up_left = None
                     if self.down_left is None:
                         self.end()
-                else:  # not out (a TLS record is all or nothing): the pump reads the EOF again
-                    self.end()
+                    return
+                if written:  # part of it (not on TLS, whose record is all or nothing)
+                    self.up_left = (EOF_FRAME[written:], EOF)
+                # else nothing out, and the same bytes must be offered again: the pump reads
+                # the local EOF again and sends the frame
+                self.end()
                 return
             pack_data_header(buf, n)
             frame = memoryview(buf)[: HEADER + n]
@@ -203,7 +208,9 @@ class _Phase:
                 self.down_left = None
                 self.end()
                 return
-        if pool.has_buffered():  # decrypted bytes no socket event will announce
+        # frames already read (more than one callback takes) or decrypted bytes inside the
+        # stream: no socket event will announce them
+        if reader.start < reader.end or pool.has_buffered():
             self.hub.loop.run_callback(self.down.fire)
 
     def end(self, error: BaseException | None = None) -> None:

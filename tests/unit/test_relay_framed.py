@@ -363,6 +363,45 @@ def test_hub_a_local_socket_closed_under_the_phase_aborts_and_stays_reusable(hub
     assert leftover == b"", reason
 
 
+def test_hub_many_small_frames_in_one_read_all_pass_on(hub_ends):
+    """More frames than one callback takes, all read at once: the rest is parsed in the next
+    callback, without waiting for the socket to bring more."""
+    peer, pool_sock, user, local = hub_ends
+    g = _run(pool_sock, local)
+    parts = [b"%03d;" % i for i in range(200)]
+    peer.send(*[data_frame(p) for p in parts])  # one write: one read takes them all
+    user.settimeout(5)
+    got = b""
+    while len(got) < 800:
+        got += user.recv(1000)
+    assert got == b"".join(parts)
+    peer.send(EOF_FRAME)
+    assert user.recv(10) == b""
+    user.close()
+    assert peer.read_session() == (b"", EOF)
+    assert g.get(timeout=5) == ("EOF", b"")
+
+
+class ShortWrites(NowaitStream):
+    """Writes without waiting go out two bytes at a time (a congested socket, cut anywhere)."""
+
+    def send_nowait(self, data) -> int:
+        return super().send_nowait(bytes(data[:2]))
+
+
+@pytest.mark.parametrize("payload", [b"", b"hello"])
+def test_hub_frames_cut_short_are_finished_by_the_pumps_whole(hub_ends, payload):
+    peer, pool_sock, user, local = hub_ends
+    g = _run(ShortWrites(pool_sock.sock), local)
+    if payload:
+        user.sendall(payload)
+        gevent.sleep(0.05)
+    user.shutdown(socket.SHUT_WR)
+    assert peer.read_session() == (payload, EOF)  # one DATA frame (if any), one EOF: whole
+    peer.send(EOF_FRAME)
+    assert g.get(timeout=5) == ("EOF", b"")
+
+
 def test_hub_a_killed_relay_leaves_no_watcher_running(hub_ends):
     peer, pool_sock, user, local = hub_ends
     g = _run(pool_sock, local)
