@@ -4,7 +4,8 @@ A UDP session through a tls>=1 tunnel reads one framed datagram at a time, and t
 hardly ever there yet.  An SSL read that finds nothing costs a read syscall and a WantReadError
 raised through pyOpenSSL; reads wait first when nothing is decrypted inside and nothing is
 on the socket (``TLSStream.drained``), and never when OpenSSL already holds decrypted bytes
-(nothing more may come).
+(nothing more may come).  Framed sessions (npgevent.relay.framed and framedhub) over a real TLS
+stream: one that starts with bytes read past the last session, and bulk both ways.
 """
 
 from __future__ import annotations
@@ -180,3 +181,98 @@ def test_hub_reader_takes_up_what_openssl_already_decrypted(pair):
     server.shutdown(socket.SHUT_RDWR)  # close_notify: the reader ends cleanly
     serving.join(timeout=5)
     assert serving.successful()
+
+
+def _read_frames(stream: TLSStream) -> tuple[bytes, int]:
+    """A framed session's bytes from *stream* up to its terminal frame, and the terminal."""
+    from npgevent.protocol.sessionframe import DATA, NEED, FrameReader
+
+    reader, data = FrameReader(1 << 16), bytearray()
+    while True:
+        kind, chunk = reader.next()
+        if kind == DATA:
+            data += chunk
+        elif kind == NEED:
+            room = reader.room()
+            n = stream.recv_into(room, len(room))
+            assert n, "closed before the terminal frame"
+            reader.filled(n)
+        else:
+            return bytes(data), kind
+
+
+def _local_pair() -> tuple[socket.socket, socket.socket]:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    near = socket.create_connection(listener.getsockname())
+    far, _ = listener.accept()
+    listener.close()
+    near.settimeout(10)
+    return near, far
+
+
+def test_a_framed_session_starts_with_what_was_read_past_the_last_one(pair):
+    """A reused connection hands the next session the bytes read past the last one's end
+    (``unread``): the relay starts with them, in hub callbacks, with nothing more on the
+    socket."""
+    from npgevent.protocol.sessionframe import EOF, EOF_FRAME, data_frame
+    from npgevent.relay.framed import relay_framed
+
+    server, client, _counting = pair
+    user, local = _local_pair()
+    try:
+        client.unread(data_frame(b"early bytes") + EOF_FRAME)
+        acct = [0, 0]
+        g = gevent.spawn(relay_framed, client, local, acct, 0, 1)
+        assert user.recv(100) == b"early bytes" and user.recv(100) == b""
+        user.sendall(b"reply")
+        user.shutdown(socket.SHUT_WR)
+        assert _read_frames(server) == (b"reply", EOF)
+        assert g.get(timeout=10) == ("EOF", b"")
+        assert acct == [5, 11]
+    finally:
+        user.close()
+        local.close()
+
+
+def _send_frames(stream: TLSStream, data: bytes) -> None:
+    from npgevent.protocol.sessionframe import EOF_FRAME, data_frame
+
+    for pos in range(0, len(data), 60000):
+        stream.sendall(data_frame(data[pos:pos + 60000]))
+    stream.sendall(EOF_FRAME)
+
+
+def _talk(user: socket.socket, data: bytes) -> bytes:
+    user.sendall(data)
+    user.shutdown(socket.SHUT_WR)
+    got = bytearray()
+    while chunk := user.recv(1 << 16):
+        got += chunk
+    return bytes(got)
+
+
+def test_framed_sessions_over_tls_both_ways_byte_exact(pair):
+    """Bulk both ways at once over a real TLS stream: the relay starts in the hub and hands
+    over to the pumps (short writes, full chunks); every byte arrives once, in order."""
+    from npgevent.protocol.sessionframe import EOF
+    from npgevent.relay.framed import relay_framed
+
+    server, client, _counting = pair
+    for round_ in range(3):
+        user, local = _local_pair()
+        try:
+            down = bytes((i * 7 + round_) & 0xFF for i in range(3 << 20))
+            up = bytes((i * 13 + round_) & 0xFF for i in range(2 << 20))
+            g = gevent.spawn(relay_framed, client, local, [0, 0], 0, 1)
+
+            sender = gevent.spawn(_send_frames, server, down)
+            talker = gevent.spawn(_talk, user, up)
+            assert _read_frames(server) == (up, EOF)
+            assert talker.get(timeout=20) == down
+            sender.get(timeout=10)
+            assert g.get(timeout=10) == ("EOF", b"")
+        finally:
+            user.close()
+            local.close()
