@@ -109,6 +109,7 @@ def relay_framed(
         local.settimeout(idle)
         pool.settimeout(idle)
     reader = _readers.pop() if _readers else FrameReader(READER_SIZE)
+    chunk = _payload(bufsize, limiter)
     main = gevent.getcurrent()
     loop = gevent.get_hub().loop
     timer: list[Any] = []
@@ -118,7 +119,7 @@ def relay_framed(
             main.throw(_GiveUp)
 
     def upward(first: bytes, terminal: int) -> None:
-        aborted = _up(pool, local, st, acct, rx, limiter, sess, _payload(bufsize, limiter), first, terminal)
+        aborted = _up(pool, local, st, acct, rx, limiter, sess, chunk, first, terminal)
         if st.done:
             return
         if st.aborted and not aborted and st.broken is None:
@@ -138,8 +139,7 @@ def relay_framed(
     up: runners.Job | None = None
     try:
         if framedhub.usable(pool, local, limiter, idle):  # short sessions never leave the hub
-            up_left, down_left = framedhub.run(pool, local, st, reader, acct, rx, tx,
-                                               _payload(bufsize, limiter))
+            up_left, down_left = framedhub.run(pool, local, st, reader, acct, rx, tx, chunk)
         if up_left is not None:
             up = runners.run(upward, *up_left)
         if down_left is not None:

@@ -90,6 +90,7 @@ class _Phase:
                  acct: list[int], rx: int, tx: int, chunk: int) -> None:
         self.pool, self.local, self.st, self.reader = pool, local, st, reader
         self.acct, self.rx, self.tx, self.chunk = acct, rx, tx, chunk
+        self.bufs = buffer_pool(chunk + HEADER)  # a read's frame: header in front, one write
         self.hub = gevent.get_hub()
         self.waiter = Waiter(self.hub)
         self.up_left: tuple[bytes, int] | None = (b"", 0)  # as relay_framed's (see there)
@@ -118,8 +119,7 @@ class _Phase:
     # -- in the hub ------------------------------------------------------------------------
     def _up(self) -> None:
         """Local socket -> one DATA frame (or, at its end, our EOF)."""
-        st, pool = self.st, self.pool
-        bufs = buffer_pool(self.chunk + HEADER)
+        st, pool, bufs = self.st, self.pool, self.bufs
         buf = bufs.get()
         try:
             try:
