@@ -194,6 +194,26 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
     return near, far
 
 
+def read_frames(stream: Any, reader: Any) -> tuple[bytes, int]:
+    """A framed session's bytes (npgevent.protocol.sessionframe) read from *stream* through
+    *reader* up to its terminal frame, and which terminal it was; the reader keeps what came
+    after it."""
+    from npgevent.protocol.sessionframe import DATA, NEED
+
+    data = bytearray()
+    while True:
+        kind, chunk = reader.next()
+        if kind == DATA:
+            data += chunk
+        elif kind == NEED:
+            room = reader.room()
+            n = stream.recv_into(room, len(room))
+            assert n, "pool connection closed before the terminal frame"
+            reader.filled(n)
+        else:
+            return bytes(data), kind
+
+
 def recv_all(sock: socket.socket, limit: int | None = None) -> bytes:
     chunks = []
     total = 0

@@ -15,6 +15,7 @@ from typing import Any
 import gevent
 import pytest
 from gevent import socket
+from helpers import read_frames, tcp_pair
 from OpenSSL import SSL
 
 from npgevent.net.certs import self_signed
@@ -54,12 +55,8 @@ class CountingIO:
 
 @pytest.fixture
 def pair():
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    csock = socket.create_connection(listener.getsockname())
-    ssock, _ = listener.accept()
-    listener.close()
+    csock, ssock = tcp_pair()
+    csock.settimeout(None)
     cert, key = self_signed("tls-stream-test")
     server = TLSStream.server(ssock, server_context(cert, key))
     client = TLSStream.client(csock, client_context("1"))
@@ -184,30 +181,13 @@ def test_hub_reader_takes_up_what_openssl_already_decrypted(pair):
 
 
 def _read_frames(stream: TLSStream) -> tuple[bytes, int]:
-    """A framed session's bytes from *stream* up to its terminal frame, and the terminal."""
-    from npgevent.protocol.sessionframe import DATA, NEED, FrameReader
+    from npgevent.protocol.sessionframe import FrameReader
 
-    reader, data = FrameReader(1 << 16), bytearray()
-    while True:
-        kind, chunk = reader.next()
-        if kind == DATA:
-            data += chunk
-        elif kind == NEED:
-            room = reader.room()
-            n = stream.recv_into(room, len(room))
-            assert n, "closed before the terminal frame"
-            reader.filled(n)
-        else:
-            return bytes(data), kind
+    return read_frames(stream, FrameReader(1 << 16))
 
 
 def _local_pair() -> tuple[socket.socket, socket.socket]:
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    near = socket.create_connection(listener.getsockname())
-    far, _ = listener.accept()
-    listener.close()
+    near, far = tcp_pair()
     near.settimeout(10)
     return near, far
 

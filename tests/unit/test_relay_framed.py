@@ -12,7 +12,7 @@ import gevent
 import gevent.event
 import pytest
 from gevent import socket
-from helpers import tcp_pair
+from helpers import read_frames, tcp_pair
 
 from npgevent.log import InstanceLog
 from npgevent.pool.base import Adaptive
@@ -20,10 +20,8 @@ from npgevent.pool.tcp import ClientPool, IdlePool, PoolConn
 from npgevent.protocol.sessionframe import (
     ABORT,
     ABORT_FRAME,
-    DATA,
     EOF,
     EOF_FRAME,
-    NEED,
     FrameReader,
     data_frame,
 )
@@ -45,19 +43,8 @@ class Peer:
 
     def read_session(self, timeout: float = 5.0) -> tuple[bytes, int]:
         """The relay's data up to its terminal frame, and which terminal it was."""
-        data = bytearray()
         with gevent.Timeout(timeout):
-            while True:
-                kind, chunk = self.reader.next()
-                if kind == DATA:
-                    data += chunk
-                elif kind == NEED:
-                    room = self.reader.room()
-                    n = self.sock.recv_into(room, len(room))
-                    assert n, "pool connection closed before the terminal frame"
-                    self.reader.filled(n)
-                else:
-                    return bytes(data), kind
+            return read_frames(self.sock, self.reader)
 
 
 def _rst(sock: socket.socket) -> None:
