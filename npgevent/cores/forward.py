@@ -1,10 +1,16 @@
 """Single-end forwarding (client run mode 1): a plain TCP/UDP port forwarder.
 
 ``client://127.0.0.1:8080/target:80`` listens on the tunnel address and relays
-each TCP connection (gevent ``StreamServer``, one greenlet per connection plus
-one for the reverse direction) and each UDP source address (a session with a
-connected UDP socket to the target) to the target group, with failover,
-``dial=``, ``read=``, ``rate=``, ``slot=``, ``proxy=1`` and ``notcp``/``noudp``.
+each TCP connection and each UDP source address (a session with a connected UDP
+socket to the target) to the target group, with failover, ``dial=``, ``read=``,
+``rate=``, ``slot=``, ``proxy=1`` and ``notcp``/``noudp``.
+
+A TCP connection is dialled at accept, in the hub; when its target is up at once
+(loopback, this host) the session relays from hub callbacks alone
+(:class:`~npgevent.relay.tcphub.HubSession`) and no greenlet runs for it unless a
+direction turns bulk.  A dial that has to wait, fails over or needs a DNS lookup,
+and sessions with ``read=``, ``rate=`` or ``proxy=1``, run in a greenlet
+(gevent ``StreamServer``, a session job plus one for the reverse direction).
 
 Every ``NP_REPORT_INTERVAL`` it logs the CHECK_POINT line with ``MODE=1``,
 ``POOL=0`` and ``PING`` = TCP connect time to a target (0 if unreachable); a
@@ -13,18 +19,20 @@ worker process hands the figures to its parent instead (:mod:`npgevent.workers`)
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import gevent
 from gevent import socket
 
 from ..log import ERROR, checkpoint_line
-from ..net.dial import Dialer, DialError
+from ..net.dial import Attempt, Dialer, DialError
 from ..net.sockopt import format_addr, send_all
 from ..protocol.proxyproto import proxy_v1
 from ..relay.listeners import Listeners
 from ..relay.stats import TCP_RX, TCP_TX
-from ..relay.tcp import relay
+from ..relay.tcp import SPLICE_OK, chunk_size, relay
+from ..relay.tcphub import HubSession
 from ..relay.udp import SessionTable, UdpSession, UdpTargetSession
 from .common import Core, Instance
 
@@ -46,15 +54,46 @@ class ForwardCore(Core):
         tunnel = self.inst.spec.tunnel
         sock, self._pre_listener = self._pre_listener, None
         self.listeners.open(tunnel, self._handle_tcp, self._new_udp_session,
-                            ip=self.inst.resolver.listen_ip(tunnel.host), tcp_sock=sock)
+                            ip=self.inst.resolver.listen_ip(tunnel.host), tcp_sock=sock,
+                            tcp_start=self._start_tcp)
         self.spawn_task(self._report)
 
     # -- TCP ---------------------------------------------------------------------
-    def _handle_tcp(self, conn: socket.socket, addr: Any) -> None:
+    def _start_tcp(self, conn: socket.socket, addr: Any) -> bool:
+        """At accept, in the hub: dial, and where the target is up at once relay from hub
+        callbacks alone (no greenlet for the session); a dial that has to wait or fail over
+        goes on in a session job.  Sessions that need a greenlet's relay (``read=``,
+        ``rate=``, ``proxy=1``) or log each exchange (debug) take the handler's path."""
+        opts, inst = self.opts, self.inst
+        if opts.proxy or opts.read > 0 or inst.limiter is not None or self.log.enabled(10):
+            return False
+        started = self.dialer.start_tcp()
+        if isinstance(started, Attempt):
+            self.sessions.spawn(self._finish_tcp, conn, addr, started)
+            return True
+        target = started[0]
+        session = HubSession(conn, target, inst.traffic.bytes, TCP_RX, TCP_TX,
+                             chunk_size(opts.tcp_data_buf_size, None, SPLICE_OK), SPLICE_OK,
+                             partial(self._end_tcp, conn, target))
+        self.sessions.track(session)
+        session.start()
+        return True
+
+    def _end_tcp(self, conn: socket.socket, target: socket.socket, _err: BaseException | None) -> None:
+        target.close()
+        self.listeners.end_tcp(conn)
+
+    def _finish_tcp(self, conn: socket.socket, addr: Any, attempt: Attempt) -> None:
+        try:
+            self._handle_tcp(conn, addr, attempt)
+        finally:
+            self.listeners.end_tcp(conn)
+
+    def _handle_tcp(self, conn: socket.socket, addr: Any, attempt: Attempt | None = None) -> None:
         """One user connection (its slot is held by the listener)."""
         inst, log = self.inst, self.log
         try:
-            target, where = self.dialer.dial_tcp()
+            target, where = self.dialer.dial_tcp(attempt=attempt)
         except (DialError, OSError) as exc:
             log.limited(ERROR, "dial", "Dial target failed for %s: %s", format_addr(addr), exc)
             return

@@ -7,12 +7,18 @@ every target.  A name resolving to several addresses tries them in turn.
 ``dial=<ip>`` binds outbound sockets to that source address; if binding fails
 (address not on this host, wrong family) npgevent logs it once and falls back
 to ``auto`` for good, as Go does.
+
+:meth:`Dialer.start_tcp` begins a dial inside a hub callback (single-end forwarding calls it
+at accept): a target whose address is known and that connects at once (loopback, this host)
+is ready before any greenlet runs; anything else becomes an :class:`Attempt` that
+:meth:`Dialer.dial_tcp` finishes in a greenlet with the same order, failover and errors.
 """
 
 from __future__ import annotations
 
 import errno
 import itertools
+import os
 import time
 from typing import Any
 
@@ -21,7 +27,7 @@ from gevent import socket
 from ..log import InstanceLog
 from ..url import HostPort
 from .resolver import Resolver
-from .sockopt import connect_numeric, tune_tcp, tune_udp
+from .sockopt import connect_finish, connect_numeric, connect_start, tune_tcp, tune_udp
 
 
 class DialError(OSError):
@@ -34,6 +40,19 @@ def family_of(ip: str) -> int:
 
 def sockaddr(ip: str, port: int) -> tuple[str, int]:
     return (ip, port)
+
+
+class Attempt:
+    """A TCP dial that :meth:`Dialer.start_tcp` began in the hub and a greenlet finishes:
+    the targets in this dial's order, the first one's addresses (empty: not looked up yet),
+    and the connect to the first address (under way with *err* EINPROGRESS/EINTR, or failed
+    with *err* and no socket)."""
+
+    __slots__ = ("err", "ips", "order", "sock")
+
+    def __init__(self, order: list[HostPort], ips: list[str], sock: socket.socket | None,
+                 err: int) -> None:
+        self.order, self.ips, self.sock, self.err = order, ips, sock, err
 
 
 class Dialer:
@@ -78,21 +97,56 @@ class Dialer:
                            self.source_ip, exc.strerror or exc)
             self.source_ip = None
 
-    def dial_tcp(self, timeout: float | None = None) -> tuple[socket.socket, HostPort]:
-        """Connect to the next target (with failover); return (socket, target)."""
+    def dial_tcp(self, timeout: float | None = None,
+                 attempt: Attempt | None = None) -> tuple[socket.socket, HostPort]:
+        """Connect to the next target (with failover); return (socket, target).  With
+        *attempt* (from :meth:`start_tcp`), go on from there: its connect first, then the rest
+        of its order."""
         failures: list[str] = []
-        for target in self._order():
+        timeout = timeout or self.tcp_timeout
+        order = self._order() if attempt is None else attempt.order
+        for n, target in enumerate(order):
             try:
-                return self._connect_tcp(target, timeout or self.tcp_timeout), target
+                if n == 0 and attempt is not None:
+                    return self._resume_tcp(target, attempt, timeout), target
+                return self._connect_tcp(target, timeout), target
             except OSError as exc:
                 failures.append("%s: %s" % (target, _reason(exc)))
         if self.events is not None:
             self.events.dial_failures += 1
         raise DialError("dial tcp failed: " + "; ".join(failures))
 
-    def _connect_tcp(self, target: HostPort, timeout: float) -> socket.socket:
+    def start_tcp(self) -> tuple[socket.socket, HostPort] | Attempt:
+        """Start a dial without waiting, in a hub callback: (socket, target) when the first
+        target in order connected at once (loopback, a target on this host), else an
+        :class:`Attempt` for :meth:`dial_tcp` to finish in a greenlet (a connect under way or
+        failed, or none when the target's address needs a lookup)."""
+        order = self._order()
+        target = order[0]
+        ips = self.resolver.resolve_now(target.host)
+        if not ips:
+            return Attempt(order, [], None, 0)
+        ip = ips[0]
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET  # family_of, per connection
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:
+            return Attempt(order, ips, None, exc.errno or errno.EIO)
+        if self.source_ip is not None:
+            self._bind_source(sock, family)
+        err = connect_start(sock._sock, (ip, target.port))
+        if not err:
+            tune_tcp(sock)
+            return sock, target
+        if err in (errno.EINPROGRESS, errno.EINTR):
+            return Attempt(order, ips, sock, err)
+        sock.close()
+        return Attempt(order, ips, None, err)
+
+    def _connect_tcp(self, target: HostPort, timeout: float,
+                     ips: list[str] | None = None) -> socket.socket:
         last: OSError | None = None
-        for ip in self.resolver.resolve(target.host):
+        for ip in self.resolver.resolve(target.host) if ips is None else ips:
             family = family_of(ip)
             sock = socket.socket(family, socket.SOCK_STREAM)
             try:
@@ -105,6 +159,24 @@ class Dialer:
                 last = exc
         assert last is not None
         raise last
+
+    def _resume_tcp(self, target: HostPort, attempt: Attempt, timeout: float) -> socket.socket:
+        """The first target of *attempt*: its connect, then the target's other addresses."""
+        if not attempt.ips:  # nothing started: the address needed a lookup
+            return self._connect_tcp(target, timeout)
+        sock = attempt.sock
+        if sock is not None:
+            try:
+                connect_finish(sock, attempt.err, timeout)
+                tune_tcp(sock)
+                return sock
+            except BaseException as exc:
+                sock.close()
+                if not isinstance(exc, OSError) or len(attempt.ips) == 1:
+                    raise
+        elif len(attempt.ips) == 1:
+            raise OSError(attempt.err, os.strerror(attempt.err))
+        return self._connect_tcp(target, timeout, attempt.ips[1:])
 
     def dial_udp(self) -> tuple[socket.socket, HostPort]:
         """A connected UDP socket to the next target (with failover on resolution/bind)."""

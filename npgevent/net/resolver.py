@@ -148,18 +148,33 @@ class Resolver:
         except ValueError:
             return self.resolve(host)[0]
 
+    def _literal(self, host: str) -> str | None:
+        """*host* as a canonical IP, or None for a name (parsed once: every dial asks again)."""
+        if host in self._literals:
+            return self._literals[host]
+        try:
+            literal: str | None = str(ipaddress.ip_address(host))
+        except ValueError:
+            literal = None
+        if len(self._literals) >= 1024:
+            self._literals.clear()
+        self._literals[host] = literal
+        return literal
+
+    def resolve_now(self, host: str) -> list[str] | None:
+        """The IPs of *host* if known without a lookup (an IP literal, a fresh cache entry),
+        else None: safe in a hub callback."""
+        literal = self._literals.get(host, "") or self._literal(host)
+        if literal is not None:
+            return [literal]
+        entry = self._cache.get(host.lower().rstrip("."))
+        if entry is not None and entry.expires > time.monotonic():
+            return entry.addrs
+        return None
+
     def resolve(self, host: str) -> list[str]:
         """Return the IPs of *host* (an IP literal is returned as is)."""
-        if host in self._literals:
-            literal = self._literals[host]
-        else:  # parse once: every dial of a target asks again
-            try:
-                literal = str(ipaddress.ip_address(host))
-            except ValueError:
-                literal = None
-            if len(self._literals) >= 1024:
-                self._literals.clear()
-            self._literals[host] = literal
+        literal = self._literal(host)
         if literal is not None:
             return [literal]
         name = host.lower().rstrip(".")

@@ -52,17 +52,29 @@ def connect_numeric(sock: socket.socket, address: tuple[Any, ...], timeout: floa
     writable unless it is connected already, then ``SO_ERROR``.  gevent's ``connect()`` does
     the same with more around it (an address check that may resolve, a second
     ``connect(2)``): per connection that matters at thousands of connections a second."""
-    raw = sock._sock
+    connect_finish(sock, connect_start(sock._sock, address), timeout)
+
+
+def connect_start(raw: Any, address: tuple[Any, ...]) -> int:
+    """The non-blocking half of a connect, safe in a hub callback: ``connect(2)`` on the raw
+    socket; 0 when it is connected already, else the errno (EINPROGRESS or EINTR: still
+    connecting, for :func:`connect_finish`; anything else: it failed)."""
     err = raw.connect_ex(address)
     if err == errno.EINPROGRESS and established(raw):
-        return  # loopback and local targets: the handshake ran inside connect(2)
+        return 0  # loopback and local targets: the handshake ran inside connect(2)
+    return int(err)
+
+
+def connect_finish(sock: socket.socket, err: int, timeout: float | None) -> None:
+    """Finish a connect that :func:`connect_start` left at *err*: wait (in a greenlet) up to
+    *timeout* for one under way, then raise ``OSError`` if it failed."""
     if err in (errno.EINPROGRESS, errno.EINTR):
         sock.settimeout(timeout)
         try:
             sock._wait(sock._write_event)  # raises socket.timeout("timed out") at the deadline
         finally:
             sock.settimeout(None)
-        err = raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        err = sock._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
         raise OSError(err, os.strerror(err))
 

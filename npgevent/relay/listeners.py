@@ -6,7 +6,9 @@ connection's handler on a parked worker greenlet, :class:`~npgevent.relay.runner
 and a UDP :class:`~npgevent.relay.udp.SessionTable`,
 as ``notcp``/``noudp`` allow, and tear them down the same way.  Both count
 every user session against ``slot=``: a connection over the limit is refused
-here (the UDP table does the same for new source addresses).
+at accept, in the hub (the UDP table does the same for new source addresses).
+A core may see each TCP connection at accept and take it over there
+(``tcp_start``: single-end forwarding relays from hub callbacks alone).
 """
 
 from __future__ import annotations
@@ -25,12 +27,25 @@ from .limit import Slots
 from .udp import SessionTable, UdpListener, UdpSession
 
 
+class _TcpServer(StreamServer):
+    """gevent's ``StreamServer`` (its accept loop and its back-off on errors) with each accepted
+    connection handed to :meth:`Listeners._accepted` in the hub."""
+
+    def __init__(self, sock: socket.socket, accepted: Callable[[socket.socket, Any], None]) -> None:
+        super().__init__(sock, accepted, spawn=None)
+        self._accepted = accepted
+
+    def do_handle(self, sock: socket.socket, addr: Any) -> None:
+        self._accepted(sock, addr)
+
+
 class Listeners:
     def __init__(self, opts: Options, slots: Slots, log: InstanceLog, spawn: Callable[..., Any]) -> None:
         self.opts, self.slots, self.log, self.spawn = opts, slots, log, spawn
         self.tcp: StreamServer | None = None
         self.udp: UdpListener | None = None
         self.table: SessionTable | None = None
+        self.tcp_start: Callable[[socket.socket, Any], bool] | None = None
 
     def open(
         self,
@@ -40,11 +55,16 @@ class Listeners:
         ip: str | None = None,
         tcp_sock: socket.socket | None = None,
         udp_sock: socket.socket | None = None,
+        tcp_start: Callable[[socket.socket, Any], bool] | None = None,
     ) -> None:
-        """Start listening; sockets already bound (mode detection) are used, or closed if unwanted."""
+        """Start listening; sockets already bound (mode detection) are used, or closed if unwanted.
+
+        Each TCP connection holds a slot from its accept.  *tcp_start*, if given, sees it
+        first, in the hub: returning True it takes the connection over (its socket and slot
+        go back through :meth:`end_tcp`); otherwise *tcp_handler* runs on a session job."""
         if not self.opts.notcp:
-            self.tcp_handler = tcp_handler
-            self.tcp = StreamServer(tcp_sock or listen_tcp(where, ip), self._tcp, spawn=self.spawn)
+            self.tcp_handler, self.tcp_start = tcp_handler, tcp_start
+            self.tcp = _TcpServer(tcp_sock or listen_tcp(where, ip), self._accepted)
             self.tcp.start()
         elif tcp_sock is not None:
             tcp_sock.close()
@@ -55,16 +75,32 @@ class Listeners:
         elif udp_sock is not None:
             udp_sock.close()
 
-    def _tcp(self, sock: socket.socket, addr: Any) -> None:
+    def _accepted(self, sock: socket.socket, addr: Any) -> None:
+        """A new TCP connection, in the hub."""
         slots = self.slots
         if not slots.acquire_tcp():
             self.log.limited(ERROR, "tcp-slot", "TCP slot limit reached (%d): connection from %s refused",
-                           slots.limit, format_addr(addr))
+                             slots.limit, format_addr(addr))
+            sock.close()
             return
+        try:
+            start = self.tcp_start
+            if start is None or not start(sock, addr):
+                self.spawn(self._tcp, sock, addr)
+        except BaseException:
+            self.end_tcp(sock)
+            raise
+
+    def _tcp(self, sock: socket.socket, addr: Any) -> None:
         try:
             self.tcp_handler(sock, addr)
         finally:
-            slots.release_tcp()
+            self.end_tcp(sock)
+
+    def end_tcp(self, sock: socket.socket) -> None:
+        """A TCP connection's end: its socket closed, its slot released."""
+        sock.close()
+        self.slots.release_tcp()
 
     def report_drops(self) -> None:
         """One DEBUG line per report interval when UDP datagrams were dropped (never per datagram)."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import gevent
 from gevent.event import Event
@@ -134,24 +134,42 @@ def parked() -> int:
     return len(_parked.get(gevent.get_hub(), ()))
 
 
+class Tracked(Protocol):
+    """What :class:`Sessions` needs of a session: a :class:`Job`, or a session that runs in
+    hub callbacks alone (:class:`~npgevent.relay.tcphub.HubSession`), which calls its owner's
+    ``_ended`` when it ends."""
+
+    owner: Sessions | None
+
+    @property
+    def dead(self) -> bool: ...
+
+    def kill(self, exception: type[BaseException] = ..., block: bool = ...) -> None: ...
+
+
 class Sessions:
-    """The live session handlers of a core, each a :class:`Job` on a parked worker: what the
-    core needs of a gevent ``Group`` (``spawn``, ``len``, ``join``, ``kill``), and ``adopt``
-    to take over another's (the sessions of a failed core that carry on)."""
+    """The live sessions of a core, each a :class:`Job` on a parked worker or a
+    :class:`Tracked` session of the hub: what the core needs of a gevent ``Group``
+    (``spawn``, ``len``, ``join``, ``kill``), and ``adopt`` to take over another's (the
+    sessions of a failed core that carry on)."""
 
     def __init__(self) -> None:
-        self._live: set[Job] = set()
+        self._live: set[Tracked] = set()
         self._empty = Event()
         self._empty.set()
 
     def spawn(self, fn: Callable[..., Any], *args: Any) -> Job:
         job = run(fn, *args)  # starts at the next loop iteration: listed before it can end
-        job.owner = self
-        self._live.add(job)
-        self._empty.clear()
+        self.track(job)
         return job
 
-    def _ended(self, job: Job) -> None:
+    def track(self, session: Tracked) -> None:
+        """List a session that is not ended yet (it tells this owner when it ends)."""
+        session.owner = self
+        self._live.add(session)
+        self._empty.clear()
+
+    def _ended(self, job: Tracked) -> None:
         self._live.discard(job)
         if not self._live:
             self._empty.set()

@@ -20,11 +20,14 @@ session can touch its sockets (the caller closes them).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import gevent
 from gevent import socket
+from gevent.event import Event
 from gevent.hub import Waiter
+from greenlet import GreenletExit
 
 from . import runners, tcp  # tcp imports this module too: its names are used at call time only
 
@@ -70,11 +73,12 @@ class _HubRelay:
         self.acct, self.chunk, self.can_splice = acct, chunk, can_splice
         self.pool = tcp.buffer_pool(chunk)
         self.dirs = (_Direction(self, user, target, tx), _Direction(self, target, user, rx))
-        self.waiter = Waiter(self.hub)
+        self.waiter: Waiter | None = None
         self.failure: BaseException | None = None
         self.woken = False
 
     def run(self) -> BaseException | None:
+        self.waiter = Waiter(self.hub)
         for d in self.dirs:
             d.watcher.start(d.readable)
         try:
@@ -143,6 +147,7 @@ class _HubRelay:
     def _wake(self) -> None:
         if not self.woken:
             self.woken = True
+            assert self.waiter is not None
             self.waiter.switch(None)
 
     # -- in a greenlet ---------------------------------------------------------------------
@@ -172,6 +177,70 @@ class _HubRelay:
                     job.kill(block=True)
                 else:
                     job.join()
+
+
+class HubSession(_HubRelay):
+    """A session that no greenlet waits for: started from a hub callback (single-end
+    forwarding's accept), it calls *end* with the error that ended it (None for two clean
+    ends) once no callback or greenlet of it can touch its sockets, in the hub or on a worker
+    greenlet; *end* closes them.  It offers what :class:`~npgevent.relay.runners.Sessions`
+    needs of a job (``dead``, ``kill``, ``join``, ``owner``), so an instance that stops drains
+    or ends it like any other session.  A direction still moves to a greenlet for bulk or a
+    write that waits, as in :func:`relay_in_hub`."""
+
+    def __init__(self, user: socket.socket, target: socket.socket, acct: list[int], rx: int,
+                 tx: int, chunk: int, can_splice: bool,
+                 end: Callable[[BaseException | None], None]) -> None:
+        super().__init__(user, target, acct, rx, tx, chunk, can_splice)
+        self.end: Callable[[BaseException | None], None] | None = end
+        self.owner: runners.Sessions | None = None  # told when the session ends
+        self.dead = False
+        self._ended: Event | None = None  # made only for a join that waits
+
+    def start(self) -> None:
+        for d in self.dirs:
+            d.watcher.start(d.readable)
+
+    def kill(self, exception: type[BaseException] = GreenletExit, block: bool = True) -> None:
+        """End the session with *exception* as its error (what a job's kill raises)."""
+        if not self.woken:
+            self.fail(exception())
+        if block:
+            self.join()
+
+    def join(self, timeout: float | None = None) -> None:
+        if not self.dead:
+            if self._ended is None:
+                self._ended = Event()
+            self._ended.wait(timeout)
+
+    def _wake(self) -> None:
+        if self.woken:
+            return
+        self.woken = True
+        up, down = self.dirs
+        up.watcher.stop()
+        down.watcher.stop()
+        if (up.job is not None and not up.job.dead) or (down.job is not None and not down.job.dead):
+            runners.run(self._finish, True)  # a direction's greenlet ends first: wait for it there
+        else:
+            self._finish(False)
+
+    def _finish(self, jobs: bool) -> None:
+        end, self.end = self.end, None
+        try:
+            if jobs:
+                self._stop(kill=self.failure is not None)
+            for d in self.dirs:
+                d.session = None  # the directions and the session refer to each other
+            if end is not None:
+                end(self.failure)
+        finally:
+            self.dead = True
+            if self._ended is not None:
+                self._ended.set()
+            if self.owner is not None:
+                self.owner._ended(self)
 
 
 def relay_in_hub(user: socket.socket, target: socket.socket, acct: list[int], rx: int, tx: int,

@@ -229,3 +229,93 @@ def test_notcp_disables_tcp_listener(udp_echo, port):
     with in_process("client://127.0.0.1:%d/127.0.0.1:%d?notcp=1" % (port, udp_echo.port)):
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=1)
+
+
+def _count_greenlet_jobs(monkeypatch) -> list:
+    from npgevent.relay import runners
+
+    calls: list = []
+    real = runners.run
+
+    def counting(fn, *args):
+        calls.append(fn)
+        return real(fn, *args)
+
+    monkeypatch.setattr(runners, "run", counting)
+    return calls
+
+
+def test_short_sessions_run_in_the_hub_and_a_stop_ends_those_left(tcp_echo, port, monkeypatch):
+    """A loopback target is dialled at accept and its sessions take no greenlet; a stop
+    drains them for its grace, then ends the ones still open (the user sees the close) and
+    gives back every slot."""
+    jobs = _count_greenlet_jobs(monkeypatch)
+    with in_process("client://127.0.0.1:%d/127.0.0.1:%d" % (port, tcp_echo.port)) as r:
+        core = r.core
+        for i in range(20):
+            assert echo_roundtrip(port, b"s%d" % i) == b"s%d" % i
+        assert jobs == [] and r.inst.traffic.tcp_tx == sum(len(b"s%d" % i) for i in range(20))
+        idle = [connect_retry(port) for _ in range(3)]
+        for s in idle:
+            s.sendall(b"open")
+            assert s.recv(4) == b"open"
+        assert len(core.sessions) == 3 and r.inst.slots.tcp == 3
+        start = time.monotonic()
+        r.stop(1.0)
+        assert 0.4 <= time.monotonic() - start < 4  # drained for its grace, then ended
+        for s in idle:
+            s.settimeout(5)
+            assert recv_all(s) == b""
+            s.close()
+        assert len(core.sessions) == 0 and r.inst.slots.tcp == 0
+        assert jobs == []
+
+
+def test_a_stop_waits_for_a_hub_session_that_ends_within_its_grace(tcp_echo, port):
+    with in_process("client://127.0.0.1:%d/127.0.0.1:%d" % (port, tcp_echo.port)) as r:
+        sock = connect_retry(port)
+        sock.sendall(b"x" * 10)
+        assert sock.recv(10) == b"x" * 10
+
+        def finish() -> bytes:
+            gevent.sleep(0.3)
+            sock.sendall(b"last")
+            sock.shutdown(socket.SHUT_WR)
+            return recv_all(sock)
+
+        user = gevent.spawn(finish)
+        r.stop(5.0)
+        assert user.get(timeout=5) == b"last"  # the answer came before the stop closed it
+        sock.close()
+
+
+def test_a_hub_session_turns_bulk_and_a_stop_ends_its_greenlet(port, monkeypatch):
+    """A download too big for one read takes a greenlet; a stop mid-transfer ends it."""
+    from helpers import ByteSource
+
+    jobs = _count_greenlet_jobs(monkeypatch)
+    source = ByteSource()
+    try:
+        with in_process("client://127.0.0.1:%d/127.0.0.1:%d" % (port, source.port)) as r:
+            sock = connect_retry(port)
+            got = 0
+            while got < 8 * MiB:
+                got += len(sock.recv(1 << 20))
+            assert jobs, "bulk never left the hub"
+            r.stop(0.2)
+            sock.settimeout(5)
+            while sock.recv(1 << 20):
+                pass  # closed by the stop
+            sock.close()
+            assert r.inst.slots.tcp == 0 and r.inst.traffic.tcp_rx >= 8 * MiB
+    finally:
+        source.close()
+
+
+def test_dial_source_ip_fallback_in_the_hub(tcp_echo, port):
+    """Without debug logs the dial starts in the hub: an unusable dial= falls back there too."""
+    url = "client://127.0.0.1:%d/127.0.0.1:%d?dial=192.0.2.1" % (port, tcp_echo.port)
+    with in_process(url) as r:
+        for i in range(3):
+            assert echo_roundtrip(port, b"d%d" % i) == b"d%d" % i
+        assert r.capture.count(r"ERROR  Dial address 192\.0\.2\.1 unusable .*falling back to auto") == 1
