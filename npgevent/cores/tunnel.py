@@ -25,6 +25,8 @@ datagram) with a Go peer, length-framed between npgevent peers (extension
 level 1, see :mod:`npgevent.protocol.handshake`).  At level 2 (TLS pools) the receiving
 side marks its TCP launches framed (``#3``): the session is relayed in frames
 (:mod:`npgevent.relay.framed`) and its pool connection goes back to both pools after it.
+On a plain pool (tls=0) a TCP session whose start need not wait takes no greenlet on either
+side: :mod:`npgevent.cores.tunnel_hub`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import gevent
@@ -41,7 +44,7 @@ from gevent.server import StreamServer
 
 from ..errors import ConfigError, CoreError, RemoteProtocolError
 from ..log import ERROR, WARN, checkpoint_line
-from ..net.dial import Dialer, DialError
+from ..net.dial import Attempt, Dialer, DialError
 from ..net.sockopt import format_addr, send_all
 from ..pool.tcp import IdlePool, PoolConn
 from ..protocol.auth import ControlCipher
@@ -64,6 +67,7 @@ from ..relay.stats import TCP_RX, TCP_TX
 from ..relay.tcp import relay
 from ..relay.udp import SessionTable, UdpSession
 from ..url import HostPort, parse_hostport
+from . import tunnel_hub
 from .common import Core, Instance
 from .tunnel_udp import TunnelUdpSession, udp_exchange
 from .verify import VerifySignal
@@ -219,7 +223,8 @@ class TunnelCore(VerifySignal, Core):
                 self.log.limited(ERROR, "signal-queue", "Signal queue full (%d): launch %s dropped",
                                self.opts.semaphore_limit, sig.cid)
                 return
-            self.sessions.spawn(self._launch, sig)
+            if not tunnel_hub.start_launch(self, sig):
+                self.sessions.spawn(self._launch, sig)
         elif isinstance(sig, Flush):
             self.pool.flush()
             self.log.debug("Tunnel pool flushed by the peer")
@@ -280,12 +285,20 @@ class TunnelCore(VerifySignal, Core):
     def open_user_listeners(self, where: HostPort, tcp: socket.socket | None = None,
                             udp: socket.socket | None = None) -> None:
         self.listeners.open(where, self._user_tcp, self._new_udp_session,
-                            ip=self.inst.resolver.listen_ip(where.host), tcp_sock=tcp, udp_sock=udp)
+                            ip=self.inst.resolver.listen_ip(where.host), tcp_sock=tcp, udp_sock=udp,
+                            tcp_start=partial(tunnel_hub.start_user_tcp, self))
 
-    def _user_tcp(self, sock: socket.socket, addr: Any) -> None:
+    def _user_tcp_job(self, sock: socket.socket, addr: Any, conn: PoolConn) -> None:
+        """:meth:`_user_tcp` with the pool connection taken at accept (:mod:`.tunnel_hub`)."""
+        try:
+            self._user_tcp(sock, addr, conn)
+        finally:
+            self.listeners.end_tcp(sock)
+
+    def _user_tcp(self, sock: socket.socket, addr: Any, conn: PoolConn | None = None) -> None:
         """One user connection on the receiving side (its slot is held by the listener)."""
         log = self.log
-        conn = self.pool.take_any(self.opts.pool_get_timeout)
+        conn = conn or self.pool.take_any(self.opts.pool_get_timeout)
         if conn is None:
             log.limited(WARN, "pool-empty", "Tunnel connection: request timeout for %s (no idle pool "
                         "connection)", format_addr(addr))
@@ -332,12 +345,13 @@ class TunnelCore(VerifySignal, Core):
                            _num(self.opts.pool_get_timeout))
         return conn
 
-    def _launch(self, sig: Launch) -> None:
-        """Dialling side of a launch: take the named pool connection, hold a slot, dial, relay."""
+    def _launch(self, sig: Launch, conn: PoolConn | None = None, attempt: Attempt | None = None) -> None:
+        """Dialling side of a launch: take the named pool connection, hold a slot, dial, relay
+        (the connection and the dial may have been started already: :mod:`.tunnel_hub`)."""
         inst, log = self.inst, self.log
         kind = "UDP" if sig.udp else "TCP"
         log.debug("%s launch signal: cid %s <- %s", kind, sig.cid, self.peer)
-        conn = self._take_named(sig, kind + " launch")
+        conn = conn or self._take_named(sig, kind + " launch")
         if conn is None:
             return
         if sig.framed:
@@ -353,7 +367,8 @@ class TunnelCore(VerifySignal, Core):
                 return
             try:
                 try:
-                    target, where = self.dialer.dial_udp() if sig.udp else self.dialer.dial_tcp()
+                    target, where = (self.dialer.dial_udp() if sig.udp
+                                     else self.dialer.dial_tcp(attempt=attempt))
                 except (DialError, OSError) as exc:
                     log.limited(ERROR, "dial", "Dial target failed for %s: %s", sig.addr, exc)
                     return

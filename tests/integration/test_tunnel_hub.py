@@ -1,0 +1,134 @@
+"""A tls=0 tunnel's TCP sessions started and relayed in hub callbacks (npgevent.cores.tunnel_hub):
+no session job on either side, the same bytes and counters, a stop that ends them, and a
+launch signal that the control socket can't take at once."""
+
+from __future__ import annotations
+
+import contextlib
+import types
+
+import gevent
+import pytest
+from gevent import socket
+from gevent.lock import Semaphore
+from helpers import (
+    EchoPair,
+    connect_retry,
+    echo_roundtrip,
+    free_port,
+    in_process,
+    recv_all,
+    tcp_pair,
+    tunnel_urls,
+    wait_pool,
+)
+
+from npgevent.cores import tunnel_hub
+from npgevent.protocol.signals import Launch, LineDecoder, encode_line
+from npgevent.relay import runners
+
+pytestmark = pytest.mark.timeout(60)
+
+SESSION_JOBS = {"_launch", "_tcp", "_user_tcp_job", "_finish_tcp"}
+
+
+@pytest.fixture
+def jobs(monkeypatch):
+    """The names of the functions run as jobs (sessions, or a direction gone to a greenlet)."""
+    names: list[str] = []
+    real = runners.run
+
+    def counting(fn, *args):
+        names.append(getattr(fn, "__name__", repr(fn)))
+        return real(fn, *args)
+
+    monkeypatch.setattr(runners, "run", counting)
+    return names
+
+
+@contextlib.contextmanager
+def tls0_tunnel(flow: str):
+    echo = EchoPair()
+    tport, uport = free_port(), free_port()
+    server_url, client_url = tunnel_urls(flow, "0", tport, uport, echo.port)
+    try:
+        with in_process(server_url) as s, in_process(client_url) as c:
+            receiver = s if flow == "rev" else c
+            wait_pool(lambda: receiver.core.pool.active, 4)
+            yield s, c, uport, receiver
+    finally:
+        echo.close()
+
+
+@pytest.mark.parametrize("flow", ["rev", "fwd"])
+def test_sessions_take_no_job_on_either_side(flow, jobs):
+    with tls0_tunnel(flow) as (s, c, uport, _receiver):
+        payloads = [b"hub-%02d|" % i * (i + 1) for i in range(30)]
+        for p in payloads:
+            assert echo_roundtrip(uport, p) == p
+        assert not SESSION_JOBS & set(jobs), jobs
+        for side in (s, c):
+            assert side.inst.traffic.tcp_tx == side.inst.traffic.tcp_rx == sum(map(len, payloads))
+        gevent.sleep(0.1)
+        assert s.inst.slots.tcp == c.inst.slots.tcp == 0
+
+
+def test_a_stop_ends_the_sessions_left_on_both_sides(jobs):
+    with tls0_tunnel("rev") as (s, c, uport, _receiver):
+        users = [connect_retry(uport) for _ in range(3)]
+        for u in users:
+            u.sendall(b"open")
+            assert u.recv(4) == b"open"
+        assert len(s.core.sessions) == 3 and len(c.core.sessions) == 3
+        c.stop(0.2)  # the dialling side ends its sessions: the users see the close
+        for u in users:
+            u.settimeout(5)
+            assert recv_all(u) == b""
+            u.close()
+        gevent.sleep(0.2)
+        assert len(s.core.sessions) == len(c.core.sessions) == 0
+        assert s.inst.slots.tcp == c.inst.slots.tcp == 0
+        assert not SESSION_JOBS & set(jobs), jobs
+
+
+def test_bulk_in_a_hub_session_arrives_whole():
+    with tls0_tunnel("rev") as (_s, _c, uport, _receiver):
+        payload = bytes(range(256)) * 40000  # ~10 MiB: both directions turn bulk
+        sock = connect_retry(uport)
+        sender = gevent.spawn(lambda: (sock.sendall(payload), sock.shutdown(socket.SHUT_WR)))
+        assert recv_all(sock) == payload
+        sender.get(timeout=10)
+        sock.close()
+
+
+def test_a_launch_signal_the_control_socket_cannot_take_goes_out_whole_and_in_order():
+    """A full control socket: the line's rest goes out from a greenlet that holds the write
+    lock, so a signal sent meanwhile (send_signal waits for the lock) follows it intact."""
+    near, far = tcp_pair()
+    near.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    filler = 0
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            filler += near._sock.send(b"f" * 4096)
+    failures: list = []
+    core = types.SimpleNamespace(control=near, _wlock=Semaphore(), cipher=None, key=b"secret",
+                                 fail=failures.append)
+    sig = Launch(False, "127.0.0.1:4000", "ab" * 16, False)
+    done = gevent.event.Event()
+    gevent.get_hub().loop.run_callback(lambda: (tunnel_hub.send_signal_nowait(core, sig), done.set()))
+    done.wait(5)
+    assert core._wlock.locked()  # the rest waits in a greenlet
+    got = b""
+    while len(got) < filler:
+        got += far.recv(65536)
+    line = encode_line(sig.encode(), b"secret")
+    deadline = gevent.Timeout(5)
+    with deadline:
+        while len(got) < filler + len(line):
+            got += far.recv(65536)
+    assert got[filler:] == line
+    assert not core._wlock.locked() and failures == []
+    decoded = LineDecoder(b"secret").feed(got[filler:])
+    assert [d.cid for d in decoded] == [sig.cid]
+    near.close()
+    far.close()
