@@ -69,7 +69,7 @@ class ForwardCore(Core):
             return False
         started = self.dialer.start_tcp()
         if isinstance(started, Attempt):
-            self.sessions.spawn(self._finish_tcp, conn, addr, started)
+            self.sessions.spawn(self.listeners.run_tcp, self._handle_tcp, conn, addr, started)
             return True
         target = started[0]
         session = HubSession(conn, target, inst.traffic.bytes, TCP_RX, TCP_TX,
@@ -82,12 +82,6 @@ class ForwardCore(Core):
     def _end_tcp(self, conn: socket.socket, target: socket.socket, _err: BaseException | None) -> None:
         target.close()
         self.listeners.end_tcp(conn)
-
-    def _finish_tcp(self, conn: socket.socket, addr: Any, attempt: Attempt) -> None:
-        try:
-            self._handle_tcp(conn, addr, attempt)
-        finally:
-            self.listeners.end_tcp(conn)
 
     def _handle_tcp(self, conn: socket.socket, addr: Any, attempt: Attempt | None = None) -> None:
         """One user connection (its slot is held by the listener)."""

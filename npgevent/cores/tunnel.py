@@ -288,15 +288,9 @@ class TunnelCore(VerifySignal, Core):
                             ip=self.inst.resolver.listen_ip(where.host), tcp_sock=tcp, udp_sock=udp,
                             tcp_start=partial(tunnel_hub.start_user_tcp, self))
 
-    def _user_tcp_job(self, sock: socket.socket, addr: Any, conn: PoolConn) -> None:
-        """:meth:`_user_tcp` with the pool connection taken at accept (:mod:`.tunnel_hub`)."""
-        try:
-            self._user_tcp(sock, addr, conn)
-        finally:
-            self.listeners.end_tcp(sock)
-
     def _user_tcp(self, sock: socket.socket, addr: Any, conn: PoolConn | None = None) -> None:
-        """One user connection on the receiving side (its slot is held by the listener)."""
+        """One user connection on the receiving side (its slot is held by the listener; its
+        pool connection may have been taken at accept: :mod:`.tunnel_hub`)."""
         log = self.log
         conn = conn or self.pool.take_any(self.opts.pool_get_timeout)
         if conn is None:

@@ -63,7 +63,7 @@ def start_user_tcp(core: TunnelCore, sock: socket.socket, addr: Any) -> bool:
     if conn is None:
         return False
     if type(conn.stream) is not socket.socket:
-        core.sessions.spawn(core._user_tcp_job, sock, addr, conn)
+        core.sessions.spawn(core.listeners.run_tcp, core._user_tcp, sock, addr, conn)
         return True
     try:
         send_signal_nowait(core, Launch(False, format_addr(addr), conn.cid, False))

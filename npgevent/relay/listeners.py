@@ -86,14 +86,15 @@ class Listeners:
         try:
             start = self.tcp_start
             if start is None or not start(sock, addr):
-                self.spawn(self._tcp, sock, addr)
+                self.spawn(self.run_tcp, self.tcp_handler, sock, addr)
         except BaseException:
             self.end_tcp(sock)
             raise
 
-    def _tcp(self, sock: socket.socket, addr: Any) -> None:
+    def run_tcp(self, handler: Callable[..., None], sock: socket.socket, addr: Any, *args: Any) -> None:
+        """A session job: ``handler(sock, addr, *args)``, then the connection's end."""
         try:
-            self.tcp_handler(sock, addr)
+            handler(sock, addr, *args)
         finally:
             self.end_tcp(sock)
 

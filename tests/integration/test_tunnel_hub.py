@@ -11,70 +11,36 @@ import gevent
 import pytest
 from gevent import socket
 from gevent.lock import Semaphore
-from helpers import (
-    EchoPair,
-    connect_retry,
-    echo_roundtrip,
-    free_port,
-    in_process,
-    recv_all,
-    tcp_pair,
-    tunnel_urls,
-    wait_pool,
-)
+from helpers import connect_retry, echo_roundtrip, inproc_tunnel, recv_all, tcp_pair
 
 from npgevent.cores import tunnel_hub
 from npgevent.protocol.signals import Launch, LineDecoder, encode_line
-from npgevent.relay import runners
 
 pytestmark = pytest.mark.timeout(60)
 
-SESSION_JOBS = {"_launch", "_tcp", "_user_tcp_job", "_finish_tcp"}
+SESSION_JOBS = {"_launch", "run_tcp"}
 
 
-@pytest.fixture
-def jobs(monkeypatch):
-    """The names of the functions run as jobs (sessions, or a direction gone to a greenlet)."""
-    names: list[str] = []
-    real = runners.run
-
-    def counting(fn, *args):
-        names.append(getattr(fn, "__name__", repr(fn)))
-        return real(fn, *args)
-
-    monkeypatch.setattr(runners, "run", counting)
-    return names
-
-
-@contextlib.contextmanager
-def tls0_tunnel(flow: str):
-    echo = EchoPair()
-    tport, uport = free_port(), free_port()
-    server_url, client_url = tunnel_urls(flow, "0", tport, uport, echo.port)
-    try:
-        with in_process(server_url) as s, in_process(client_url) as c:
-            receiver = s if flow == "rev" else c
-            wait_pool(lambda: receiver.core.pool.active, 4)
-            yield s, c, uport, receiver
-    finally:
-        echo.close()
+def session_jobs(greenlet_jobs: list) -> set[str]:
+    """The session jobs among the functions run on worker greenlets."""
+    return SESSION_JOBS & {getattr(fn, "__name__", "") for fn in greenlet_jobs}
 
 
 @pytest.mark.parametrize("flow", ["rev", "fwd"])
-def test_sessions_take_no_job_on_either_side(flow, jobs):
-    with tls0_tunnel(flow) as (s, c, uport, _receiver):
+def test_sessions_take_no_job_on_either_side(flow, greenlet_jobs):
+    with inproc_tunnel(flow, "0") as (s, c, uport, _echo):
         payloads = [b"hub-%02d|" % i * (i + 1) for i in range(30)]
         for p in payloads:
             assert echo_roundtrip(uport, p) == p
-        assert not SESSION_JOBS & set(jobs), jobs
+        assert not session_jobs(greenlet_jobs)
         for side in (s, c):
             assert side.inst.traffic.tcp_tx == side.inst.traffic.tcp_rx == sum(map(len, payloads))
         gevent.sleep(0.1)
         assert s.inst.slots.tcp == c.inst.slots.tcp == 0
 
 
-def test_a_stop_ends_the_sessions_left_on_both_sides(jobs):
-    with tls0_tunnel("rev") as (s, c, uport, _receiver):
+def test_a_stop_ends_the_sessions_left_on_both_sides(greenlet_jobs):
+    with inproc_tunnel("rev", "0") as (s, c, uport, _echo):
         users = [connect_retry(uport) for _ in range(3)]
         for u in users:
             u.sendall(b"open")
@@ -88,11 +54,11 @@ def test_a_stop_ends_the_sessions_left_on_both_sides(jobs):
         gevent.sleep(0.2)
         assert len(s.core.sessions) == len(c.core.sessions) == 0
         assert s.inst.slots.tcp == c.inst.slots.tcp == 0
-        assert not SESSION_JOBS & set(jobs), jobs
+        assert not session_jobs(greenlet_jobs)
 
 
 def test_bulk_in_a_hub_session_arrives_whole():
-    with tls0_tunnel("rev") as (_s, _c, uport, _receiver):
+    with inproc_tunnel("rev", "0") as (_s, _c, uport, _echo):
         payload = bytes(range(256)) * 40000  # ~10 MiB: both directions turn bulk
         sock = connect_retry(uport)
         sender = gevent.spawn(lambda: (sock.sendall(payload), sock.shutdown(socket.SHUT_WR)))
