@@ -228,6 +228,16 @@ def recv_all(sock: socket.socket, limit: int | None = None) -> bytes:
     return b"".join(chunks)
 
 
+def upload(near: socket.socket, far: socket.socket, payload: bytes) -> bytes:
+    """Send *payload* and a FIN from *near* while reading *far* to its end; then half-close
+    *far* too.  What *far* received."""
+    sender = gevent.spawn(lambda: (near.sendall(payload), near.shutdown(socket.SHUT_WR)))
+    got = recv_all(far)
+    sender.get(timeout=10)
+    far.shutdown(socket.SHUT_WR)
+    return got
+
+
 def exchange(sock: socket.socket, payload: bytes, timeout: float = 15.0) -> bytes:
     """Send *payload* on an open connection and read back as many bytes (or fewer at EOF).
     No half-close: Go NodePass closes both directions when one ends."""
@@ -615,6 +625,26 @@ def tunnel_urls(flow: str, tls: str, tunnel_port: int, user_port: int, target_po
         server = "server://%s127.0.0.1:%d/127.0.0.1:%d?mode=2&%s%s" % (user, tunnel_port, target_port, q, extra_server)
         client = "client://%s127.0.0.1:%d/127.0.0.1:%d?mode=2%s" % (user, tunnel_port, user_port, extra_client)
     return server, client
+
+
+@contextlib.contextmanager
+def inproc_tunnel(flow: str, tls: str, certs: dict[str, Path] | None = None, monkeypatch: Any = None,
+                  extra_server: str = "", extra_client: str = "") -> Iterator[tuple[Any, Any, int, EchoPair]]:
+    """A loopback tunnel with both ends in this process, its pool filled (4 idle connections
+    on the receiving side): yields (server runner, client runner, user port, echo target)."""
+    echo = EchoPair()
+    tport, uport = free_port(), free_port()
+    server_url, client_url = tunnel_urls(flow, tls, tport, uport, echo.port, certs,
+                                         extra_server=extra_server, extra_client=extra_client)
+    if certs is not None and monkeypatch is not None:
+        monkeypatch.setenv("SSL_CERT_FILE", str(certs["ca"]))
+    try:
+        with in_process(server_url) as s, in_process(client_url) as c:
+            receiver = s if flow == "rev" else c
+            wait_pool(lambda: receiver.core.pool.active, 4)
+            yield s, c, uport, echo
+    finally:
+        echo.close()
 
 
 def wait_pool(get_active: Any, minimum: int = 1, timeout: float = 15.0) -> None:

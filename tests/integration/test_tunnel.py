@@ -15,6 +15,7 @@ from helpers import (
     connect_retry,
     free_port,
     in_process,
+    inproc_tunnel,
     make_ca_and_cert,
     recv_all,
     sha_transfer,
@@ -72,22 +73,6 @@ def exercise_udp(user_port: int, sources: int = 10, each: int = 50) -> None:
     jobs = [gevent.spawn(source, i) for i in range(sources)]
     gevent.joinall(jobs, timeout=60, raise_error=True)
     assert [j.value for j in jobs] == [set()] * sources
-
-
-@contextlib.contextmanager
-def inproc_tunnel(flow, tls, certs, monkeypatch, extra_server="", extra_client=""):
-    echo = EchoPair()
-    tport, uport = free_port(), free_port()
-    server_url, client_url = tunnel_urls(flow, tls, tport, uport, echo.port, certs,
-                                         extra_server=extra_server, extra_client=extra_client)
-    monkeypatch.setenv("SSL_CERT_FILE", str(certs["ca"]))
-    try:
-        with in_process(server_url) as s, in_process(client_url) as c:
-            receiver = s if flow == "rev" else c
-            wait_pool(lambda: receiver.core.pool.active, 4)
-            yield s, c, uport, echo
-    finally:
-        echo.close()
 
 
 @contextlib.contextmanager

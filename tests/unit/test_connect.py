@@ -84,29 +84,14 @@ def test_a_closed_port_is_refused():
         sock.close()
 
 
-def test_a_connect_that_hangs_times_out_on_time():
+def test_a_connect_that_hangs_times_out_on_time(full_listener):
     """A listener whose accept queue is full drops new SYNs: the connect hangs."""
-    lst = socket.socket()
-    lst.bind(("127.0.0.1", 0))
-    lst.listen(0)
-    filler = []
+    sock = socket.socket()
     try:
-        for _ in range(4):
-            s = socket.socket()
-            s.setblocking(False)
-            s.connect_ex(lst.getsockname())
-            filler.append(s)
-        time.sleep(0.2)
-        sock = socket.socket()
-        try:
-            start = time.monotonic()
-            with pytest.raises(socket.timeout):
-                connect_numeric(sock, lst.getsockname(), 0.3)
-            assert 0.25 <= time.monotonic() - start < 2.0
-            assert sock.gettimeout() is None
-        finally:
-            sock.close()
+        start = time.monotonic()
+        with pytest.raises(socket.timeout):
+            connect_numeric(sock, full_listener.getsockname(), 0.3)
+        assert 0.25 <= time.monotonic() - start < 2.0
+        assert sock.gettimeout() is None
     finally:
-        for s in filler:
-            s.close()
-        lst.close()
+        sock.close()

@@ -14,7 +14,7 @@ import gevent
 import pytest
 from gevent import socket
 from greenlet import GreenletExit
-from helpers import recv_all, tcp_pair
+from helpers import recv_all, upload
 
 from npgevent.log import InstanceLog
 from npgevent.net.dial import Attempt, Dialer, DialError
@@ -40,15 +40,6 @@ def in_hub(fn, *args):
 
     gevent.get_hub().loop.run_callback(call)
     return result.get(timeout=10)
-
-
-@pytest.fixture
-def listener():
-    lst = socket.socket()
-    lst.bind(("127.0.0.1", 0))
-    lst.listen(64)
-    yield lst
-    lst.close()
 
 
 def closed_port() -> int:
@@ -150,25 +141,6 @@ def test_resolve_now_answers_literals_and_fresh_entries_only():
     assert resolver.resolve_now("name.test") is None
 
 
-@pytest.fixture
-def full_listener():
-    """A listener whose accept queue is full: the kernel drops new SYNs, a connect hangs."""
-    lst = socket.socket()
-    lst.bind(("127.0.0.1", 0))
-    lst.listen(0)
-    filler = []
-    for _ in range(4):
-        s = socket.socket()
-        s.setblocking(False)
-        s.connect_ex(lst.getsockname())
-        filler.append(s)
-    time.sleep(0.2)
-    yield lst
-    for s in filler:
-        s.close()
-    lst.close()
-
-
 def test_a_connect_under_way_is_handed_on_and_times_out(full_listener):
     d = dialer(full_listener.getsockname()[1])
     started = in_hub(d.start_tcp)
@@ -208,28 +180,6 @@ def test_a_connect_under_way_completes_in_the_greenlet(full_listener):
 
 
 # -- HubSession -------------------------------------------------------------------------------
-@pytest.fixture
-def pairs():
-    user_near, user_far = tcp_pair()
-    target_near, target_far = tcp_pair()
-    yield user_near, user_far, target_near, target_far
-    for s in (user_near, user_far, target_near, target_far):
-        s.close()
-
-
-@pytest.fixture
-def greenlet_jobs(monkeypatch):
-    calls = []
-    real = runners.run
-
-    def counting(fn, *args):
-        calls.append(fn)
-        return real(fn, *args)
-
-    monkeypatch.setattr(runners, "run", counting)
-    return calls
-
-
 class Ends:
     """The session's end callback: what it was told, and what still ran at that moment."""
 
@@ -287,15 +237,7 @@ def test_bulk_moves_to_a_greenlet_and_the_end_waits_for_it(pairs, greenlet_jobs)
     user_near, user_far, target_near, target_far = pairs
     payload = os.urandom(8 << 20)
     session, ends = start(user_far, target_near, [0, 0])
-
-    def send() -> None:
-        user_near.sendall(payload)
-        user_near.shutdown(socket.SHUT_WR)
-
-    sender = gevent.spawn(send)
-    got = recv_all(target_far)
-    sender.get(timeout=10)
-    target_far.shutdown(socket.SHUT_WR)
+    got = upload(user_near, target_far, payload)
     session.join(timeout=10)
     assert got == payload
     assert ends.calls == [None] and ends.busy_at_end == [False] * 4

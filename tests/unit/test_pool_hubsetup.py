@@ -53,15 +53,6 @@ def pair():
     far.close()
 
 
-@pytest.fixture
-def listener():
-    lsock = socket.socket()
-    lsock.bind(("127.0.0.1", 0))
-    lsock.listen(64)
-    yield lsock
-    lsock.close()
-
-
 def test_dial_sends_the_proof_and_reads_the_id_in_the_hub(listener):
     proof = os.urandom(24)
     seen = AsyncResult()

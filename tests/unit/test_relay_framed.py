@@ -272,21 +272,8 @@ def hub_ends():
         s.close()
 
 
-def _count_jobs(monkeypatch) -> list[int]:
-    jobs = [0]
-    real = framed.runners.run
-
-    def counted(fn, *args):
-        jobs[0] += 1
-        return real(fn, *args)
-
-    monkeypatch.setattr(framed.runners, "run", counted)
-    return jobs
-
-
-def test_hub_a_request_and_response_runs_in_hub_callbacks_alone(hub_ends, monkeypatch):
+def test_hub_a_request_and_response_runs_in_hub_callbacks_alone(hub_ends, greenlet_jobs):
     """The whole short session in the hub: no worker job for the up pump."""
-    jobs = _count_jobs(monkeypatch)
     peer, pool_sock, user, local = hub_ends
     g = _run(pool_sock, local)
     peer.send(data_frame(b"GET /"))
@@ -297,12 +284,11 @@ def test_hub_a_request_and_response_runs_in_hub_callbacks_alone(hub_ends, monkey
     peer.send(EOF_FRAME, data_frame(b"next"))
     assert g.get(timeout=5) == ("EOF", b"\x00\x00\x00\x04next")
     assert user.recv(100) == b""
-    assert jobs[0] == 0
+    assert len(greenlet_jobs) == 0
     assert g.acct == [6, 5]
 
 
-def test_hub_hands_a_download_the_user_reads_slowly_to_the_pumps_byte_exact(hub_ends, monkeypatch):
-    jobs = _count_jobs(monkeypatch)
+def test_hub_hands_a_download_the_user_reads_slowly_to_the_pumps_byte_exact(hub_ends, greenlet_jobs):
     peer, pool_sock, user, local = hub_ends
     g = _run(pool_sock, local)
     body = bytes(range(251)) * 20000  # ~5 MB: the local socket's buffers fill up
@@ -322,7 +308,7 @@ def test_hub_hands_a_download_the_user_reads_slowly_to_the_pumps_byte_exact(hub_
     user.shutdown(socket.SHUT_WR)
     assert peer.read_session() == (b"thanks", EOF)
     assert g.get(timeout=5) == ("EOF", b"")
-    assert jobs[0] == 1  # the up pump took over with the session
+    assert len(greenlet_jobs) == 1  # the up pump took over with the session
     assert g.acct == [6, len(body)]
 
 
@@ -421,11 +407,10 @@ def _user_talks(user: socket.socket, data: bytes, pause: float) -> bytes:
         got += chunk
 
 
-def test_hub_randomised_sessions_one_after_another_on_one_connection(hub_ends, monkeypatch):
+def test_hub_randomised_sessions_one_after_another_on_one_connection(hub_ends, greenlet_jobs):
     """Sessions of random sizes and timing on the same pool connection, as a reused one
     carries them: some end in the hub, some are handed over midway; every byte arrives once
     and in order both ways, and the connection is clean after each."""
-    jobs = _count_jobs(monkeypatch)
     handed_over = []
     peer, pool_sock, _user, _local = hub_ends
     rng = random.Random(2026)
@@ -447,8 +432,8 @@ def test_hub_randomised_sessions_one_after_another_on_one_connection(hub_ends, m
             sender.get(timeout=10)
             assert g.get(timeout=10) == ("EOF", b""), i
             assert g.acct == [len(up), len(down)], i
-            handed_over.append(jobs[0])
-            jobs[0] = 0
+            handed_over.append(len(greenlet_jobs))
+            greenlet_jobs.clear()
         finally:
             user.close()
             local.close()

@@ -10,37 +10,13 @@ import struct
 import gevent
 import pytest
 from gevent import socket
-from helpers import recv_all, tcp_pair
+from helpers import recv_all, tcp_pair, upload
 
 from npgevent.relay import runners, tcphub
 from npgevent.relay.limit import RateLimiter
 from npgevent.relay.tcp import relay
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def pairs():
-    """user_near (the user), user_far (relayed), target_near (relayed), target_far (the target)."""
-    user_near, user_far = tcp_pair()
-    target_near, target_far = tcp_pair()
-    yield user_near, user_far, target_near, target_far
-    for s in (user_near, user_far, target_near, target_far):
-        s.close()
-
-
-@pytest.fixture
-def greenlet_jobs(monkeypatch):
-    """How many times a direction moved to a greenlet."""
-    calls = []
-    real = runners.run
-
-    def counting(fn, *args):
-        calls.append(fn)
-        return real(fn, *args)
-
-    monkeypatch.setattr(runners, "run", counting)
-    return calls
 
 
 def test_a_short_exchange_runs_in_the_hub_alone(pairs, greenlet_jobs):
@@ -69,15 +45,7 @@ def test_bulk_moves_to_a_greenlet_and_arrives_whole(pairs, greenlet_jobs):
     acct = [0] * 4
     payload = os.urandom(8 << 20)
     g = gevent.spawn(relay, user_far, target_near, acct, 0, 1)
-
-    def send() -> None:
-        user_near.sendall(payload)
-        user_near.shutdown(socket.SHUT_WR)
-
-    sender = gevent.spawn(send)
-    got = recv_all(target_far)
-    sender.get(timeout=10)
-    target_far.shutdown(socket.SHUT_WR)
+    got = upload(user_near, target_far, payload)
     assert g.get(timeout=10) == "EOF"
     assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
     assert acct[1] == len(payload)
