@@ -358,6 +358,8 @@ class TunnelCore(VerifySignal, Core):
             if not acquire():
                 log.limited(ERROR, "launch-slot", "%s slot limit reached (%d): launch %s refused", kind,
                             slots.limit, sig.cid)
+                if attempt is not None and attempt.sock is not None:
+                    attempt.sock.close()  # a dial started in the hub (tunnel_hub) goes no further
                 return
             try:
                 try:

@@ -98,3 +98,26 @@ def test_a_launch_signal_the_control_socket_cannot_take_goes_out_whole_and_in_or
     assert [d.cid for d in decoded] == [sig.cid]
     near.close()
     far.close()
+
+
+def test_the_dialling_sides_slot_limit_holds_for_hub_sessions(greenlet_jobs):
+    """slot=1 on the dialling side: a second session is refused there (the user sees the
+    close, one ERROR line) while the first carries on; its slot comes back at its end."""
+    with inproc_tunnel("rev", "0", extra_client="&slot=1") as (_s, c, uport, _echo):
+        first = connect_retry(uport)
+        first.sendall(b"one")
+        assert first.recv(3) == b"one"
+        second = connect_retry(uport)
+        second.settimeout(5)
+        second.sendall(b"two")
+        assert recv_all(second) == b""
+        c.capture.wait_for(r"ERROR  TCP slot limit reached \(1\): launch [0-9a-f]+ refused")
+        first.sendall(b"still")
+        assert first.recv(5) == b"still"
+        first.close()
+        second.close()
+        deadline = gevent.Timeout(5)
+        with deadline:
+            while c.inst.slots.tcp:
+                gevent.sleep(0.05)
+        assert echo_roundtrip(uport, b"again") == b"again"
