@@ -5,7 +5,11 @@
 the call: one killed between the fork and the ``prctl`` (a master SIGKILLed
 right after it started an instance) would leave the child running as an orphan,
 so the child checks that its parent is still the one that forked it and ends
-at once otherwise.
+at once otherwise.  Until it execs, the child also carries the parent's signal
+handlers: a parent that dies then would have its death signal caught by the
+daemon's SIGTERM handler in the child and lost at the exec, so the child puts
+SIGTERM back to its default first (until the new program installs its own, the
+signal ends the child).
 """
 
 from __future__ import annotations
@@ -26,7 +30,10 @@ def die_with_parent(parent: int, setpgid: bool = False) -> None:
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.signal.restype = ctypes.c_void_p
+        libc.signal(ctypes.c_int(signal.SIGTERM), ctypes.c_void_p(0))  # SIG_DFL, before the prctl
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except Exception:
         return
     if os.getppid() != parent:  # the parent died before the prctl: nobody will signal
