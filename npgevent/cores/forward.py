@@ -31,7 +31,7 @@ from ..net.sockopt import format_addr, send_all
 from ..protocol.proxyproto import proxy_v1
 from ..relay.listeners import Listeners
 from ..relay.stats import TCP_RX, TCP_TX
-from ..relay.tcp import SPLICE_OK, chunk_size, relay
+from ..relay.tcp import relay
 from ..relay.tcphub import HubSession
 from ..relay.udp import SessionTable, UdpSession, UdpTargetSession
 from .common import Core, Instance
@@ -64,19 +64,15 @@ class ForwardCore(Core):
         callbacks alone (no greenlet for the session); a dial that has to wait or fail over
         goes on in a session job.  Sessions that need a greenlet's relay (``read=``,
         ``rate=``, ``proxy=1``) or log each exchange (debug) take the handler's path."""
-        opts, inst = self.opts, self.inst
-        if opts.proxy or opts.read > 0 or inst.limiter is not None or self.log.enabled(10):
+        if not self.hub_sessions():
             return False
         started = self.dialer.start_tcp()
         if isinstance(started, Attempt):
             self.sessions.spawn(self.listeners.run_tcp, self._handle_tcp, conn, addr, started)
             return True
         target = started[0]
-        session = HubSession(conn, target, inst.traffic.bytes, TCP_RX, TCP_TX,
-                             chunk_size(opts.tcp_data_buf_size, None, SPLICE_OK), SPLICE_OK,
-                             partial(self._end_tcp, conn, target))
-        self.sessions.track(session)
-        session.start()
+        HubSession(conn, target, self.inst.traffic.bytes, TCP_RX, TCP_TX, self.opts.tcp_data_buf_size,
+                   partial(self._end_tcp, conn, target)).start(self.sessions)
         return True
 
     def _end_tcp(self, conn: socket.socket, target: socket.socket, _err: BaseException | None) -> None:

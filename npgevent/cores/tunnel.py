@@ -158,10 +158,14 @@ class TunnelCore(VerifySignal, Core):
         if self.control is None:
             raise CoreError("no control connection")
         with self._wlock:  # sealing and sending in one step: sequence numbers stay in order
-            message = sig.encode()
-            line = self.cipher.seal_line(message.encode()) if self.cipher is not None \
-                else encode_line(message, self.key)
-            send_all(self.control, line)
+            send_all(self.control, self.signal_line(sig))
+
+    def signal_line(self, sig: Signal) -> bytes:
+        """*sig* as a control line: sealed on an authenticated channel, Go's framing otherwise
+        (sealing takes the next sequence number: call it holding the write lock)."""
+        message = sig.encode()
+        return self.cipher.seal_line(message.encode()) if self.cipher is not None \
+            else encode_line(message, self.key)
 
     def start_control(self) -> None:
         """Start the control reader and the ticker (after the handshake)."""

@@ -30,34 +30,25 @@ from ..errors import CoreError
 from ..net.dial import Attempt
 from ..net.sockopt import can_write_nowait, format_addr, send_all, write_nowait
 from ..pool.tcp import PoolConn
-from ..protocol.signals import Launch, Signal, encode_line
+from ..protocol.signals import Launch, Signal
 from ..relay import runners
 from ..relay.stats import TCP_RX, TCP_TX
-from ..relay.tcp import SPLICE_OK, chunk_size
 from ..relay.tcphub import HubSession
 
 if TYPE_CHECKING:
     from .tunnel import TunnelCore
 
 
-def _plain(core: TunnelCore) -> bool:
-    """Whether this core's TCP sessions may run in the hub (see module doc)."""
-    opts = core.opts
-    return not (opts.proxy or opts.read > 0 or core.inst.limiter is not None or core.log.enabled(10))
-
-
 def _run(core: TunnelCore, conn: PoolConn, local: socket.socket, end: Any) -> None:
-    session = HubSession(conn.stream, local, core.inst.traffic.bytes, TCP_RX, TCP_TX,
-                         chunk_size(core.opts.tcp_data_buf_size, None, SPLICE_OK), SPLICE_OK, end)
-    core.sessions.track(session)
-    session.start()
+    HubSession(conn.stream, local, core.inst.traffic.bytes, TCP_RX, TCP_TX,
+               core.opts.tcp_data_buf_size, end).start(core.sessions)
 
 
 def start_user_tcp(core: TunnelCore, sock: socket.socket, addr: Any) -> bool:
     """Receiving side, at accept: True if the connection was taken over (see module doc)."""
     control = core.control
     if core.reuse or control is None or core._wlock.locked() or not can_write_nowait(control) \
-            or not _plain(core):
+            or not core.hub_sessions():
         return False
     conn = core.pool.take_any(0)  # an idle connection now, or None without waiting
     if conn is None:
@@ -83,8 +74,7 @@ def send_signal_nowait(core: TunnelCore, sig: Signal) -> None:
     assert control is not None
     lock.acquire(blocking=False)
     try:
-        message = sig.encode().encode()
-        line = core.cipher.seal_line(message) if core.cipher is not None else encode_line(message, core.key)
+        line = core.signal_line(sig)
         sent = write_nowait(control, line) or 0
     except BaseException:
         lock.release()
@@ -111,7 +101,7 @@ def _user_ended(core: TunnelCore, conn: PoolConn, sock: socket.socket, _err: Bas
 
 def start_launch(core: TunnelCore, sig: Launch) -> bool:
     """Dialling side, at a launch signal: True if the launch was taken over (see module doc)."""
-    if sig.udp or sig.framed or sig.cid in core.verifying or not _plain(core):
+    if sig.udp or sig.framed or sig.cid in core.verifying or not core.hub_sessions():
         return False
     conn = core.pool.claim(sig.cid)
     if conn is None:

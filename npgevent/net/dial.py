@@ -127,7 +127,7 @@ class Dialer:
         if not ips:
             return Attempt(order, [], None, 0)
         ip = ips[0]
-        family = socket.AF_INET6 if ":" in ip else socket.AF_INET  # family_of, per connection
+        family = family_of(ip)
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:

@@ -164,7 +164,7 @@ class Resolver:
     def resolve_now(self, host: str) -> list[str] | None:
         """The IPs of *host* if known without a lookup (an IP literal, a fresh cache entry),
         else None: safe in a hub callback."""
-        literal = self._literals.get(host, "") or self._literal(host)
+        literal = self._literal(host)
         if literal is not None:
             return [literal]
         entry = self._cache.get(host.lower().rstrip("."))

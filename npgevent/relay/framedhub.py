@@ -168,10 +168,8 @@ class _Phase:
                 n = len(data)
                 try:
                     sent = self.local._sock.send(data)
-                except BlockingIOError:
-                    sent = 0
-                except OSError:  # the pump's write fails again, and takes the pump's course
-                    sent = 0
+                except OSError:  # full (BlockingIOError), or failed: the pump's write fails
+                    sent = 0     # again and takes the pump's course
                 self.acct[self.tx] += n
                 moved += n
                 if sent < n:

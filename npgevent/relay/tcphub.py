@@ -189,15 +189,19 @@ class HubSession(_HubRelay):
     write that waits, as in :func:`relay_in_hub`."""
 
     def __init__(self, user: socket.socket, target: socket.socket, acct: list[int], rx: int,
-                 tx: int, chunk: int, can_splice: bool,
-                 end: Callable[[BaseException | None], None]) -> None:
-        super().__init__(user, target, acct, rx, tx, chunk, can_splice)
+                 tx: int, bufsize: int, end: Callable[[BaseException | None], None]) -> None:
+        # two plain gevent sockets: the read size and the splice of relay() between them
+        super().__init__(user, target, acct, rx, tx, tcp.chunk_size(bufsize, None, tcp.SPLICE_OK),
+                         tcp.SPLICE_OK)
         self.end: Callable[[BaseException | None], None] | None = end
         self.owner: runners.Sessions | None = None  # told when the session ends
         self.dead = False
         self._ended: Event | None = None  # made only for a join that waits
 
-    def start(self) -> None:
+    def start(self, owner: runners.Sessions | None = None) -> None:
+        """Start reading both ways, listed in *owner* (a core's sessions) if given."""
+        if owner is not None:
+            owner.track(self)
         for d in self.dirs:
             d.watcher.start(d.readable)
 

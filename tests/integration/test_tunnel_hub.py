@@ -77,8 +77,8 @@ def test_a_launch_signal_the_control_socket_cannot_take_goes_out_whole_and_in_or
         while True:
             filler += near._sock.send(b"f" * 4096)
     failures: list = []
-    core = types.SimpleNamespace(control=near, _wlock=Semaphore(), cipher=None, key=b"secret",
-                                 fail=failures.append)
+    core = types.SimpleNamespace(control=near, _wlock=Semaphore(), fail=failures.append,
+                                 signal_line=lambda sig: encode_line(sig.encode(), b"secret"))
     sig = Launch(False, "127.0.0.1:4000", "ab" * 16, False)
     done = gevent.event.Event()
     gevent.get_hub().loop.run_callback(lambda: (tunnel_hub.send_signal_nowait(core, sig), done.set()))

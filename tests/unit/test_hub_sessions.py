@@ -199,13 +199,11 @@ class Ends:
 
 
 def start(user: socket.socket, target: socket.socket, acct: list[int],
-          owner: runners.Sessions | None = None, chunk: int = 65536) -> tuple[tcphub.HubSession, Ends]:
+          owner: runners.Sessions | None = None, bufsize: int = 65536) -> tuple[tcphub.HubSession, Ends]:
     ends = Ends(user, target)
-    session = tcphub.HubSession(user, target, acct, 0, 1, chunk, True, ends)
+    session = tcphub.HubSession(user, target, acct, 0, 1, bufsize, ends)
     ends.session = session
-    if owner is not None:
-        owner.track(session)
-    in_hub(session.start)
+    in_hub(session.start, owner)
     return session, ends
 
 
