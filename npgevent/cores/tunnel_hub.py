@@ -1,10 +1,13 @@
 """TCP sessions of a tunnel that start and run in hub callbacks: no greenlet per session.
 
-On a plain-TCP pool (``tls=0``) without connection reuse, a TCP session is a pool connection
-and a local socket relayed byte for byte, the relay single-end forwarding uses.  When nothing
-in a session's start has to wait, it runs as a :class:`~npgevent.relay.tcphub.HubSession`:
-read callbacks in the hub, an end callback that closes both sockets, tracked in the core's
-``sessions`` like a job (a stop drains, then ends it).
+When nothing in a session's start has to wait, it runs without a handler: on a plain-TCP
+pool (``tls=0``) as a :class:`~npgevent.relay.tcphub.HubSession` (a pool connection and a
+local socket relayed byte for byte, the relay single-end forwarding uses), on a TLS pool
+that npgevent peers reuse (framed sessions, extension level 2) as a
+:class:`~npgevent.relay.framedsession.FramedSession`.  Either is read from hub callbacks, has
+an end callback that finishes the session (the pool connection back or closed, the local
+socket closed, the slot freed), and is tracked in the core's ``sessions`` like a job (a stop
+drains, then ends it).
 
 - The **receiving side**, at accept (in the hub): an idle pool connection is there now, and
   the launch signal goes onto the control connection at once; what of it does not fit the
@@ -13,10 +16,10 @@ read callbacks in the hub, an end callback that closes both sockets, tracked in 
 - The **dialling side**, at the launch signal (in the control reader): the named connection
   is idle here, a slot is free, and the target connects at once (:meth:`Dialer.start_tcp`).
 
-Anything else (no idle connection yet, a dial that waits or fails over, a TLS or QUIC pool,
-framed sessions between npgevent peers, ``read=``, ``rate=``, ``proxy=1``, debug logs) takes
-the session job of :class:`~npgevent.cores.tunnel.TunnelCore` as before, with what was
-already taken (the connection, the started dial).  The wire is the same either way.
+Anything else (no idle connection yet, a dial that waits or fails over, a QUIC pool, a TLS
+pool with a Go peer (its sessions are not framed), ``read=``, ``rate=``, ``proxy=1``, debug
+logs) takes the session job of :class:`~npgevent.cores.tunnel.TunnelCore` as before, with
+what was already taken (the connection, the started dial).  The wire is the same either way.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from ..net.dial import Attempt
 from ..net.sockopt import can_write_nowait, format_addr, send_all, write_nowait
 from ..pool.tcp import PoolConn
 from ..protocol.signals import Launch, Signal
-from ..relay import runners
+from ..relay import framedhub, runners
+from ..relay.framedsession import FramedSession
 from ..relay.stats import TCP_RX, TCP_TX
 from ..relay.tcphub import HubSession
 
@@ -39,31 +43,40 @@ if TYPE_CHECKING:
     from .tunnel import TunnelCore
 
 
-def _run(core: TunnelCore, conn: PoolConn, local: socket.socket, end: Any) -> None:
-    HubSession(conn.stream, local, core.inst.traffic.bytes, TCP_RX, TCP_TX,
-               core.opts.tcp_data_buf_size, end).start(core.sessions)
+def _hub_ready(conn: PoolConn, framed: bool) -> bool:
+    """Whether *conn*'s stream can carry a session from hub callbacks."""
+    return framedhub.stream_usable(conn.stream) if framed else type(conn.stream) is socket.socket
+
+
+def _run(core: TunnelCore, conn: PoolConn, local: socket.socket, framed: bool, end: Any) -> None:
+    acct, bufsize = core.inst.traffic.bytes, core.opts.tcp_data_buf_size
+    if framed:
+        core.pool.lend(conn)
+        FramedSession(conn.stream, local, acct, TCP_RX, TCP_TX, bufsize, end).start(core.sessions)
+    else:
+        HubSession(conn.stream, local, acct, TCP_RX, TCP_TX, bufsize, end).start(core.sessions)
 
 
 def start_user_tcp(core: TunnelCore, sock: socket.socket, addr: Any) -> bool:
     """Receiving side, at accept: True if the connection was taken over (see module doc)."""
     control = core.control
-    if core.reuse or control is None or core._wlock.locked() or not can_write_nowait(control) \
-            or not core.hub_sessions():
+    if control is None or core._wlock.locked() or not can_write_nowait(control) or not core.hub_sessions():
         return False
     conn = core.pool.take_any(0)  # an idle connection now, or None without waiting
     if conn is None:
         return False
-    if type(conn.stream) is not socket.socket:
+    framed = core.reuse
+    if not _hub_ready(conn, framed):
         core.sessions.spawn(core.listeners.run_tcp, core._user_tcp, sock, addr, conn)
         return True
     try:
-        send_signal_nowait(core, Launch(False, format_addr(addr), conn.cid, False))
+        send_signal_nowait(core, Launch(False, format_addr(addr), conn.cid, framed))
     except OSError as exc:
         core.fail(CoreError("control write failed: %s" % (exc.strerror or exc)))
         core.pool.finish(conn, None, trim=True)
         core.listeners.end_tcp(sock)
         return True
-    _run(core, conn, sock, partial(_user_ended, core, conn, sock))
+    _run(core, conn, sock, framed, partial(_user_framed_ended if framed else _user_ended, core, conn, sock))
     return True
 
 
@@ -99,15 +112,22 @@ def _user_ended(core: TunnelCore, conn: PoolConn, sock: socket.socket, _err: Bas
     core.listeners.end_tcp(sock)
 
 
+def _user_framed_ended(core: TunnelCore, conn: PoolConn, sock: socket.socket, _reason: str,
+                       leftover: bytes | None) -> None:
+    # nothing may follow the dialling side's terminal frame: only a clean end is reused
+    core.pool.finish(conn, leftover if leftover == b"" else None, trim=True)
+    core.listeners.end_tcp(sock)
+
+
 def start_launch(core: TunnelCore, sig: Launch) -> bool:
     """Dialling side, at a launch signal: True if the launch was taken over (see module doc)."""
-    if sig.udp or sig.framed or sig.cid in core.verifying or not core.hub_sessions():
+    if sig.udp or sig.cid in core.verifying or not core.hub_sessions():
         return False
     conn = core.pool.claim(sig.cid)
     if conn is None:
         return False  # not here yet: the job waits for it
     slots = core.inst.slots
-    if type(conn.stream) is not socket.socket or not slots.acquire_tcp():
+    if not _hub_ready(conn, sig.framed) or not slots.acquire_tcp():
         core.sessions.spawn(core._launch, sig, conn)  # refuses at the slot limit, as ever
         return True
     started = core.dialer.start_tcp()
@@ -116,7 +136,8 @@ def start_launch(core: TunnelCore, sig: Launch) -> bool:
         core.sessions.spawn(core._launch, sig, conn, started)
         return True
     target = started[0]
-    _run(core, conn, target, partial(_launch_ended, core, conn, target))
+    ended = _launch_framed_ended if sig.framed else _launch_ended
+    _run(core, conn, target, sig.framed, partial(ended, core, conn, target))
     return True
 
 
@@ -125,3 +146,10 @@ def _launch_ended(core: TunnelCore, conn: PoolConn, target: socket.socket,
     target.close()
     core.inst.slots.release_tcp()
     core.pool.finish(conn, None)
+
+
+def _launch_framed_ended(core: TunnelCore, conn: PoolConn, target: socket.socket, _reason: str,
+                         leftover: bytes | None) -> None:
+    target.close()
+    core.inst.slots.release_tcp()
+    core.pool.finish(conn, leftover)

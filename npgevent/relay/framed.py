@@ -20,7 +20,10 @@ the pool, with whatever the peer sent after its terminal (the next session's fir
 
 On a TLS pool stream with no idle timeout and no rate limit, a session starts in hub
 callbacks (:mod:`npgevent.relay.framedhub`): a short one runs to its end there, and anything
-else hands each direction's state over to these pumps, which carry on from it.
+else hands each direction's state over to these pumps, which carry on from it.  A tunnel
+whose session can start without waiting has no handler call this at all: it starts a
+:class:`~npgevent.relay.framedsession.FramedSession` from the hub, built of the same parts
+(:func:`begin`, the hub phase, :func:`pumps`, :func:`outcome`).
 
 After this end sent ABORT, the peer has :data:`DRAIN` seconds to answer with its terminal;
 a peer that doesn't, a pool stream that fails, or a malformed frame leaves the connection
@@ -103,13 +106,40 @@ def relay_framed(
 
     ``acct[tx]`` counts bytes written to *local*, ``acct[rx]`` bytes read from it.  Both
     streams are left open."""
-    st = _State()
-    sess = _Session(idle) if idle > 0 else None
+    st, sess, reader, chunk = begin(pool, local, limiter, idle, bufsize)
+    # what is left of each direction: (bytes to write first, our terminal they complete) for
+    # the up pump, bytes for the local socket for the down pump; None = that direction is over
+    up_left: tuple[bytes, int] | None = (b"", 0)
+    down_left: bytes | None = b""
+    if framedhub.usable(pool, local, limiter, idle):  # short sessions never leave the hub
+        try:
+            up_left, down_left = framedhub.run(pool, local, st, reader, acct, rx, tx, chunk)
+        except Exception as exc:  # the pool stream failed, or a malformed frame
+            st.done = True
+            st.broken = st.broken or exc
+            up_left = down_left = None
+    if up_left is not None or down_left is not None:
+        pumps(pool, local, st, reader, acct, rx, tx, limiter, sess, chunk, up_left, down_left)
+    return outcome(pool, st, reader, idle)
+
+
+def begin(pool: Stream, local: socket.socket, limiter: RateLimiter | None, idle: float,
+          bufsize: int) -> tuple[_State, _Session | None, FrameReader, int]:
+    """A session's state, idle clock, frame reader and local read size."""
     if idle > 0:
         local.settimeout(idle)
         pool.settimeout(idle)
     reader = _readers.pop() if _readers else FrameReader(READER_SIZE)
-    chunk = _payload(bufsize, limiter)
+    return _State(), _Session(idle) if idle > 0 else None, reader, _payload(bufsize, limiter)
+
+
+def pumps(pool: Stream, local: socket.socket, st: _State, reader: FrameReader, acct: list[int],
+          rx: int, tx: int, limiter: RateLimiter | None, sess: _Session | None, chunk: int,
+          up_left: tuple[bytes, int] | None, down_left: bytes | None) -> None:
+    """Run the greenlet pumps from where the hub phase left each direction (``(b"", 0)`` and
+    ``b""`` for a session that starts here; None for a direction that is over) until both
+    end.  A failure of the pool stream or a malformed frame is recorded in ``st.broken``; a
+    kill (BaseException) is raised after the up pump has been ended."""
     main = gevent.getcurrent()
     loop = gevent.get_hub().loop
     timer: list[Any] = []
@@ -132,14 +162,8 @@ def relay_framed(
             timer.append(t)
             t.start(_drain_expired, st, give_up)
 
-    # what is left of each direction: (bytes to write first, our terminal they complete) for
-    # the up pump, bytes for the local socket for the down pump; None = that direction is over
-    up_left: tuple[bytes, int] | None = (b"", 0)
-    down_left: bytes | None = b""
     up: runners.Job | None = None
     try:
-        if framedhub.usable(pool, local, limiter, idle):  # short sessions never leave the hub
-            up_left, down_left = framedhub.run(pool, local, st, reader, acct, rx, tx, chunk)
         if up_left is not None:
             up = runners.run(upward, *up_left)
         if down_left is not None:
@@ -162,6 +186,11 @@ def relay_framed(
     finally:
         for t in timer:
             t.close()
+
+
+def outcome(pool: Stream, st: _State, reader: FrameReader, idle: float) -> tuple[str, bytes | None]:
+    """Why the session ended, and the bytes read past it if the connection may be reused
+    (else None); the frame reader goes back for the next session."""
     reusable = st.broken is None and st.sent
     leftover = reader.rest() if reusable else None
     reader.reset()

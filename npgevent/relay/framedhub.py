@@ -7,7 +7,8 @@ session).  Here both directions start as read watchers whose callbacks do the pu
 without waiting: a local read becomes a DATA frame written with ``send_nowait``, the pool
 stream's frames are parsed as they are read and their bytes sent on with a non-blocking
 ``send``, EOF frames go out and come in as in the pumps.  A request/response session thus
-runs to its end in the hub, and the caller only waits for that end.
+runs to its end in the hub, and the caller only waits for that end (a
+:class:`~npgevent.relay.framedsession.FramedSession` has no caller: its end is a callback).
 
 What may run in a hub callback is narrow: nothing that waits, no abort.  So the phase hands
 the session over to the greenlet pumps, with each direction's state, as soon as anything but
@@ -25,6 +26,8 @@ waiting) and a plain gevent local socket, with no idle timeout and no rate limit
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import gevent
@@ -49,8 +52,12 @@ _SHUT_WR = socket.SHUT_WR
 
 def usable(pool: Any, local: Any, limiter: Any, idle: float) -> bool:
     """Whether :func:`run` can carry the start of this session."""
-    return (limiter is None and idle <= 0 and type(local) is socket.socket
-            and hasattr(pool, "recv_into_nowait") and hasattr(pool, "send_nowait"))
+    return limiter is None and idle <= 0 and type(local) is socket.socket and stream_usable(pool)
+
+
+def stream_usable(pool: Any) -> bool:
+    """Whether a pool stream can be read and written from hub callbacks (a TLS stream)."""
+    return hasattr(pool, "recv_into_nowait") and hasattr(pool, "send_nowait")
 
 
 class _Side:
@@ -60,8 +67,8 @@ class _Side:
 
     __slots__ = ("local", "phase", "readable")
 
-    def __init__(self, phase: _Phase, readable: Any, local: bool) -> None:
-        self.phase: _Phase | None = phase
+    def __init__(self, phase: Phase, readable: Any, local: bool) -> None:
+        self.phase: Phase | None = phase
         self.readable = readable
         self.local = local
 
@@ -85,14 +92,17 @@ class _Side:
             phase.end(error)
 
 
-class _Phase:
+class Phase:
+    """Both directions' callbacks; *over* is called (in the hub, or in the greenlet that
+    kills it) once the phase has ended: see :meth:`end`."""
+
     def __init__(self, pool: Any, local: socket.socket, st: _State, reader: FrameReader,
-                 acct: list[int], rx: int, tx: int, chunk: int) -> None:
+                 acct: list[int], rx: int, tx: int, chunk: int, over: Callable[[], None]) -> None:
         self.pool, self.local, self.st, self.reader = pool, local, st, reader
         self.acct, self.rx, self.tx, self.chunk = acct, rx, tx, chunk
         self.bufs = buffer_pool(chunk + HEADER)  # a read's frame: header in front, one write
         self.hub = gevent.get_hub()
-        self.waiter = Waiter(self.hub)
+        self.over_cb = over
         self.up_left: tuple[bytes, int] | None = (b"", 0)  # as relay_framed's (see there)
         self.down_left: bytes | None = b""
         self.error: BaseException | None = None
@@ -102,19 +112,11 @@ class _Phase:
         self.up = _Side(self, self._up, local=True)
         self.down = _Side(self, self._down, local=False)
 
-    def run(self) -> tuple[tuple[bytes, int] | None, bytes | None]:
+    def start(self) -> None:
         self.local_watcher.start(self.up.fire)
         self.pool_watcher.start(self.down.fire)
         if self.pool.has_buffered():  # the start of this session, read past the last one's end
             self.hub.loop.run_callback(self.down.fire)
-        try:
-            self.waiter.get()
-        finally:
-            self.over = True
-            self._stop()
-        if self.error is not None:
-            raise self.error
-        return self.up_left, self.down_left
 
     # -- in the hub ------------------------------------------------------------------------
     def _up(self) -> None:
@@ -219,7 +221,7 @@ class _Phase:
         if error is not None and self.error is None:
             self.error = error
         self._stop()
-        self.waiter.switch(None)
+        self.over_cb()
 
     def _stop(self) -> None:
         self.local_watcher.stop()
@@ -232,4 +234,14 @@ def run(pool: Any, local: socket.socket, st: _State, reader: FrameReader, acct: 
     """Relay in hub callbacks until both directions end or the pumps must take over; return
     what is left of each direction (``relay_framed``'s ``up_left`` and ``down_left``).
     Raises what ended the pool stream (a failure, a malformed frame)."""
-    return _Phase(pool, local, st, reader, acct, rx, tx, chunk).run()
+    waiter = Waiter(gevent.get_hub())
+    phase = Phase(pool, local, st, reader, acct, rx, tx, chunk, partial(waiter.switch, None))
+    phase.start()
+    try:
+        waiter.get()
+    finally:
+        phase.over = True
+        phase._stop()
+    if phase.error is not None:
+        raise phase.error
+    return phase.up_left, phase.down_left

@@ -34,6 +34,12 @@ from greenlet import GreenletExit
 KEEP = 64  # parked workers kept between sessions (each holds its frame stack, ~17 KB)
 
 
+class Owner(Protocol):
+    """Told when a job ends (run to its end, killed, or killed before it ran)."""
+
+    def _ended(self, job: Any) -> None: ...
+
+
 class Job:
     """One job on a worker greenlet (see module doc)."""
 
@@ -46,7 +52,7 @@ class Job:
         self._started = False
         self._cancel = False
         self._worker: _Worker | None = None
-        self.owner: Sessions | None = None  # told when the job ends
+        self.owner: Owner | None = None  # told when the job ends
 
     @property
     def dead(self) -> bool:
@@ -139,7 +145,7 @@ class Tracked(Protocol):
     hub callbacks alone (:class:`~npgevent.relay.tcphub.HubSession`), which calls its owner's
     ``_ended`` when it ends."""
 
-    owner: Sessions | None
+    owner: Owner | None
 
     @property
     def dead(self) -> bool: ...

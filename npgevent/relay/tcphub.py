@@ -194,7 +194,7 @@ class HubSession(_HubRelay):
         super().__init__(user, target, acct, rx, tx, tcp.chunk_size(bufsize, None, tcp.SPLICE_OK),
                          tcp.SPLICE_OK)
         self.end: Callable[[BaseException | None], None] | None = end
-        self.owner: runners.Sessions | None = None  # told when the session ends
+        self.owner: runners.Owner | None = None  # told when the session ends
         self.dead = False
         self._ended: Event | None = None  # made only for a join that waits
 

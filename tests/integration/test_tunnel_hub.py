@@ -1,5 +1,6 @@
-"""A tls=0 tunnel's TCP sessions started and relayed in hub callbacks (npgevent.cores.tunnel_hub):
-no session job on either side, the same bytes and counters, a stop that ends them, and a
+"""A tunnel's TCP sessions started and relayed in hub callbacks (npgevent.cores.tunnel_hub),
+tls=0 (byte for byte) and tls=1 (framed on reused pool connections): no session job on either
+side, the same bytes and counters, pool connections reused, a stop that ends them, and a
 launch signal that the control socket can't take at once."""
 
 from __future__ import annotations
@@ -26,21 +27,36 @@ def session_jobs(greenlet_jobs: list) -> set[str]:
     return SESSION_JOBS & {getattr(fn, "__name__", "") for fn in greenlet_jobs}
 
 
+def _handshakes(client) -> int:
+    return sum(client.inst.events.tls_handshakes.values())
+
+
+@pytest.mark.parametrize("tls", ["0", "1"])
 @pytest.mark.parametrize("flow", ["rev", "fwd"])
-def test_sessions_take_no_job_on_either_side(flow, greenlet_jobs):
-    with inproc_tunnel(flow, "0") as (s, c, uport, _echo):
+def test_sessions_take_no_job_on_either_side(flow, tls, greenlet_jobs):
+    with inproc_tunnel(flow, tls) as (s, c, uport, _echo):
+        assert s.core.reuse == c.core.reuse == (tls == "1")
+        assert echo_roundtrip(uport, b"warm") == b"warm"
+        gevent.sleep(0.3)
+        handshakes = _handshakes(c)
+        greenlet_jobs.clear()
         payloads = [b"hub-%02d|" % i * (i + 1) for i in range(30)]
         for p in payloads:
             assert echo_roundtrip(uport, p) == p
         assert not session_jobs(greenlet_jobs)
+        if tls == "1":  # framed sessions, each connection back in both pools after it
+            assert _handshakes(c) == handshakes
         for side in (s, c):
-            assert side.inst.traffic.tcp_tx == side.inst.traffic.tcp_rx == sum(map(len, payloads))
+            assert side.inst.traffic.tcp_tx == side.inst.traffic.tcp_rx == sum(map(len, payloads)) + 4
         gevent.sleep(0.1)
         assert s.inst.slots.tcp == c.inst.slots.tcp == 0
+        assert len(s.core.sessions) == len(c.core.sessions) == 0
+        assert not (s if flow == "rev" else c).core.pool.lent
 
 
-def test_a_stop_ends_the_sessions_left_on_both_sides(greenlet_jobs):
-    with inproc_tunnel("rev", "0") as (s, c, uport, _echo):
+@pytest.mark.parametrize("tls", ["0", "1"])
+def test_a_stop_ends_the_sessions_left_on_both_sides(tls, greenlet_jobs):
+    with inproc_tunnel("rev", tls) as (s, c, uport, _echo):
         users = [connect_retry(uport) for _ in range(3)]
         for u in users:
             u.sendall(b"open")
@@ -57,8 +73,9 @@ def test_a_stop_ends_the_sessions_left_on_both_sides(greenlet_jobs):
         assert not session_jobs(greenlet_jobs)
 
 
-def test_bulk_in_a_hub_session_arrives_whole():
-    with inproc_tunnel("rev", "0") as (_s, _c, uport, _echo):
+@pytest.mark.parametrize("tls", ["0", "1"])
+def test_bulk_in_a_hub_session_arrives_whole(tls):
+    with inproc_tunnel("rev", tls) as (_s, _c, uport, _echo):
         payload = bytes(range(256)) * 40000  # ~10 MiB: both directions turn bulk
         sock = connect_retry(uport)
         sender = gevent.spawn(lambda: (sock.sendall(payload), sock.shutdown(socket.SHUT_WR)))
@@ -100,10 +117,11 @@ def test_a_launch_signal_the_control_socket_cannot_take_goes_out_whole_and_in_or
     far.close()
 
 
-def test_the_dialling_sides_slot_limit_holds_for_hub_sessions(greenlet_jobs):
+@pytest.mark.parametrize("tls", ["0", "1"])
+def test_the_dialling_sides_slot_limit_holds_for_hub_sessions(tls, greenlet_jobs):
     """slot=1 on the dialling side: a second session is refused there (the user sees the
     close, one ERROR line) while the first carries on; its slot comes back at its end."""
-    with inproc_tunnel("rev", "0", extra_client="&slot=1") as (_s, c, uport, _echo):
+    with inproc_tunnel("rev", tls, extra_client="&slot=1") as (_s, c, uport, _echo):
         first = connect_retry(uport)
         first.sendall(b"one")
         assert first.recv(3) == b"one"

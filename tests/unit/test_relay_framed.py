@@ -1,6 +1,8 @@
 """A TCP session on a reusable pool connection (npgevent.relay.framed) and the pool's side of
 reuse (lend, finish), over real loopback sockets.  The peer end of the pool connection is
-scripted here: it writes frames and reads what the relay writes."""
+scripted here: it writes frames and reads what the relay writes.  Each session runs three
+ways: ``relay_framed`` in greenlets, ``relay_framed`` starting in hub callbacks, and a
+:class:`~npgevent.relay.framedsession.FramedSession` that no greenlet waits for."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from npgevent.protocol.sessionframe import (
 )
 from npgevent.relay import framed
 from npgevent.relay.framed import relay_framed
+from npgevent.relay.framedsession import FramedSession
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -87,19 +90,63 @@ class NowaitStream:
             return 0
 
 
-@pytest.fixture(params=["greenlets", "hub"])
+class DetachedStream(NowaitStream):
+    """The same stream; :func:`_run` starts a :class:`FramedSession` on it."""
+
+
+class Detached:
+    """A :class:`FramedSession` started from a hub callback, as a tunnel's accept starts one,
+    seen through what the tests use of a greenlet running ``relay_framed``."""
+
+    def __init__(self, pool_sock, local) -> None:
+        self.acct = [0, 0]
+        self.result = gevent.event.AsyncResult()
+        self.ended_in: list = []
+        started = gevent.event.Event()
+
+        def end(reason: str, leftover: bytes | None) -> None:
+            self.ended_in.append(gevent.getcurrent())
+            self.result.set((reason, leftover))
+
+        def start() -> None:
+            self.session = FramedSession(pool_sock, local, self.acct, 0, 1, 16384, end)
+            self.session.start()
+            started.set()
+
+        gevent.get_hub().loop.run_callback(start)
+        started.wait(5)
+
+    def get(self, timeout: float | None = None):
+        return self.result.get(timeout=timeout)
+
+    def ready(self) -> bool:
+        return self.result.ready()
+
+    def kill(self, block: bool = True, timeout: float | None = None) -> None:
+        self.session.kill(block=False)
+        if block:
+            self.session.join(timeout)
+
+    @property
+    def dead(self) -> bool:
+        return self.session.dead
+
+
+@pytest.fixture(params=["greenlets", "hub", "detached"])
 def ends(request):
     pool_near, pool_far = tcp_pair()  # the relay's pool stream / the scripted peer
     local_near, local_far = tcp_pair()  # the user (or target) / the relay's local socket
     for s in (pool_near, pool_far, local_near, local_far):
         s.settimeout(None)
-    stream = pool_near if request.param == "greenlets" else NowaitStream(pool_near)
-    yield Peer(pool_far), stream, local_near, local_far
+    kind = {"greenlets": lambda s: s, "hub": NowaitStream, "detached": DetachedStream}[request.param]
+    yield Peer(pool_far), kind(pool_near), local_near, local_far
     for s in (pool_near, pool_far, local_near, local_far):
         s.close()
 
 
-def _run(pool_sock, local_far, **kw) -> gevent.Greenlet:
+def _run(pool_sock, local_far, **kw):
+    if type(pool_sock) is DetachedStream and not kw:  # no idle timeout, no rate limit
+        return Detached(pool_sock, local_far)
     acct = [0, 0]
     g = gevent.spawn(relay_framed, pool_sock, local_far, acct, 0, 1, **kw)
     g.acct = acct
@@ -261,13 +308,22 @@ def test_local_writes_that_fail_abort_the_session(ends):
     assert g.get(timeout=5)[1] == b""
 
 
+@pytest.fixture(params=["hub", "detached"])
+def hub_ends(request):
+    yield from _hub_ends(NowaitStream if request.param == "hub" else DetachedStream)
+
+
 @pytest.fixture
-def hub_ends():
+def detached_ends():
+    yield from _hub_ends(DetachedStream)
+
+
+def _hub_ends(kind):
     pool_near, pool_far = tcp_pair()
     local_near, local_far = tcp_pair()
     for s in (pool_near, pool_far, local_near, local_far):
         s.settimeout(None)
-    yield Peer(pool_far), NowaitStream(pool_near), local_near, local_far
+    yield Peer(pool_far), kind(pool_near), local_near, local_far
     for s in (pool_near, pool_far, local_near, local_far):
         s.close()
 
@@ -286,6 +342,8 @@ def test_hub_a_request_and_response_runs_in_hub_callbacks_alone(hub_ends, greenl
     assert user.recv(100) == b""
     assert len(greenlet_jobs) == 0
     assert g.acct == [6, 5]
+    if isinstance(g, Detached):  # it ended in the hub: no greenlet waited for it
+        assert g.ended_in == [gevent.get_hub()] and g.dead
 
 
 def test_hub_hands_a_download_the_user_reads_slowly_to_the_pumps_byte_exact(hub_ends, greenlet_jobs):
@@ -308,7 +366,8 @@ def test_hub_hands_a_download_the_user_reads_slowly_to_the_pumps_byte_exact(hub_
     user.shutdown(socket.SHUT_WR)
     assert peer.read_session() == (b"thanks", EOF)
     assert g.get(timeout=5) == ("EOF", b"")
-    assert len(greenlet_jobs) == 1  # the up pump took over with the session
+    # the up pump took over with the session (detached: in a job of its own for the down pump)
+    assert len(greenlet_jobs) == (2 if isinstance(g, Detached) else 1)
     assert g.acct == [6, len(body)]
 
 
@@ -383,8 +442,77 @@ def test_hub_a_killed_relay_leaves_no_watcher_running(hub_ends):
     g.kill(block=True, timeout=5)
     assert g.dead
     assert not local._read_event.active and not pool_sock.sock._read_event.active
+    if isinstance(g, Detached):  # killed mid-session: the connection is given up
+        assert g.get(timeout=1)[1] is None
     user.sendall(b"after")  # nothing reads it any more, nothing fails
     gevent.sleep(0.05)
+
+
+def test_detached_killed_in_its_pumps_gives_the_connection_up(detached_ends):
+    peer, pool_sock, _user, local = detached_ends
+    g = Detached(pool_sock, local)
+    body = b"b" * 300_000  # bulk: the pumps take over, and the user reads nothing
+    gevent.spawn(peer.send, data_frame(body[:60000]), data_frame(body[60000:120000]))
+    with gevent.Timeout(5):
+        while g.session.job is None:
+            gevent.sleep(0.01)
+    g.kill(block=True, timeout=5)
+    assert g.dead
+    reason, leftover = g.get(timeout=1)
+    assert leftover is None, reason
+    assert not local._read_event.active and not pool_sock.sock._read_event.active
+
+
+def test_detached_killed_before_its_pumps_ran_still_ends(detached_ends, monkeypatch):
+    """A kill that reaches the pumps' job before it started (a job killed then never runs):
+    the session still ends, once, with the connection given up."""
+    from npgevent.relay import runners
+
+    peer, pool_sock, user, local = detached_ends
+    real = runners.run
+    killed = []
+
+    def run_then_kill(fn, *args):
+        job = real(fn, *args)
+        if getattr(fn, "__name__", "") == "_pumps":
+            job.kill(block=False)  # not started yet: cancelled
+            killed.append(job)
+        return job
+
+    monkeypatch.setattr(runners, "run", run_then_kill)
+    g = Detached(pool_sock, local)
+    user.shutdown(socket.SHUT_WR)  # our EOF goes out in the hub: only the peer's side is left
+    assert peer.read_session() == (b"", EOF)
+    peer.send(data_frame(b"x" * 65536), data_frame(b"y" * 100))  # bulk in one callback: hand-over
+    reason, leftover = g.get(timeout=5)
+    assert killed and leftover is None, reason
+    with gevent.Timeout(5):
+        while not g.dead:
+            gevent.sleep(0.01)
+    assert len(g.ended_in) == 1
+
+
+def test_detached_sessions_are_tracked_and_ended_by_their_owner(detached_ends):
+    from npgevent.relay.runners import Sessions
+
+    peer, pool_sock, user, local = detached_ends
+    owner = Sessions()
+    result = gevent.event.AsyncResult()
+    done = gevent.event.Event()
+
+    def start() -> None:
+        FramedSession(pool_sock, local, [0, 0], 0, 1, 16384,
+                      lambda reason, leftover: result.set(leftover)).start(owner)
+        done.set()
+
+    gevent.get_hub().loop.run_callback(start)
+    done.wait(5)
+    peer.send(data_frame(b"hello"))
+    assert user.recv(10) == b"hello"
+    assert len(owner) == 1 and not owner.join(0.05)
+    owner.kill(block=True, timeout=5)
+    assert len(owner) == 0 and owner.join(0)
+    assert result.get(timeout=1) is None  # ended mid-session: the connection is given up
 
 
 def _peer_sends(peer: Peer, data: bytes, pause: float, step: int) -> None:
