@@ -26,6 +26,7 @@ from gevent import socket
 
 from ..log import InstanceLog
 from ..url import HostPort
+from . import lightsock
 from .resolver import Resolver
 from .sockopt import connect_finish, connect_numeric, connect_start, tune_tcp, tune_udp
 
@@ -129,7 +130,7 @@ class Dialer:
         ip = ips[0]
         family = family_of(ip)
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock = lightsock.tcp_socket(family)
         except OSError as exc:
             return Attempt(order, ips, None, exc.errno or errno.EIO)
         if self.source_ip is not None:
@@ -148,7 +149,7 @@ class Dialer:
         last: OSError | None = None
         for ip in self.resolver.resolve(target.host) if ips is None else ips:
             family = family_of(ip)
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock = lightsock.tcp_socket(family)
             try:
                 self._bind_source(sock, family)
                 connect_numeric(sock, sockaddr(ip, target.port), timeout)

@@ -8,7 +8,8 @@ as ``notcp``/``noudp`` allow, and tear them down the same way.  Both count
 every user session against ``slot=``: a connection over the limit is refused
 at accept, in the hub (the UDP table does the same for new source addresses).
 A core may see each TCP connection at accept and take it over there
-(``tcp_start``: single-end forwarding relays from hub callbacks alone).
+(``tcp_start``: single-end forwarding relays from hub callbacks alone).  Accepted sockets are
+:mod:`~npgevent.net.lightsock`'s (gevent sockets made and closed with less around them).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from gevent import socket
 from gevent.server import StreamServer
 
 from ..log import DEBUG, ERROR, InstanceLog
+from ..net import lightsock
 from ..net.sockopt import format_addr, listen_tcp, listen_udp
 from ..settings import Options
 from ..url import HostPort
@@ -34,6 +36,17 @@ class _TcpServer(StreamServer):
     def __init__(self, sock: socket.socket, accepted: Callable[[socket.socket, Any], None]) -> None:
         super().__init__(sock, accepted, spawn=None)
         self._accepted = accepted
+
+    def do_read(self) -> tuple[socket.socket, Any] | None:
+        """gevent's accept, with the connection's socket made by :mod:`..net.lightsock`."""
+        listener = self.socket
+        try:
+            fd, address = listener._accept()
+        except BlockingIOError:
+            if not listener.timeout:
+                return None
+            raise
+        return lightsock.accepted(fd, listener.family, listener.type, listener.proto), address
 
     def do_handle(self, sock: socket.socket, addr: Any) -> None:
         self._accepted(sock, addr)
