@@ -105,3 +105,20 @@ def _fresh_process_memory():
     client.AUTHENTICATED_SERVERS.clear()
     client.WARNED_GO_SERVERS.clear()
     server.WARNED_GO_CLIENTS.clear()
+
+
+@pytest.fixture
+def spliced(monkeypatch) -> list[int]:
+    """Bytes moved by ``os.splice`` during the test (the zero-copy bulk relay)."""
+    import os
+
+    moved: list[int] = []
+    real = os.splice
+
+    def counting(*args, **kwargs):
+        n = real(*args, **kwargs)
+        moved.append(n)
+        return n
+
+    monkeypatch.setattr(os, "splice", counting)
+    return moved

@@ -31,6 +31,7 @@ from gevent import socket
 
 from ..errors import CoreError
 from ..net.dial import Attempt
+from ..net.lightsock import PLAIN
 from ..net.sockopt import can_write_nowait, format_addr, send_all, write_nowait
 from ..pool.tcp import PoolConn
 from ..protocol.signals import Launch, Signal
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 
 def _hub_ready(conn: PoolConn, framed: bool) -> bool:
     """Whether *conn*'s stream can carry a session from hub callbacks."""
-    return framedhub.stream_usable(conn.stream) if framed else type(conn.stream) is socket.socket
+    return framedhub.stream_usable(conn.stream) if framed else type(conn.stream) in PLAIN
 
 
 def _run(core: TunnelCore, conn: PoolConn, local: socket.socket, framed: bool, end: Any) -> None:

@@ -62,6 +62,10 @@ class LightSocket(socket.socket):
 
 _CLOSED = _closedsocket(_socket.AF_INET, _socket.SOCK_STREAM, 0, -1, "closed")
 
+#: the classes of plain gevent sockets (no TLS wrapper, no other I/O): code that reads and
+#: writes the stdlib socket under one directly, or splices it, asks ``type(sock) in PLAIN``
+PLAIN: tuple[type, ...] = (socket.socket, LightSocket)
+
 
 def wrap(raw: Any) -> socket.socket:
     """A gevent socket that takes over the stdlib socket *raw* (an ``_socket.socket`` of

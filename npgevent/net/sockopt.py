@@ -20,6 +20,7 @@ from typing import Any
 from gevent import socket
 
 from ..url import HostPort
+from .lightsock import PLAIN
 
 UDP_BUFFER = 4 * 1024 * 1024
 #: a UDP listener's receive buffer: a burst from many new sources waits here while their sessions
@@ -120,7 +121,7 @@ def send_all(stream: Any, data: Any) -> None:
     """``stream.sendall(data)``, with one non-blocking ``send`` first on a plain gevent socket:
     gevent's ``sendall`` asks the kernel for SO_SNDBUF on every call (a syscall per small
     write); a datagram frame or a short reply nearly always fits the send buffer at once."""
-    if type(stream) is socket.socket:
+    if type(stream) in PLAIN:
         try:
             sent = stream._sock.send(data)
         except BlockingIOError:
@@ -133,14 +134,14 @@ def send_all(stream: Any, data: Any) -> None:
 
 def can_write_nowait(stream: Any) -> bool:
     """Whether :func:`write_nowait` can write to *stream* (else it returns None)."""
-    return type(stream) is socket.socket or hasattr(stream, "send_nowait")
+    return type(stream) in PLAIN or hasattr(stream, "send_nowait")
 
 
 def write_nowait(stream: Any, data: bytes) -> int | None:
     """Write what fits now, from a hub callback: the count written (0 if nothing fits: then
     the caller must write all of *data* again, which a TLS stream needs), or None if *stream*
     can't be written without possibly waiting (nothing was written)."""
-    if type(stream) is socket.socket:
+    if type(stream) in PLAIN:
         try:
             return stream._sock.send(data)
         except BlockingIOError:

@@ -34,6 +34,7 @@ import gevent
 from gevent import socket
 from gevent.hub import Waiter
 
+from ..net.lightsock import PLAIN
 from ..protocol.sessionframe import ABORT, DATA, EOF, EOF_FRAME, HEADER, NEED, FrameReader, pack_data_header
 from .tcp import buffer_pool
 
@@ -52,7 +53,7 @@ _SHUT_WR = socket.SHUT_WR
 
 def usable(pool: Any, local: Any, limiter: Any, idle: float) -> bool:
     """Whether :func:`run` can carry the start of this session."""
-    return limiter is None and idle <= 0 and type(local) is socket.socket and stream_usable(pool)
+    return limiter is None and idle <= 0 and type(local) in PLAIN and stream_usable(pool)
 
 
 def stream_usable(pool: Any) -> bool:

@@ -25,9 +25,9 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
-from gevent import socket
 from gevent.event import Event
 
+from ..net.lightsock import PLAIN
 from ..net.sockopt import has_input
 
 READS_PER_WAKEUP = 16
@@ -38,7 +38,7 @@ NowaitRead = Callable[[int], "bytes | None"]
 
 def nowait_reader(stream: Any) -> NowaitRead | None:
     """A non-blocking read for *stream*, or None if it can't be read from the hub."""
-    if type(stream) is socket.socket:
+    if type(stream) in PLAIN:
         raw = stream._sock  # the non-blocking stdlib socket under the gevent one
 
         def read(n: int) -> bytes | None:
@@ -56,7 +56,7 @@ def drain_check(stream: Any, size: int, datagrams: bool) -> Callable[[bytes], bo
     a plain stream's read came back short; a UDP socket holds no other datagram
     (``FIONREAD``); a stream's own ``drained()`` (TLS: nothing decrypted inside, no bytes on the
     socket).  None: read until a read finds nothing."""
-    if type(stream) is socket.socket:
+    if type(stream) in PLAIN:
         if datagrams:
             fd = stream.fileno()
             return lambda data: not has_input(fd)
@@ -89,7 +89,7 @@ class HubReader:
     def supports(stream: Any) -> bool:
         """Whether :func:`nowait_reader` has a read for *stream* (asked per datagram by a
         session still reading in its greenlet: builds nothing)."""
-        return type(stream) is socket.socket or hasattr(stream, "recv_nowait")
+        return type(stream) in PLAIN or hasattr(stream, "recv_nowait")
 
     def serve(self) -> None:
         """Block the calling greenlet until the stream ends (return) or fails (raise)."""

@@ -39,6 +39,7 @@ from typing import Any, Protocol
 import gevent
 from gevent import socket
 
+from ..net.lightsock import PLAIN
 from ..net.sockopt import send_all
 from . import runners, tcphub
 from .limit import RateLimiter
@@ -49,7 +50,6 @@ _F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1 << 20
 SPLICE_CHUNK = 1 << 20
 STREAM_CHUNK = 1 << 16
-_GeventSocket = socket.socket
 
 
 class Stream(Protocol):
@@ -105,8 +105,8 @@ def relay(
     ``acct[tx]`` counts bytes written to *target*, ``acct[rx]`` bytes read from
     it.  Sockets are left open: the caller closes them.
     """
-    can_splice = (splice and SPLICE_OK and type(user) is _GeventSocket
-                  and type(target) is _GeventSocket)
+    can_splice = (splice and SPLICE_OK and type(user) in PLAIN
+                  and type(target) in PLAIN)
     if tcphub.usable(user, target, limiter, idle):
         return _describe(tcphub.relay_in_hub(user, target, acct, rx, tx,
                                              chunk_size(bufsize, None, can_splice), can_splice))
@@ -215,7 +215,7 @@ def _pump(
     """Copy src -> dst until EOF (then half-close dst). Return the error, or None."""
     chunk = chunk_size(bufsize, limiter, can_splice)
     try:
-        if type(src) is _GeventSocket:
+        if type(src) in PLAIN:
             _copy_socket(src, dst, acct, idx, limiter, sess, chunk, can_splice)
         else:
             _copy_stream(src, dst, acct, idx, limiter, sess, chunk)

@@ -29,6 +29,7 @@ from gevent.event import Event
 from gevent.hub import Waiter
 from greenlet import GreenletExit
 
+from ..net.lightsock import PLAIN
 from . import runners, tcp  # tcp imports this module too: its names are used at call time only
 
 _SHUT_WR = socket.SHUT_WR
@@ -257,5 +258,5 @@ def relay_in_hub(user: socket.socket, target: socket.socket, acct: list[int], rx
 
 def usable(user: Any, target: Any, limiter: Any, idle: float) -> bool:
     """Whether :func:`relay_in_hub` can carry this session."""
-    return (limiter is None and idle <= 0 and type(user) is socket.socket
-            and type(target) is socket.socket)
+    return (limiter is None and idle <= 0 and type(user) in PLAIN
+            and type(target) in PLAIN)

@@ -31,6 +31,15 @@ def test_64mib_sha256_in_process(tcp_echo, port):
         assert r.inst.traffic.tcp_rx == 64 * MiB
 
 
+def test_bulk_between_the_accepted_and_the_dialled_socket_is_spliced(tcp_echo, port, spliced):
+    """Both sockets of a relayed connection are plain gevent sockets to the relay (however
+    they were made, npgevent.net.lightsock): bulk takes splice(2), not reads and writes."""
+    with in_process("client://127.0.0.1:%d/127.0.0.1:%d?mode=1" % (port, tcp_echo.port)):
+        sent, got = sha_transfer(port, 32 * MiB)
+        assert sent == got
+    assert sum(spliced) >= 2 * 32 * MiB  # each byte in through a pipe and out, both ways
+
+
 def test_64mib_sha256_cli(tcp_echo, port):
     with NpProcess("client://127.0.0.1:%d/127.0.0.1:%d" % (port, tcp_echo.port)) as np:
         np.wait_for(r"Client started: client://")
