@@ -183,6 +183,41 @@ def connect_retry(port: int, host: str = "127.0.0.1", deadline: float = 10.0) ->
             gevent.sleep(0.05)
 
 
+class NowaitStream:
+    """A plain socket with a TLS stream's reads and writes without waiting: the relay starts
+    its sessions in hub callbacks on it (npgevent.relay.framedhub), as on a TLS pool."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def recv_into(self, buffer, nbytes: int = 0) -> int:
+        return self.sock.recv_into(buffer, nbytes)
+
+    def sendall(self, data) -> None:
+        self.sock.sendall(data)
+
+    def settimeout(self, value) -> None:
+        self.sock.settimeout(value)
+
+    def gettimeout(self):
+        return self.sock.gettimeout()
+
+    def has_buffered(self) -> bool:
+        return False
+
+    def recv_into_nowait(self, buffer) -> int | None:
+        try:
+            return self.sock._sock.recv_into(buffer)
+        except BlockingIOError:
+            return None
+
+    def send_nowait(self, data) -> int:
+        try:
+            return self.sock._sock.send(data)
+        except BlockingIOError:
+            return 0
+
+
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
     """Two ends of one loopback TCP connection (the first has a 5 s timeout)."""
     lst = socket.socket()

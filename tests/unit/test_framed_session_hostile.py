@@ -18,7 +18,7 @@ import gevent
 import gevent.event
 import pytest
 from gevent import socket
-from helpers import tcp_pair
+from helpers import NowaitStream, tcp_pair
 
 from npgevent.protocol.sessionframe import ABORT_FRAME, EOF_FRAME, data_frame
 from npgevent.relay import framed
@@ -26,38 +26,6 @@ from npgevent.relay.framedsession import FramedSession
 from npgevent.relay.runners import Sessions
 
 pytestmark = pytest.mark.timeout(300)
-
-
-class Stream:
-    """A plain socket with the TLS stream's non-blocking reads and writes (as in
-    test_relay_framed): the session runs in hub callbacks on it."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-
-    def recv_into(self, buffer, nbytes: int = 0) -> int:
-        return self.sock.recv_into(buffer, nbytes)
-
-    def sendall(self, data) -> None:
-        self.sock.sendall(data)
-
-    def settimeout(self, value) -> None:
-        self.sock.settimeout(value)
-
-    def has_buffered(self) -> bool:
-        return False
-
-    def recv_into_nowait(self, buffer) -> int | None:
-        try:
-            return self.sock._sock.recv_into(buffer)
-        except BlockingIOError:
-            return None
-
-    def send_nowait(self, data) -> int:
-        try:
-            return self.sock._sock.send(data)
-        except BlockingIOError:
-            return 0
 
 
 def _rst(sock: socket.socket) -> None:
@@ -157,7 +125,7 @@ def _one(seed: int) -> bool:
         ended.set()
 
     def start() -> None:
-        FramedSession(Stream(pool_near), local, [0, 0], 0, 1, 16384, end).start(owner)
+        FramedSession(NowaitStream(pool_near), local, [0, 0], 0, 1, 16384, end).start(owner)
         started.set()
 
     gevent.get_hub().loop.run_callback(start)

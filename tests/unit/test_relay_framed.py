@@ -14,7 +14,7 @@ import gevent
 import gevent.event
 import pytest
 from gevent import socket
-from helpers import read_frames, tcp_pair
+from helpers import NowaitStream, read_frames, tcp_pair
 
 from npgevent.log import InstanceLog
 from npgevent.pool.base import Adaptive
@@ -53,41 +53,6 @@ class Peer:
 def _rst(sock: socket.socket) -> None:
     sock.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
-
-
-class NowaitStream:
-    """A plain socket with a TLS stream's reads and writes without waiting: the relay starts
-    its sessions in hub callbacks on it (npgevent.relay.framedhub), as on a TLS pool."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-
-    def recv_into(self, buffer, nbytes: int = 0) -> int:
-        return self.sock.recv_into(buffer, nbytes)
-
-    def sendall(self, data) -> None:
-        self.sock.sendall(data)
-
-    def settimeout(self, value) -> None:
-        self.sock.settimeout(value)
-
-    def gettimeout(self):
-        return self.sock.gettimeout()
-
-    def has_buffered(self) -> bool:
-        return False
-
-    def recv_into_nowait(self, buffer) -> int | None:
-        try:
-            return self.sock._sock.recv_into(buffer)
-        except BlockingIOError:
-            return None
-
-    def send_nowait(self, data) -> int:
-        try:
-            return self.sock._sock.send(data)
-        except BlockingIOError:
-            return 0
 
 
 class DetachedStream(NowaitStream):
