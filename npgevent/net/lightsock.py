@@ -26,7 +26,11 @@ from typing import Any
 
 import gevent
 from gevent import socket
-from gevent._socket3 import _closedsocket
+
+try:  # the placeholder gevent leaves in a closed socket (private: checked, see USABLE)
+    from gevent._socket3 import _closedsocket
+except ImportError:  # pragma: no cover - a gevent without it builds plain sockets
+    _closedsocket = None
 
 _FIELDS = {"hub", "timeout", "_read_event", "_write_event", "_sock", "_io_refs", "_closed"}
 _SOCK_CLASS = getattr(socket.socket, "_gevent_sock_class", _socket.socket)
@@ -37,7 +41,7 @@ def _slots(cls: type) -> set[str]:
 
 
 #: gevent's socket has the fields :func:`wrap` fills (checked once, at import)
-USABLE = _FIELDS.issubset(_slots(socket.socket))
+USABLE = _closedsocket is not None and _FIELDS.issubset(_slots(socket.socket))
 
 
 class LightSocket(socket.socket):
@@ -49,7 +53,8 @@ class LightSocket(socket.socket):
         me: Any = self  # gevent's fields (its stubs show the stdlib socket)
         r, w = me._read_event, me._write_event
         if (me._io_refs <= 0 and r is not None and w is not None
-                and not (r.active or w.active or r.callback is not None or w.callback is not None)):
+                and not (r.active or w.active or getattr(r, "callback", 1) is not None
+                         or getattr(w, "callback", 1) is not None)):
             me._closed = True
             me._read_event = me._write_event = None
             r.close()
@@ -60,7 +65,7 @@ class LightSocket(socket.socket):
         super().close()
 
 
-_CLOSED = _closedsocket(_socket.AF_INET, _socket.SOCK_STREAM, 0, -1, "closed")
+_CLOSED = _closedsocket(_socket.AF_INET, _socket.SOCK_STREAM, 0, -1, "closed") if USABLE else None
 
 #: the classes of plain gevent sockets (no TLS wrapper, no other I/O): code that reads and
 #: writes the stdlib socket under one directly, or splices it, asks ``type(sock) in PLAIN``
