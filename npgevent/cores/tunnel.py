@@ -44,6 +44,7 @@ from gevent.server import StreamServer
 
 from ..errors import ConfigError, CoreError, RemoteProtocolError
 from ..log import ERROR, WARN, checkpoint_line
+from ..net import lightsock
 from ..net.dial import Attempt, Dialer, DialError
 from ..net.sockopt import format_addr, send_all
 from ..pool.tcp import IdlePool, PoolConn
@@ -98,6 +99,9 @@ class KeepingStreamServer(StreamServer):
                 self.loop.handle_error(self, *sys.exc_info())
                 return
         super().do_handle(*args)
+
+    def do_read(self) -> tuple[socket.socket, Any] | None:
+        return lightsock.accept(self.socket)  # gevent's accept, a lighter socket
 
     def keep(self, sock: socket.socket) -> None:
         self._kept.add(id(sock))

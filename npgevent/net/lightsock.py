@@ -99,3 +99,15 @@ def tcp_socket(family: int) -> socket.socket:
 def accepted(fd: int, family: int, kind: int, proto: int) -> socket.socket:
     """The gevent socket for a descriptor that ``accept`` returned."""
     return wrap(_SOCK_CLASS(family, kind, proto, fd))
+
+
+def accept(listener: Any) -> tuple[socket.socket, Any] | None:
+    """gevent ``StreamServer.do_read``'s accept on the listening gevent socket *listener*,
+    with the connection's socket made here: (socket, address), or None if nothing waits."""
+    try:
+        fd, address = listener._accept()
+    except BlockingIOError:
+        if not listener.timeout:
+            return None
+        raise
+    return accepted(fd, listener.family, listener.type, listener.proto), address

@@ -26,6 +26,7 @@ from typing import Any
 import gevent
 from gevent import socket
 
+from ..net import lightsock
 from ..net.sockopt import established, tune_tcp, write_nowait
 
 
@@ -195,7 +196,7 @@ def dial(family: int, address: tuple[Any, ...], proof: bytes, connect_timeout: f
     """Client: connect, send *proof* (if any), read the 4-byte id; ``on_done(sock, id)``.
     Never raises: a socket that can't be had (EMFILE) goes to ``on_fail`` at once."""
     try:
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = lightsock.tcp_socket(family)
     except OSError as exc:
         on_fail(exc)
         return None

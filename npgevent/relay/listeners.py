@@ -38,15 +38,7 @@ class _TcpServer(StreamServer):
         self._accepted = accepted
 
     def do_read(self) -> tuple[socket.socket, Any] | None:
-        """gevent's accept, with the connection's socket made by :mod:`..net.lightsock`."""
-        listener = self.socket
-        try:
-            fd, address = listener._accept()
-        except BlockingIOError:
-            if not listener.timeout:
-                return None
-            raise
-        return lightsock.accepted(fd, listener.family, listener.type, listener.proto), address
+        return lightsock.accept(self.socket)  # gevent's accept, a lighter socket
 
     def do_handle(self, sock: socket.socket, addr: Any) -> None:
         self._accepted(sock, addr)

@@ -99,7 +99,7 @@ def test_dial_without_a_socket_to_spare_fails_and_does_not_raise(monkeypatch):
     def no_socket(*_a, **_k):
         raise OSError(24, "Too many open files")
 
-    monkeypatch.setattr(hubsetup.socket, "socket", no_socket)
+    monkeypatch.setattr(hubsetup.lightsock, "tcp_socket", no_socket)
     out = Outcome()
     assert hubsetup.dial(socket.AF_INET, ("127.0.0.1", 9), b"", 5, 5, 15, out.done, out.fail) is None
     kind, exc = out.get(timeout=1)
