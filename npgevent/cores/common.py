@@ -99,8 +99,9 @@ class Core:
 
     def hub_sessions(self) -> bool:
         """Whether a TCP session may start and run in hub callbacks alone (single-end
-        forwarding, tls=0 tunnels): not with ``read=`` or ``rate=`` (the greenlet relay keeps
-        those), ``proxy=1`` (a PROXY line goes out first) or debug logs (a line per exchange)."""
+        forwarding, tunnels: tls=0, and framed sessions on reused TLS pools): not with ``read=``
+        or ``rate=`` (the greenlet relay keeps those), ``proxy=1`` (a PROXY line goes out first)
+        or debug logs (a line per exchange)."""
         opts = self.opts
         return not (opts.proxy or opts.read > 0 or self.inst.limiter is not None
                     or self.log.enabled(10))

@@ -25,8 +25,8 @@ datagram) with a Go peer, length-framed between npgevent peers (extension
 level 1, see :mod:`npgevent.protocol.handshake`).  At level 2 (TLS pools) the receiving
 side marks its TCP launches framed (``#3``): the session is relayed in frames
 (:mod:`npgevent.relay.framed`) and its pool connection goes back to both pools after it.
-On a plain pool (tls=0) a TCP session whose start need not wait takes no greenlet on either
-side: :mod:`npgevent.cores.tunnel_hub`.
+A TCP session whose start need not wait (tls=0, or framed on a reused TLS pool) takes no
+greenlet on either side: :mod:`npgevent.cores.tunnel_hub`.
 """
 
 from __future__ import annotations
@@ -260,7 +260,7 @@ class TunnelCore(VerifySignal, Core):
         try:
             self.send_signal(sig)
         except OSError as exc:
-            raise CoreError("control write failed: %s" % (exc.strerror or exc)) from None
+            raise self.control_failed(exc) from None
 
     def _ticker(self) -> None:
         while True:
@@ -314,15 +314,23 @@ class TunnelCore(VerifySignal, Core):
             try:
                 self.send_signal(Launch(False, format_addr(addr), conn.cid, framed))
             except OSError as exc:
-                self.fail(CoreError("control write failed: %s" % (exc.strerror or exc)))
+                self.fail(self.control_failed(exc))
                 return
             log.debug("TCP launch signal: cid %s -> %s", conn.cid, self.peer)
             reason, leftover = self._relay_tcp(conn, sock, framed)
             log.debug("Exchange complete: %s: %s", conn.cid, reason)
         finally:
-            # nothing may follow the dialling side's terminal frame: only a clean end is reused
-            kept = self.pool.finish(conn, leftover if leftover == b"" else None, trim=True)
+            kept = self.give_back(conn, leftover)
             log.debug("Tunnel connection: %s %s", "back in the pool" if kept else "closed", conn.cid)
+
+    def give_back(self, conn: PoolConn, leftover: bytes | None) -> bool:
+        """Receiving side, after a session on *conn*: back to the pool (True) or closed.
+        Nothing may follow the dialling side's terminal frame: only a clean end is reused."""
+        return self.pool.finish(conn, leftover if leftover == b"" else None, trim=True)
+
+    def control_failed(self, exc: OSError) -> CoreError:
+        """The core's error for a control write that failed with *exc*."""
+        return CoreError("control write failed: %s" % (exc.strerror or exc))
 
     def _relay_tcp(self, conn: PoolConn, local: socket.socket, framed: bool) -> tuple[str, bytes | None]:
         """One TCP session on *conn*: why it ended and, framed, the bytes read past it if

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 
 from gevent import socket
 
-from ..errors import CoreError
 from ..net.dial import Attempt
 from ..net.lightsock import PLAIN
 from ..net.sockopt import can_write_nowait, format_addr, send_all, write_nowait
@@ -73,8 +72,8 @@ def start_user_tcp(core: TunnelCore, sock: socket.socket, addr: Any) -> bool:
     try:
         send_signal_nowait(core, Launch(False, format_addr(addr), conn.cid, framed))
     except OSError as exc:
-        core.fail(CoreError("control write failed: %s" % (exc.strerror or exc)))
-        core.pool.finish(conn, None, trim=True)
+        core.fail(core.control_failed(exc))
+        core.give_back(conn, None)
         core.listeners.end_tcp(sock)
         return True
     _run(core, conn, sock, framed, partial(_user_framed_ended if framed else _user_ended, core, conn, sock))
@@ -103,20 +102,19 @@ def _send_rest(core: TunnelCore, control: socket.socket, rest: bytes) -> None:
     try:
         send_all(control, rest)
     except OSError as exc:
-        core.fail(CoreError("control write failed: %s" % (exc.strerror or exc)))
+        core.fail(core.control_failed(exc))
     finally:
         core._wlock.release()
 
 
 def _user_ended(core: TunnelCore, conn: PoolConn, sock: socket.socket, _err: BaseException | None) -> None:
-    core.pool.finish(conn, None, trim=True)
+    core.give_back(conn, None)
     core.listeners.end_tcp(sock)
 
 
 def _user_framed_ended(core: TunnelCore, conn: PoolConn, sock: socket.socket, _reason: str,
                        leftover: bytes | None) -> None:
-    # nothing may follow the dialling side's terminal frame: only a clean end is reused
-    core.pool.finish(conn, leftover if leftover == b"" else None, trim=True)
+    core.give_back(conn, leftover)
     core.listeners.end_tcp(sock)
 
 

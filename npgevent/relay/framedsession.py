@@ -10,9 +10,10 @@ pumps must carry on (bulk, a write that waits, an abort) goes to a worker greenl
 ``relay_framed`` returns, why the session ended and the bytes read past it if the pool
 connection may be reused, once nothing of the session can touch either stream.
 
-It offers what :class:`~npgevent.relay.runners.Sessions` needs of a job (``dead``, ``kill``,
-``join``, ``owner``), so an instance that stops drains or ends it like any other session;
-a kill leaves the pool connection unusable (it is closed, as a killed handler's is).
+It offers what :class:`~npgevent.relay.runners.Sessions` needs of a job (``kill``, and
+``dead``, ``join``, ``owner`` from :class:`~npgevent.relay.runners.Detached`), so an
+instance that stops drains or ends it like any other session; a kill leaves the pool
+connection unusable (it is closed, as a killed handler's is).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from collections.abc import Callable
 from typing import Any
 
 from gevent import socket
-from gevent.event import Event
 from greenlet import GreenletExit
 
 from . import framed, framedhub, runners
@@ -30,7 +30,7 @@ from . import framed, framedhub, runners
 End = Callable[[str, "bytes | None"], None]
 
 
-class FramedSession:
+class FramedSession(runners.Detached):
     """One framed session on *pool* (a TLS stream) and *local* (a plain gevent socket),
     ``relay_framed``'s accounting; only where :func:`~npgevent.relay.framedhub.usable`
     holds with no rate limit and no idle timeout."""
@@ -42,17 +42,14 @@ class FramedSession:
         self.phase = framedhub.Phase(pool, local, self.st, self.reader, acct, rx, tx, chunk,
                                       self._phase_over)
         self.acct, self.rx, self.tx, self.chunk = acct, rx, tx, chunk
+        super().__init__()
         self.end: End | None = end
-        self.owner: runners.Owner | None = None  # told when the session ends
-        self.dead = False
         self.job: runners.Job | None = None  # the pumps, once the phase handed over
         self._pumped = False  # the pumps ran to their end (a job killed before it ran did not)
-        self._over: Event | None = None  # made only for a join that waits
 
     def start(self, owner: runners.Sessions | None = None) -> None:
         """Start both directions' callbacks, listed in *owner* (a core's sessions) if given."""
-        if owner is not None:
-            owner.track(self)
+        self.start_tracking(owner)
         self.phase.start()
 
     def kill(self, exception: type[BaseException] = GreenletExit, block: bool = True) -> None:
@@ -65,12 +62,6 @@ class FramedSession:
             self.phase.end(exception())
         if block:
             self.join()
-
-    def join(self, timeout: float | None = None) -> None:
-        if not self.dead:
-            if self._over is None:
-                self._over = Event()
-            self._over.wait(timeout)
 
     def _phase_over(self) -> None:
         phase, st = self.phase, self.st
@@ -104,12 +95,8 @@ class FramedSession:
             if end is not None:
                 end(reason, leftover)
         finally:
-            self.dead = True
             self.phase.over_cb = _nothing  # the phase and the session refer to each other
-            if self._over is not None:
-                self._over.set()
-            if self.owner is not None:
-                self.owner._ended(self)
+            self._over()
 
 
 def _nothing() -> None:

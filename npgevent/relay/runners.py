@@ -153,6 +153,37 @@ class Tracked(Protocol):
     def kill(self, exception: type[BaseException] = ..., block: bool = ...) -> None: ...
 
 
+class Detached:
+    """The bookkeeping of a :class:`Tracked` session that no greenlet waits for (it ends from
+    hub callbacks or a worker's job): ``dead``, ``owner``, ``join``; :meth:`start_tracking`
+    lists it, :meth:`_over` marks it ended and tells the owner."""
+
+    def __init__(self) -> None:
+        self.owner: Owner | None = None  # told when the session ends
+        self.dead = False
+        self._done: Event | None = None  # made only for a join that waits
+
+    def kill(self, exception: type[BaseException] = GreenletExit, block: bool = True) -> None:
+        raise NotImplementedError  # each session ends itself its own way
+
+    def start_tracking(self, owner: Sessions | None) -> None:
+        if owner is not None:
+            owner.track(self)
+
+    def join(self, timeout: float | None = None) -> None:
+        if not self.dead:
+            if self._done is None:
+                self._done = Event()
+            self._done.wait(timeout)
+
+    def _over(self) -> None:
+        self.dead = True
+        if self._done is not None:
+            self._done.set()
+        if self.owner is not None:
+            self.owner._ended(self)
+
+
 class Sessions:
     """The live sessions of a core, each a :class:`Job` on a parked worker or a
     :class:`Tracked` session of the hub: what the core needs of a gevent ``Group``

@@ -25,7 +25,6 @@ from typing import Any
 
 import gevent
 from gevent import socket
-from gevent.event import Event
 from gevent.hub import Waiter
 from greenlet import GreenletExit
 
@@ -180,7 +179,7 @@ class _HubRelay:
                     job.join()
 
 
-class HubSession(_HubRelay):
+class HubSession(_HubRelay, runners.Detached):
     """A session that no greenlet waits for: started from a hub callback (single-end
     forwarding's accept), it calls *end* with the error that ended it (None for two clean
     ends) once no callback or greenlet of it can touch its sockets, in the hub or on a worker
@@ -194,15 +193,12 @@ class HubSession(_HubRelay):
         # two plain gevent sockets: the read size and the splice of relay() between them
         super().__init__(user, target, acct, rx, tx, tcp.chunk_size(bufsize, None, tcp.SPLICE_OK),
                          tcp.SPLICE_OK)
+        runners.Detached.__init__(self)
         self.end: Callable[[BaseException | None], None] | None = end
-        self.owner: runners.Owner | None = None  # told when the session ends
-        self.dead = False
-        self._ended: Event | None = None  # made only for a join that waits
 
     def start(self, owner: runners.Sessions | None = None) -> None:
         """Start reading both ways, listed in *owner* (a core's sessions) if given."""
-        if owner is not None:
-            owner.track(self)
+        self.start_tracking(owner)
         for d in self.dirs:
             d.watcher.start(d.readable)
 
@@ -212,12 +208,6 @@ class HubSession(_HubRelay):
             self.fail(exception())
         if block:
             self.join()
-
-    def join(self, timeout: float | None = None) -> None:
-        if not self.dead:
-            if self._ended is None:
-                self._ended = Event()
-            self._ended.wait(timeout)
 
     def _wake(self) -> None:
         if self.woken:
@@ -241,11 +231,7 @@ class HubSession(_HubRelay):
             if end is not None:
                 end(self.failure)
         finally:
-            self.dead = True
-            if self._ended is not None:
-                self._ended.set()
-            if self.owner is not None:
-                self.owner._ended(self)
+            self._over()
 
 
 def relay_in_hub(user: socket.socket, target: socket.socket, acct: list[int], rx: int, tx: int,
