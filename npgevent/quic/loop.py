@@ -9,6 +9,7 @@ iteration, its events reach gevent in one batch and each connection answers it o
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 from asyncio import selector_events
 from collections.abc import Callable
@@ -16,7 +17,18 @@ from typing import Any
 
 from gevent import monkey
 
-_real_socketpair = monkey.get_original("socket", "socketpair")
+RealSocket = monkey.get_original("socket", "socket")
+
+
+def _real_socketpair() -> tuple[Any, Any]:
+    """A socketpair of the standard library's own socket class.  ``socket.socketpair``, even
+    the original function, wraps its ends in the module's ``socket`` class, which
+    ``monkey.patch_all()`` made gevent's: such a socket made in this thread starts a second
+    gevent hub (a libev loop and its epoll descriptor) there, and every wake-up of the loop
+    would go through gevent's socket methods."""
+    a, b = _socket.socketpair()
+    return RealSocket(fileno=a.detach()), RealSocket(fileno=b.detach())
+
 
 UDP_BUFFER = 4 << 20
 DRAIN = 64  # datagrams read per wake-up of a UDP socket, at most

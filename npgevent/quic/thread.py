@@ -42,12 +42,11 @@ from ..log import Throttle
 from .admission import AdmittingServer
 from .bridge import Bridge
 from .connection import CREDIT_STEP, WindowedConnection
-from .loop import NativeLoop, tune
+from .loop import NativeLoop, RealSocket, tune
 from .protocol import NpProtocol
 
 _start_new_thread = monkey.get_original("_thread", "start_new_thread")
 _get_native_id = monkey.get_original("_thread", "get_native_id")
-_RealSocket = monkey.get_original("socket", "socket")
 _RealSelector = monkey.get_original("selectors", "DefaultSelector")
 
 _STOP_SENDING: Any = getattr(events, "StopSendingReceived", None)
@@ -192,7 +191,7 @@ class QuicThread:
         import socket as std
 
         family = std.AF_INET6 if ":" in host or host == "" else std.AF_INET
-        sock = _RealSocket(family, std.SOCK_DGRAM)
+        sock = RealSocket(family, std.SOCK_DGRAM)
         self.sockets.append(sock)
         try:
             if family == std.AF_INET6:
@@ -249,7 +248,7 @@ class QuicThread:
         import socket as std
 
         family = std.AF_INET6 if ":" in ip else std.AF_INET
-        sock = _RealSocket(family, std.SOCK_DGRAM)
+        sock = RealSocket(family, std.SOCK_DGRAM)
         self.sockets = [s for s in self.sockets if s.fileno() != -1]  # forget the closed ones
         self.sockets.append(sock)
         protocol: NpProtocol | None = None

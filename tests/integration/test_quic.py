@@ -83,6 +83,37 @@ def test_a_quic_process_lets_its_threads_take_turns_within_half_a_millisecond():
         echo.close()
 
 
+def _epolls(pid: int) -> int:
+    fds = "/proc/%d/fd" % pid
+    count = 0
+    for fd in os.listdir(fds):
+        try:
+            count += os.readlink(os.path.join(fds, fd)) == "anon_inode:[eventpoll]"
+        except OSError:  # closed meanwhile
+            pass
+    return count
+
+
+def test_the_quic_thread_runs_no_gevent_hub():
+    """A daemon with a QUIC tunnel has two event loops: gevent's hub and the QUIC thread's
+    asyncio loop.  The QUIC thread's self-pipe used to be made by ``socket.socketpair``, which
+    wraps its ends in the module's socket class, gevent's in the (monkey-patched) daemon: that
+    started a second gevent hub in the QUIC thread, a third epoll descriptor."""
+    echo = EchoPair()
+    tport, uport = free_port(), free_port()
+    try:
+        server_url = "server://k@127.0.0.1:%d/127.0.0.1:%d?mode=1&quic=1" % (tport, uport)
+        client_url = "client://k@127.0.0.1:%d/127.0.0.1:%d?mode=2&min=2" % (tport, echo.port)
+        with NpProcess(server_url) as s, NpProcess(client_url) as c:
+            s.wait_for(r"INFO  Tunnel signal -> ")
+            assert echo_roundtrip(uport, b"native") == b"native"
+            assert udp_roundtrip(uport, b"native-udp") == b"native-udp"
+            assert (_epolls(s.pid), _epolls(c.pid)) == (2, 2)
+            assert s.stop() == 0 and c.stop() == 0
+    finally:
+        echo.close()
+
+
 def test_quic_pool_streams_spread_over_every_connection():
     """The first refill opens its streams concurrently; each must count where the others are
     going, and wait until every connection has been dialled, so that they spread instead of all
