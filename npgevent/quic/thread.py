@@ -101,6 +101,7 @@ class QuicThread:
             loop.set_exception_handler(self._loop_error)
             self.loop = loop
             loop.after_read = self.flush_transmits
+            self.bridge.after_calls = self.flush_transmits
             self.bridge.loop = loop
             loop.call_soon(self.bridge.to_gevent, self.sink._ready)
             loop.call_later(self.keepalive, self._keepalive)
