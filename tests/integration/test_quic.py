@@ -39,6 +39,12 @@ def _thread_running(native_id: int) -> bool:
     return os.path.exists("/proc/self/task/%d" % native_id)
 
 
+def _rev_urls(tport: int, uport: int, target: int, server: str = "", client: str = "&min=2") -> tuple[str, str]:
+    """A reverse QUIC tunnel: users on *uport* at the server, delivered to *target*."""
+    return ("server://k@127.0.0.1:%d/127.0.0.1:%d?mode=1&quic=1%s" % (tport, uport, server),
+            "client://k@127.0.0.1:%d/127.0.0.1:%d?mode=2%s" % (tport, target, client))
+
+
 @pytest.mark.parametrize(("flow", "tls"), COMBOS)
 def test_quic_tunnel_in_process(flow, tls, certs, monkeypatch):
     monkeypatch.setenv("SSL_CERT_FILE", str(certs["ca"]))
@@ -72,8 +78,7 @@ def test_a_quic_process_lets_its_threads_take_turns_within_half_a_millisecond():
     echo = EchoPair()
     tport, uport = free_port(), free_port()
     try:
-        server_url = "server://k@127.0.0.1:%d/127.0.0.1:%d?mode=1&quic=1" % (tport, uport)
-        client_url = "client://k@127.0.0.1:%d/127.0.0.1:%d?mode=2&min=2" % (tport, echo.port)
+        server_url, client_url = _rev_urls(tport, uport, echo.port)
         with in_process(server_url) as s, in_process(client_url):
             wait_pool(lambda: s.core.pool.active, 2)
             assert SWITCH_INTERVAL < 0.001 and sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL)
@@ -102,8 +107,7 @@ def test_the_quic_thread_runs_no_gevent_hub():
     echo = EchoPair()
     tport, uport = free_port(), free_port()
     try:
-        server_url = "server://k@127.0.0.1:%d/127.0.0.1:%d?mode=1&quic=1" % (tport, uport)
-        client_url = "client://k@127.0.0.1:%d/127.0.0.1:%d?mode=2&min=2" % (tport, echo.port)
+        server_url, client_url = _rev_urls(tport, uport, echo.port)
         with NpProcess(server_url) as s, NpProcess(client_url) as c:
             s.wait_for(r"INFO  Tunnel signal -> ")
             assert echo_roundtrip(uport, b"native") == b"native"
@@ -121,8 +125,7 @@ def test_quic_pool_streams_spread_over_every_connection():
     echo = EchoPair()
     tport, uport = free_port(), free_port()
     try:
-        server_url = "server://k@127.0.0.1:%d/127.0.0.1:%d?mode=1&quic=1&max=1024" % (tport, uport)
-        client_url = "client://k@127.0.0.1:%d/127.0.0.1:%d?mode=2&min=64" % (tport, echo.port)
+        server_url, client_url = _rev_urls(tport, uport, echo.port, server="&max=1024", client="&min=64")
         with in_process(server_url) as s, in_process(client_url) as c:
             wait_pool(lambda: s.core.pool.active, 64)
             connector = c.core.quic
@@ -156,8 +159,7 @@ def test_a_pool_stream_opens_with_its_hello_and_proof_in_one_packet(monkeypatch)
     echo = EchoPair()
     tport, uport = free_port(), free_port()
     try:
-        server_url = "server://k@127.0.0.1:%d/127.0.0.1:%d?mode=1&quic=1&max=128" % (tport, uport)
-        client_url = "client://k@127.0.0.1:%d/127.0.0.1:%d?mode=2&min=8" % (tport, echo.port)
+        server_url, client_url = _rev_urls(tport, uport, echo.port, server="&max=128", client="&min=8")
         with in_process(server_url) as s, in_process(client_url) as c:
             wait_pool(lambda: s.core.pool.active, 8)
             assert c.core.cipher is not None  # authenticated: every stream proves membership
@@ -208,8 +210,7 @@ def test_quic_slow_reader_is_bounded():
     sink.start()
     tport, uport = free_port(), free_port()
     try:
-        server_url = "server://k@127.0.0.1:%d/127.0.0.1:%d?mode=1&quic=1&max=128" % (tport, uport)
-        client_url = "client://k@127.0.0.1:%d/127.0.0.1:%d?mode=2&min=8" % (tport, sink.address[1])
+        server_url, client_url = _rev_urls(tport, uport, sink.address[1], server="&max=128", client="&min=8")
         with in_process(server_url) as s, in_process(client_url) as c:
             wait_pool(lambda: s.core.pool.active, 4)
             user = connect_retry(uport)
@@ -261,8 +262,7 @@ def test_quic_other_stream_flows_while_one_is_stalled():
     target.start()
     tport, uport = free_port(), free_port()
     try:
-        server_url = "server://k@127.0.0.1:%d/127.0.0.1:%d?mode=1&quic=1&max=128" % (tport, uport)
-        client_url = "client://k@127.0.0.1:%d/127.0.0.1:%d?mode=2&min=8" % (tport, target.address[1])
+        server_url, client_url = _rev_urls(tport, uport, target.address[1], server="&max=128", client="&min=8")
         with in_process(server_url) as s, in_process(client_url) as c:
             wait_pool(lambda: s.core.pool.active, 4)
             assert len(c.core.engine.alive) == 1  # max=128: one QUIC connection carries every stream
