@@ -92,10 +92,12 @@ class Bridge:
                 sys.excepthook(*sys.exc_info())
 
     def close(self) -> None:
-        """Stop the watcher after a last drain (the thread must be gone or silent)."""
+        """Stop the watcher after a last drain (the thread must be gone or silent); calls
+        queued for a thread that will not run them are dropped."""
         if self.closed:
             return
         self._drain()
+        self._outbox.clear()
         self.closed = True
         self._watcher.stop()
         self._watcher.close()
