@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 from gevent.event import AsyncResult
@@ -46,9 +47,9 @@ class _Thread:
         assert not self.thread.is_alive()
 
 
-def _until(check: object, timeout: float = 5.0) -> None:
+def _until(check: Callable[[], bool], timeout: float = 5.0) -> None:
     end = time.monotonic() + timeout
-    while not check() and time.monotonic() < end:  # type: ignore[operator]
+    while not check() and time.monotonic() < end:
         time.sleep(0.01)
 
 
