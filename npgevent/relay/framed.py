@@ -81,6 +81,20 @@ class _State:
             self.aborted, self.reason = True, why
         _stop(local)
 
+    def broke(self, why: BaseException) -> None:
+        """The pool connection can't be reused, for *why* (the first reason stays)."""
+        if self.broken is None:
+            self.broken = why
+
+    def fail(self, why: BaseException) -> None:
+        """The pool stream failed or sent a malformed frame: the calling pump is over."""
+        self.done = True
+        self.broke(why)
+
+
+def _no_terminal() -> TimeoutError:
+    return TimeoutError("no terminal frame from the peer within %gs" % DRAIN)
+
 
 def _stop(local: socket.socket) -> None:
     """Shut the local socket down both ways: a read waiting on it returns (EOF) at once."""
@@ -115,8 +129,7 @@ def relay_framed(
         try:
             up_left, down_left = framedhub.run(pool, local, st, reader, acct, rx, tx, chunk)
         except Exception as exc:  # the pool stream failed, or a malformed frame
-            st.done = True
-            st.broken = st.broken or exc
+            st.fail(exc)
             up_left = down_left = None
     if up_left is not None or down_left is not None:
         pumps(pool, local, st, reader, acct, rx, tx, limiter, sess, chunk, up_left, down_left)
@@ -152,9 +165,9 @@ def pumps(pool: Stream, local: socket.socket, st: _State, reader: FrameReader, a
         aborted = _up(pool, local, st, acct, rx, limiter, sess, chunk, first, terminal)
         if st.done:
             return
-        if st.aborted and not aborted and st.broken is None:
+        if st.aborted and not aborted:
             # the session failed after our EOF went: the peer can no longer be told to stop
-            st.broken = ConnectionAbortedError("the session failed after its half-close")
+            st.broke(ConnectionAbortedError("the session failed after its half-close"))
         if st.broken is not None:
             loop.run_callback(give_up)
         elif st.aborted:  # the peer's terminal has DRAIN seconds to arrive
@@ -174,10 +187,9 @@ def pumps(pool: Stream, local: socket.socket, st: _State, reader: FrameReader, a
     except _GiveUp:
         st.done = True
         _kill(up)
-        st.broken = st.broken or TimeoutError("no terminal frame from the peer within %gs" % DRAIN)
+        st.broke(_no_terminal())
     except Exception as exc:  # the pool stream failed, or a malformed frame
-        st.done = True
-        st.broken = st.broken or exc
+        st.fail(exc)
         _kill(up)
     except BaseException:
         st.done = True
@@ -214,7 +226,7 @@ def _payload(bufsize: int, limiter: RateLimiter | None) -> int:
 
 def _drain_expired(st: _State, give_up: Any) -> None:
     if not st.done:  # else the terminal came in time, and the session is over
-        st.broken = st.broken or TimeoutError("no terminal frame from the peer within %gs" % DRAIN)
+        st.broke(_no_terminal())
         give_up()
 
 
@@ -278,7 +290,7 @@ def _up(pool: Stream, local: socket.socket, st: _State, acct: list[int], idx: in
         st.sent = ABORT if aborted else EOF
         return aborted
     except Exception as exc:  # the pool stream failed (a TLS error is not an OSError)
-        st.broken = st.broken or exc
+        st.broke(exc)
         return False
 
 

@@ -66,8 +66,7 @@ class FramedSession(runners.Detached):
     def _phase_over(self) -> None:
         phase, st = self.phase, self.st
         if phase.error is not None:
-            st.done = True
-            st.broken = st.broken or phase.error
+            st.fail(phase.error)
         elif phase.up_left is not None or phase.down_left is not None:
             job = self.job = runners.run(self._pumps, phase.up_left, phase.down_left)
             job.owner = self  # told when the job ends, whether it ran or was killed first
@@ -79,13 +78,13 @@ class FramedSession(runners.Detached):
             framed.pumps(self.pool, self.local, self.st, self.reader, self.acct, self.rx, self.tx,
                          None, None, self.chunk, up_left, down_left)
         except BaseException as exc:  # killed: the connection can't be reused
-            self.st.broken = self.st.broken or exc
+            self.st.broke(exc)
             raise
         self._pumped = True
 
     def _ended(self, job: Any) -> None:  # the pumps' job ended (on its worker), run or not
         if not self._pumped:
-            self.st.broken = self.st.broken or GreenletExit()
+            self.st.broke(GreenletExit())
         self._finish()
 
     def _finish(self) -> None:
