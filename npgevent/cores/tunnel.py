@@ -40,7 +40,6 @@ from typing import Any
 import gevent
 from gevent import socket
 from gevent.lock import Semaphore
-from gevent.server import StreamServer
 
 from ..errors import ConfigError, CoreError, RemoteProtocolError
 from ..log import ERROR, WARN, checkpoint_line
@@ -76,7 +75,7 @@ from .verify import VerifySignal
 FORGED_LIMIT = 3  # control lines failing authentication before the tunnel is torn down
 
 
-class KeepingStreamServer(StreamServer):
+class KeepingStreamServer(lightsock.LightStreamServer):
     """A StreamServer whose handler may keep the accepted socket open (pool connections).
 
     *first*, if given, sees each connection in the accept callback (the hub: it must not
@@ -99,9 +98,6 @@ class KeepingStreamServer(StreamServer):
                 self.loop.handle_error(self, *sys.exc_info())
                 return
         super().do_handle(*args)
-
-    def do_read(self) -> tuple[socket.socket, Any] | None:
-        return lightsock.accept(self.socket)  # gevent's accept, a lighter socket
 
     def keep(self, sock: socket.socket) -> None:
         self._kept.add(id(sock))

@@ -26,6 +26,7 @@ from typing import Any
 
 import gevent
 from gevent import socket
+from gevent.server import StreamServer
 
 try:  # the placeholder gevent leaves in a closed socket (private: checked, see USABLE)
     from gevent._socket3 import _closedsocket
@@ -111,3 +112,10 @@ def accept(listener: Any) -> tuple[socket.socket, Any] | None:
             return None
         raise
     return accepted(fd, listener.family, listener.type, listener.proto), address
+
+
+class LightStreamServer(StreamServer):
+    """gevent's ``StreamServer`` whose accepted connections are made as :class:`LightSocket`."""
+
+    def do_read(self) -> tuple[socket.socket, Any] | None:
+        return accept(self.socket)

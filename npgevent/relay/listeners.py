@@ -29,16 +29,13 @@ from .limit import Slots
 from .udp import SessionTable, UdpListener, UdpSession
 
 
-class _TcpServer(StreamServer):
+class _TcpServer(lightsock.LightStreamServer):
     """gevent's ``StreamServer`` (its accept loop and its back-off on errors) with each accepted
     connection handed to :meth:`Listeners._accepted` in the hub."""
 
     def __init__(self, sock: socket.socket, accepted: Callable[[socket.socket, Any], None]) -> None:
         super().__init__(sock, accepted, spawn=None)
         self._accepted = accepted
-
-    def do_read(self) -> tuple[socket.socket, Any] | None:
-        return lightsock.accept(self.socket)  # gevent's accept, a lighter socket
 
     def do_handle(self, sock: socket.socket, addr: Any) -> None:
         self._accepted(sock, addr)

@@ -123,3 +123,27 @@ def test_a_relay_between_light_and_gevent_sockets():
     assert acct == [8, 7]
     for s in (user_far, user, target, target_far):
         s.close()
+
+
+def test_the_user_and_pool_listeners_accept_light_sockets():
+    """Single-end and tunnel user listeners (``_TcpServer``) and the tunnel's pool listener
+    (``KeepingStreamServer``) are made from ``LightStreamServer``: what they accept is light."""
+    from npgevent.cores.tunnel import KeepingStreamServer
+    from npgevent.relay.listeners import _TcpServer
+
+    assert issubclass(_TcpServer, lightsock.LightStreamServer)
+    assert issubclass(KeepingStreamServer, lightsock.LightStreamServer)
+    got: list[type] = []
+
+    def handle(sock: socket.socket, _addr: object) -> None:
+        got.append(type(sock))
+        sock.close()
+
+    server = lightsock.LightStreamServer(("127.0.0.1", 0), handle)
+    server.start()
+    try:
+        with socket.create_connection(server.address, timeout=5) as client:
+            assert client.recv(1) == b""  # the handler closed its end
+        assert got == [lightsock.LightSocket]
+    finally:
+        server.stop()
