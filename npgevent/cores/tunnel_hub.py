@@ -24,6 +24,7 @@ what was already taken (the connection, the started dial).  The wire is the same
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -48,13 +49,18 @@ def _hub_ready(conn: PoolConn, framed: bool) -> bool:
     return framedhub.stream_usable(conn.stream) if framed else type(conn.stream) in PLAIN
 
 
-def _run(core: TunnelCore, conn: PoolConn, local: socket.socket, framed: bool, end: Any) -> None:
+def _run(core: TunnelCore, conn: PoolConn, local: socket.socket, framed: bool,
+         done: Callable[[bytes | None], None]) -> None:
+    """Start the session; *done* gets the bytes read past a framed session's end if *conn*
+    may be reused (else, and always for a plain session, None)."""
     acct, bufsize = core.inst.traffic.bytes, core.opts.tcp_data_buf_size
     if framed:
         core.pool.lend(conn)
-        FramedSession(conn.stream, local, acct, TCP_RX, TCP_TX, bufsize, end).start(core.sessions)
+        FramedSession(conn.stream, local, acct, TCP_RX, TCP_TX, bufsize,
+                      lambda _reason, leftover: done(leftover)).start(core.sessions)
     else:
-        HubSession(conn.stream, local, acct, TCP_RX, TCP_TX, bufsize, end).start(core.sessions)
+        HubSession(conn.stream, local, acct, TCP_RX, TCP_TX, bufsize,
+                   lambda _err: done(None)).start(core.sessions)
 
 
 def start_user_tcp(core: TunnelCore, sock: socket.socket, addr: Any) -> bool:
@@ -76,7 +82,7 @@ def start_user_tcp(core: TunnelCore, sock: socket.socket, addr: Any) -> bool:
         core.give_back(conn, None)
         core.listeners.end_tcp(sock)
         return True
-    _run(core, conn, sock, framed, partial(_user_framed_ended if framed else _user_ended, core, conn, sock))
+    _run(core, conn, sock, framed, partial(_user_done, core, conn, sock))
     return True
 
 
@@ -107,13 +113,7 @@ def _send_rest(core: TunnelCore, control: socket.socket, rest: bytes) -> None:
         core._wlock.release()
 
 
-def _user_ended(core: TunnelCore, conn: PoolConn, sock: socket.socket, _err: BaseException | None) -> None:
-    core.give_back(conn, None)
-    core.listeners.end_tcp(sock)
-
-
-def _user_framed_ended(core: TunnelCore, conn: PoolConn, sock: socket.socket, _reason: str,
-                       leftover: bytes | None) -> None:
+def _user_done(core: TunnelCore, conn: PoolConn, sock: socket.socket, leftover: bytes | None) -> None:
     core.give_back(conn, leftover)
     core.listeners.end_tcp(sock)
 
@@ -135,20 +135,11 @@ def start_launch(core: TunnelCore, sig: Launch) -> bool:
         core.sessions.spawn(core._launch, sig, conn, started)
         return True
     target = started[0]
-    ended = _launch_framed_ended if sig.framed else _launch_ended
-    _run(core, conn, target, sig.framed, partial(ended, core, conn, target))
+    _run(core, conn, target, sig.framed, partial(_launch_done, core, conn, target))
     return True
 
 
-def _launch_ended(core: TunnelCore, conn: PoolConn, target: socket.socket,
-                  _err: BaseException | None) -> None:
-    target.close()
-    core.inst.slots.release_tcp()
-    core.pool.finish(conn, None)
-
-
-def _launch_framed_ended(core: TunnelCore, conn: PoolConn, target: socket.socket, _reason: str,
-                         leftover: bytes | None) -> None:
+def _launch_done(core: TunnelCore, conn: PoolConn, target: socket.socket, leftover: bytes | None) -> None:
     target.close()
     core.inst.slots.release_tcp()
     core.pool.finish(conn, leftover)
