@@ -76,6 +76,18 @@ def _drain(conn: WindowedConnection) -> list[Any]:
         out.append(event)
 
 
+def _received(conn: WindowedConnection, sid: int, consumed: dict[int, int]) -> list[bytes]:
+    """The data *conn* received on stream *sid*, consumed and granted as the gevent side
+    does (*consumed*: bytes per connection so far)."""
+    out = []
+    for event in _drain(conn):
+        if isinstance(event, events.StreamDataReceived) and event.stream_id == sid:
+            consumed[id(conn)] += len(event.data)
+            conn.grant(sid, consumed[id(conn)])
+            out.append(event.data)
+    return out
+
+
 def round_trips(streams: int, rounds: int) -> tuple[float, float]:
     """CPU us per round trip (both ends), and packets per round trip."""
     client, server, sids = _pair(streams)
@@ -88,16 +100,10 @@ def round_trips(streams: int, rounds: int) -> tuple[float, float]:
         now = time.monotonic()
         client.send_stream_data(sid, datagram)
         packets += _pump(client, server, now)
-        for event in _drain(server):
-            if isinstance(event, events.StreamDataReceived):
-                consumed[id(server)] += len(event.data)
-                server.grant(event.stream_id, consumed[id(server)])
-                server.send_stream_data(event.stream_id, event.data)
+        for data in _received(server, sid, consumed):
+            server.send_stream_data(sid, data)
         packets += _pump(server, client, now)
-        for event in _drain(client):
-            if isinstance(event, events.StreamDataReceived):
-                consumed[id(client)] += len(event.data)
-                client.grant(event.stream_id, consumed[id(client)])
+        _received(client, sid, consumed)
     spent = time.process_time() - start
     return spent / rounds * 1e6, packets / rounds
 
@@ -118,17 +124,10 @@ def echo(streams: int, mib: int) -> tuple[float, float]:
             client.send_stream_data(sid, chunk)
             queued += len(chunk)
         packets += _pump(client, server, now)
-        for event in _drain(server):
-            if isinstance(event, events.StreamDataReceived) and event.stream_id == sid:
-                consumed[id(server)] += len(event.data)
-                server.grant(sid, consumed[id(server)])
-                server.send_stream_data(sid, event.data)  # the target echoes
+        for data in _received(server, sid, consumed):
+            server.send_stream_data(sid, data)  # the target echoes
         packets += _pump(server, client, now)
-        for event in _drain(client):
-            if isinstance(event, events.StreamDataReceived) and event.stream_id == sid:
-                back += len(event.data)
-                consumed[id(client)] += len(event.data)
-                client.grant(sid, consumed[id(client)])
+        back += sum(map(len, _received(client, sid, consumed)))
     spent = time.process_time() - start
     return spent / mib * 1e3, packets / mib
 
