@@ -34,7 +34,8 @@ class NpProtocol(QuicConnectionProtocol):
         self.owner = owner
         self.role = role
         self.key = owner.new_conn_key()
-        self.known: set[int] = set()
+        self.known: set[int] = set()  # streams seen: see remember()
+        self._forget_at = 64
         self.terminated = False
         self.handshake_ip = ""  # server side: counted in owner.handshaking until it completes
         owner.protocols[self.key] = self
@@ -42,6 +43,17 @@ class NpProtocol(QuicConnectionProtocol):
     @property
     def wquic(self) -> WindowedConnection:
         return cast(WindowedConnection, self._quic)
+
+    def remember(self, sid: int) -> None:
+        """Note stream *sid* as seen (a server tells a new stream by its first data).  Ids that
+        aioquic has since discarded are dropped now and then: it ignores their frames, so no
+        event comes for them again, and a long-lived connection's set stays the size of its
+        open streams instead of growing by one id per session."""
+        known = self.known
+        known.add(sid)
+        if len(known) > self._forget_at:
+            known.intersection_update(self._quic._streams)
+            self._forget_at = 2 * len(known) + 64
 
     def datagram_received(self, data: Any, addr: Any) -> None:
         # admission (who may talk to us) is decided before this, by AdmittingServer on the

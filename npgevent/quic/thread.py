@@ -290,7 +290,7 @@ class QuicThread:
         except Exception as exc:  # StreamLimitReached and the like
             self.bridge.to_gevent(self.sink._opened, token, conn, None, str(exc) or type(exc).__name__)
             return
-        protocol.known.add(sid)
+        protocol.remember(sid)
         self._written[(conn, sid)] = 0
         protocol.transmit()
         self.bridge.to_gevent(self.sink._opened, token, conn, sid, "")
@@ -351,7 +351,7 @@ class QuicThread:
             if sid not in protocol.known:
                 if protocol.role != "server":
                     return  # a stream we did not open: ignore
-                protocol.known.add(sid)
+                protocol.remember(sid)
                 self._written[(conn, sid)] = 0
                 self._push(("new", conn, sid))
             self._push_data(conn, sid, event.data, event.end_stream)

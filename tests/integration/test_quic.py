@@ -410,6 +410,29 @@ def test_quic_stream_protocol_from_an_independent_client():
         ctl.close()
 
 
+def test_a_quic_connection_forgets_the_streams_of_past_sessions():
+    """Each session is a new stream; the QUIC thread notes the streams it has seen (a server
+    tells a new one by its first data).  It kept every id for the life of the connection: one
+    more per session, without bound, on a connection that lives for days.  Now ids aioquic
+    has discarded are dropped: the set stays near the number of open streams."""
+    echo = EchoPair()
+    tport, uport = free_port(), free_port()
+    server_url, client_url = _rev_urls(tport, uport, echo.port)
+    try:
+        with in_process(server_url) as s, in_process(client_url) as c:
+            wait_pool(lambda: s.core.pool.active, 2)
+            for _ in range(12):
+                exercise_tcp_concurrent(uport, 100)
+            for end in (s, c):
+                protocols = list(end.core.engine.thread.protocols.values())
+                assert protocols
+                for protocol in protocols:
+                    assert len(protocol.known) <= 2 * len(protocol._quic._streams) + 64, \
+                        (len(protocol.known), len(protocol._quic._streams))
+    finally:
+        echo.close()
+
+
 def test_quic_large_datagrams_only_between_npgevent_peers():
     echo = EchoPair()
     tport, uport = free_port(), free_port()
