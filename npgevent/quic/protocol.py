@@ -68,8 +68,42 @@ class NpProtocol(QuicConnectionProtocol):
         self.owner.transmit_later(self)
 
     def transmit(self) -> None:
-        super().transmit()
+        """Send what is due, then keep a timer for aioquic's next deadline (see :meth:`_arm`)."""
+        self._transmit_task = None
+        quic, loop, transport = self._quic, self._loop, cast(Any, self._transport)
+        for data, addr in quic.datagrams_to_send(now=loop.time()):
+            transport.sendto(data, addr)
+        self._arm(quic.get_timer())
         self.owner._after_transmit(self)
+
+    def _arm(self, deadline: float | None) -> None:
+        """aioquic's protocol cancels its timer and makes a new one whenever the deadline moves,
+        which is after nearly every packet (the loss timer moves on with each one sent, the ACK
+        timer comes and goes): a timer handle, a heap push and, later, the cancelled handle's
+        pop, two or three times per round trip.  Here a timer that fires no later than the
+        deadline is kept; when it fires early, :meth:`_handle_timer` sets it again for the
+        deadline then current.  A deadline that moved earlier gets a new timer."""
+        self._timer_at = deadline
+        timer = self._timer
+        if deadline is None or (timer is not None and timer.when() <= deadline):
+            return
+        if timer is not None:
+            timer.cancel()
+        self._timer = self._loop.call_at(deadline, self._handle_timer)
+
+    def _handle_timer(self) -> None:
+        self._timer = None
+        deadline, loop = self._timer_at, self._loop
+        if deadline is None:
+            return  # nothing is due any more
+        now = loop.time()
+        if deadline > now + loop._clock_resolution:  # type: ignore[attr-defined]
+            self._timer = loop.call_at(deadline, self._handle_timer)  # it moved on: fire then
+            return
+        self._timer_at = None
+        self._quic.handle_timer(now=max(deadline, now))
+        self._process_events()
+        self.transmit()
 
     def quic_event_received(self, event: Any) -> None:
         self.owner._on_event(self, event)
