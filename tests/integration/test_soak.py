@@ -27,7 +27,17 @@ from dataclasses import dataclass, field
 import gevent
 import pytest
 from gevent import socket
-from helpers import EchoPair, NpProcess, children, free_port, tunnel_urls, udp_socket, wait_serving
+from helpers import (
+    EchoPair,
+    NpProcess,
+    children,
+    echo_exact,
+    echo_roundtrip,
+    free_port,
+    tunnel_urls,
+    udp_socket,
+    wait_serving,
+)
 
 CHECK = re.compile(r"CHECK_POINT\|MODE=\d\|PING=\d+ms\|POOL=(\d+)\|TCPS=(\d+)\|UDPS=(\d+)\|")
 KINDS = ["echo"] * 6 + ["reset", "silent", "halfclose"]
@@ -45,22 +55,6 @@ class Tally:
     failures: list[str] = field(default_factory=list)
 
 
-def _echo(port: int, tally: Tally) -> None:
-    payload = os.urandom(random.randint(1, 4096))
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(payload)
-        got = b""
-        while len(got) < len(payload):
-            data = s.recv(65536)
-            if not data:
-                break
-            got += data
-    if got == payload:
-        tally.echoed += 1
-    else:
-        tally.failures.append("echo: %d of %d bytes back" % (len(got), len(payload)))
-
-
 def _reset(port: int) -> None:
     """Send, then abort with an RST while the relay may still be moving the bytes."""
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -69,29 +63,20 @@ def _reset(port: int) -> None:
     s.close()
 
 
-def _halfclose(port: int, tally: Tally) -> None:
-    payload = os.urandom(random.randint(1, 2048))
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(payload)
-        s.shutdown(stdsocket.SHUT_WR)
-        got = b""
-        while True:
-            data = s.recv(65536)
-            if not data:
-                break
-            got += data
+def _echoed(kind: str, port: int, tally: Tally) -> None:
+    """One echo, read back on the open connection (*echo*) or after a half-close."""
+    payload = os.urandom(random.randint(1, 4096))
+    got = echo_exact(port, payload) if kind == "echo" else echo_roundtrip(port, payload)
     if got == payload:
         tally.echoed += 1
     else:
-        tally.failures.append("half-close: %d of %d bytes back" % (len(got), len(payload)))
+        tally.failures.append("%s: %d of %d bytes back" % (kind, len(got), len(payload)))
 
 
 def _connection(port: int, kind: str, tally: Tally) -> None:
     try:
-        if kind == "echo":
-            _echo(port, tally)
-        elif kind == "halfclose":
-            _halfclose(port, tally)
+        if kind in ("echo", "halfclose"):
+            _echoed(kind, port, tally)
         elif kind == "reset":
             _reset(port)
         else:  # silent: connect and go
