@@ -10,6 +10,11 @@ paths (sessions run in hub callbacks, :class:`~npgevent.net.lightsock.LightSocke
 framed sessions handed back to the pool) are where a leak would hide.
 
 ``-m slow`` runs 40 rounds and also bounds the RSS growth over the second half.
+
+The master gets the same treatment: cycles of instances created, used, stopped, started,
+restarted and deleted through the API, beside event streams opened and dropped and requests
+without a key or with broken bodies; after each cycle it must have no child left and hold
+the descriptors it held after the first.
 """
 
 from __future__ import annotations
@@ -23,13 +28,16 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import gevent
 import pytest
 from gevent import socket
 from helpers import (
     EchoPair,
+    MasterProcess,
     NpProcess,
+    SSEReader,
     children,
     echo_exact,
     echo_roundtrip,
@@ -272,3 +280,66 @@ def test_forty_rounds_leave_memory_flat(name):
     rss = soak(name, rounds=40, connections=600)
     for before, after in zip(rss[19], rss[-1], strict=True):
         assert after - before <= 4096, rss
+
+
+def _until(predicate: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        gevent.sleep(0.1)
+    raise AssertionError("%s: not within %ss" % (what, timeout))
+
+
+def _master_cycle(m: MasterProcess, port: int, target: int) -> None:
+    """One instance's life through the API, with rude clients beside it."""
+    sse = [SSEReader(m.port, m.base + "/events", m.key) for _ in range(3)]
+    rude = [m.api("GET", "/instances", key=None), m.api("POST", "/instances", b"{not json"),
+            m.api("POST", "/instances", {"url": "nonsense://x"}), m.api("PATCH", "/instances/nope", {})]
+    assert [r.status for r in rude] == [401, 400, 400, 404], [(r.status, r.body) for r in rude]
+    res = m.api("POST", "/instances", {"url": "client://127.0.0.1:%d/127.0.0.1:%d?mode=1" % (port, target)})
+    assert res.status == 201, res.body
+    rid = res.json["id"]
+    path = "/instances/" + rid
+    status = lambda want: lambda: m.api("GET", path).json["status"] == want  # noqa: E731
+    for action, after in (("", "running"), ("stop", "stopped"), ("start", "running"), ("restart", "running")):
+        if action:
+            assert m.api("PATCH", path, {"action": action}).status == 200
+        _until(status(after), "%s after %s" % (after, action or "create"))
+        if after == "running":
+            wait_serving(port, within=20.0)
+    assert m.api("DELETE", path).status == 204
+    for reader in sse:
+        reader.close()
+    _until(lambda: not children(m.pid), "no child left")
+    assert [i["id"] for i in m.api("GET", "/instances").json] == ["********"]
+
+
+def master_soak(tmp_path: Any, cycles: int) -> None:
+    target = EchoPair()
+    port = free_port()
+    try:
+        with MasterProcess(tmp_path / "state") as m:
+            _master_cycle(m, port, target.port)
+            gevent.sleep(1.0)  # the dropped event streams' sockets are closed
+            baseline = fds(m.pid)
+            for n in range(1, cycles):
+                _master_cycle(m, port, target.port)
+                _until(lambda: fds(m.pid) <= baseline, "cycle %d: descriptors back to %d" % (n, baseline), 10.0)
+            assert m.stop() == 0
+            assert "Traceback" not in m.output
+    finally:
+        target.tcp.close()
+        target.udp.close()
+
+
+@pytest.mark.timeout(120)
+def test_instance_cycles_through_the_master_leave_no_child_or_descriptor(tmp_path):
+    master_soak(tmp_path, cycles=3)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_forty_instance_cycles_through_the_master(tmp_path):
+    master_soak(tmp_path, cycles=40)
