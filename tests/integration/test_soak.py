@@ -228,8 +228,9 @@ def open_path(name: str, target: int) -> Path:
         proc = NpProcess("client://127.0.0.1:%d/127.0.0.1:%d?log=warn%s" % (port, target, extra), env=ENV)
         return Path(name, [proc], port)
     tunnel_port = free_port()
-    quic = name == "quic"
-    server, client = tunnel_urls("rev", "0" if name == "tls0" else "1", tunnel_port, port, target,
+    kind, _, flow = name.partition("-")  # tls0, tls1 or quic; a reverse tunnel unless -fwd
+    quic = kind == "quic"
+    server, client = tunnel_urls(flow or "rev", "0" if kind == "tls0" else "1", tunnel_port, port, target,
                                  extra_server="&log=warn" + ("&quic=1" if quic else ""),
                                  extra_client="&log=warn")
     return Path(name, [NpProcess(server, env=ENV), NpProcess(client, env=ENV)], port, tunnel_port, quic)
@@ -263,7 +264,7 @@ def soak(name: str, rounds: int, connections: int) -> list[list[int]]:
     return rss
 
 
-PATHS = ["forward", "forward-w2", "tls0", "tls1", "quic"]
+PATHS = ["forward", "forward-w2", "tls0", "tls1", "tls1-fwd", "quic", "quic-fwd"]
 
 
 @pytest.mark.timeout(120)
