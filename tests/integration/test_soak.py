@@ -13,8 +13,8 @@ framed sessions handed back to the pool) are where a leak would hide.
 
 The master gets the same treatment: cycles of instances created, used, stopped, started,
 restarted and deleted through the API, beside event streams opened and dropped and requests
-without a key or with broken bodies; after each cycle it must have no child left and hold
-the descriptors it held after the first.
+without a key or with broken bodies; after each cycle it must have no child left and hold no
+more descriptors than after the first.
 """
 
 from __future__ import annotations
@@ -247,7 +247,7 @@ def soak(name: str, rounds: int, connections: int) -> list[list[int]]:
         for n in range(rounds):
             tally = one_round(path.port, path.tunnel_port, path.quic, connections)
             assert not tally.failures, (n, tally.failures[:5])
-            assert tally.bulk == 2 and tally.udp_back >= tally.udp_sent * 0.9, tally
+            assert tally.echoed and tally.bulk == 2 and tally.udp_back >= tally.udp_sent * 0.9, tally
             now = path.descriptors()
             if baseline is None:
                 baseline = now
