@@ -682,6 +682,18 @@ def inproc_tunnel(flow: str, tls: str, certs: dict[str, Path] | None = None, mon
         echo.close()
 
 
+def wait_until(predicate: Any, timeout: float = 15.0, step: float = 0.1, what: str = "condition") -> Any:
+    """Poll *predicate* (cooperatively) until it returns something true; that value.  Raises
+    AssertionError naming *what* after *timeout* seconds."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        gevent.sleep(step)
+    raise AssertionError("%s not met within %ss" % (what, timeout))
+
+
 def wait_pool(get_active: Any, minimum: int = 1, timeout: float = 15.0) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:

@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import stat
-import time
 
 import gevent
 import pytest
@@ -21,6 +20,7 @@ from helpers import (
     in_process,
     paused,
     udp_roundtrip,
+    wait_until,
 )
 
 
@@ -48,16 +48,6 @@ def _children(master_pid: int) -> set[int]:
             except OSError:
                 continue
     return out
-
-
-def _wait(pred, timeout=15.0, step=0.1):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = pred()
-        if value:
-            return value
-        gevent.sleep(step)
-    raise AssertionError("condition not met within %ss" % timeout)
 
 
 def _create(master, url):
@@ -107,9 +97,9 @@ def test_dual_end_pair_created_through_the_api(tmp_path):
         server = m.api("GET", "/instances/" + sid).json
         assert "tls=1" in server["url"]  # the master's TLS code is added to server URLs
         assert "tls=" not in m.api("GET", "/instances/" + cid).json["url"]
-        _wait(lambda: m.api("GET", "/instances/" + sid).json["pool"] > 0)
+        wait_until(lambda: m.api("GET", "/instances/" + sid).json["pool"] > 0)
         assert echo_roundtrip(uport, b"through a managed tunnel") == b"through a managed tunnel"
-        srv = _wait(lambda: (lambda r: r if r["tcprx"] > 0 else None)(m.api("GET", "/instances/" + sid).json))
+        srv = wait_until(lambda: (lambda r: r if r["tcprx"] > 0 else None)(m.api("GET", "/instances/" + sid).json))
         assert srv["mode"] == 1 and srv["status"] == "running"
         cli = m.api("GET", "/instances/" + cid).json
         assert cli["mode"] == 2 and cli["pool"] > 0
@@ -119,19 +109,19 @@ def test_dual_end_pair_created_through_the_api(tmp_path):
 def test_stop_restart_delete_kill_the_child(tmp_path):
     with MasterProcess(tmp_path / "s") as m:
         rid = _create(m, "client://127.0.0.1:%d/127.0.0.1:9?mode=1" % free_port())
-        pid = _wait(lambda: next(iter(_children(m.pid)), None))
+        pid = wait_until(lambda: next(iter(_children(m.pid)), None))
         assert m.api("PATCH", "/instances/" + rid, {"action": "stop"}).status == 200
-        _wait(lambda: not _alive(pid))
-        _wait(lambda: m.api("GET", "/instances/" + rid).json["status"] == "stopped")
+        wait_until(lambda: not _alive(pid))
+        wait_until(lambda: m.api("GET", "/instances/" + rid).json["status"] == "stopped")
         m.wait_for(r"INFO  Instance stopped \[%s\]" % rid)
         m.api("PATCH", "/instances/" + rid, {"action": "start"})
-        pid2 = _wait(lambda: next(iter(_children(m.pid)), None))
+        pid2 = wait_until(lambda: next(iter(_children(m.pid)), None))
         assert pid2 != pid
         m.api("PATCH", "/instances/" + rid, {"action": "restart"})
-        pid3 = _wait(lambda: next(iter(_children(m.pid) - {pid2}), None))
-        _wait(lambda: not _alive(pid2))
+        pid3 = wait_until(lambda: next(iter(_children(m.pid) - {pid2}), None))
+        wait_until(lambda: not _alive(pid2))
         assert m.api("DELETE", "/instances/" + rid).status == 204
-        _wait(lambda: not _alive(pid3))
+        wait_until(lambda: not _alive(pid3))
         assert _children(m.pid) == set()
         assert m.stop() == 0
 
@@ -144,14 +134,14 @@ def test_a_stop_right_after_start_is_not_lost(tmp_path):
         for _ in range(5):
             rid = _create(m, "client://127.0.0.1:%d/127.0.0.1:9?mode=1" % free_port())
             assert m.api("PATCH", "/instances/" + rid, {"action": "stop"}).status == 200
-            _wait(lambda: not _children(m.pid))
-            _wait(lambda rid=rid: m.api("GET", "/instances/" + rid).json["status"] == "stopped")
+            wait_until(lambda: not _children(m.pid))
+            wait_until(lambda rid=rid: m.api("GET", "/instances/" + rid).json["status"] == "stopped")
             gevent.sleep(0.5)  # a start that slipped past the stop would show up by now
             assert _children(m.pid) == set()
             assert m.api("GET", "/instances/" + rid).json["status"] == "stopped"
             assert m.api("PATCH", "/instances/" + rid, {"action": "start"}).status == 200
             assert m.api("PATCH", "/instances/" + rid, {"action": "stop"}).status == 200
-            _wait(lambda: not _children(m.pid))
+            wait_until(lambda: not _children(m.pid))
             assert m.api("DELETE", "/instances/" + rid).status == 204
 
 
@@ -178,7 +168,7 @@ def test_sse_events_key_in_query_keepalive_and_regeneration(tmp_path):
             assert res.status == 200 and re.fullmatch(r"[0-9a-f]{32}", res.json["url"]) and res.json["url"] != old
             for reader in (q, h):
                 assert reader.wait(lambda e: e.get("type") == "shutdown")["instance"] is None
-                _wait(lambda reader=reader: reader.closed, 5)
+                wait_until(lambda reader=reader: reader.closed, 5)
             assert m.api("GET", "/instances").status == 401
             m.key = res.json["url"]
             assert m.api("GET", "/instances").status == 200
@@ -223,7 +213,7 @@ def test_master_restart_reloads_and_autostarts(tmp_path):
         manual = _create(m, "client://127.0.0.1:%d/127.0.0.1:9?mode=1" % free_port())
         m.api("PATCH", "/instances/" + manual, {"restart": False})
         assert echo_roundtrip(port, b"before") == b"before"
-        _wait(lambda: m.api("GET", "/instances/" + auto).json["tcprx"] >= 6)
+        wait_until(lambda: m.api("GET", "/instances/" + auto).json["tcprx"] >= 6)
         assert m.stop() == 0
         assert "Instances saved: " in m.output
     path = state / "npgevent.json"
@@ -235,9 +225,9 @@ def test_master_restart_reloads_and_autostarts(tmp_path):
         m2.wait_for(r"INFO  API Key loaded: " + key)
         m2.wait_for(r"Loaded 3 instances from ")
         m2.wait_for(r"Auto-starting instance: .* \[%s\]" % auto)
-        _wait(lambda: m2.api("GET", "/instances/" + auto).json["status"] == "running")
+        wait_until(lambda: m2.api("GET", "/instances/" + auto).json["status"] == "running")
         assert echo_roundtrip(port, b"after restart") == b"after restart"
-        rec = _wait(lambda: (lambda r: r if r["tcprx"] >= 6 + 13 else None)(
+        rec = wait_until(lambda: (lambda r: r if r["tcprx"] >= 6 + 13 else None)(
             m2.api("GET", "/instances/" + auto).json))
         assert rec["tcprx"] >= 19  # counters carried over the master restart
         assert m2.api("GET", "/instances/" + manual).json["status"] == "stopped"
@@ -245,10 +235,10 @@ def test_master_restart_reloads_and_autostarts(tmp_path):
         m2.api("PATCH", "/instances/" + auto, {"action": "reset"})
         assert m2.api("GET", "/instances/" + auto).json["tcprx"] == 0
         assert echo_roundtrip(port, b"12345") == b"12345"
-        _wait(lambda: m2.api("GET", "/instances/" + auto).json["tcprx"] == 5)
+        wait_until(lambda: m2.api("GET", "/instances/" + auto).json["tcprx"] == 5)
         m2.api("PATCH", "/instances/" + auto, {"action": "reset"})  # a second reset works too
         assert echo_roundtrip(port, b"123") == b"123"
-        _wait(lambda: m2.api("GET", "/instances/" + auto).json["tcprx"] == 3)
+        wait_until(lambda: m2.api("GET", "/instances/" + auto).json["tcprx"] == 3)
     echo.close()
 
 
@@ -278,28 +268,28 @@ def test_backup_is_used_when_the_state_file_is_corrupt(tmp_path):
 def test_stale_checkpoint_and_error_lines_set_error(tmp_path):
     with MasterProcess(tmp_path / "s") as m:
         rid = _create(m, "client://127.0.0.1:%d/127.0.0.1:9?mode=1" % free_port())
-        _wait(lambda: m.api("GET", "/instances/" + rid).json["mode"] == 1)
+        wait_until(lambda: m.api("GET", "/instances/" + rid).json["mode"] == 1)
         pid = next(iter(_children(m.pid)))
         with paused(pid):  # the child goes silent
-            _wait(lambda: m.api("GET", "/instances/" + rid).json["status"] == "error", timeout=10)
-        _wait(lambda: m.api("GET", "/instances/" + rid).json["status"] == "running", timeout=10)
+            wait_until(lambda: m.api("GET", "/instances/" + rid).json["status"] == "error", timeout=10)
+        wait_until(lambda: m.api("GET", "/instances/" + rid).json["status"] == "running", timeout=10)
         # a tunnel client whose server is not there logs "Client error:" lines
         bad = _create(m, "client://127.0.0.1:%d/127.0.0.1:9?mode=2" % free_port())
-        _wait(lambda: m.api("GET", "/instances/" + bad).json["status"] == "error", timeout=10)
+        wait_until(lambda: m.api("GET", "/instances/" + bad).json["status"] == "error", timeout=10)
 
 
 def test_child_exit_sets_error_and_no_orphans_after_master_sigkill(tmp_path):
     with MasterProcess(tmp_path / "s") as m:
         rid = _create(m, "client://127.0.0.1:%d/127.0.0.1:9?mode=1" % free_port())
-        pid = _wait(lambda: next(iter(_children(m.pid)), None))
+        pid = wait_until(lambda: next(iter(_children(m.pid)), None))
         os.kill(pid, signal.SIGKILL)
-        _wait(lambda: m.api("GET", "/instances/" + rid).json["status"] == "error")
+        wait_until(lambda: m.api("GET", "/instances/" + rid).json["status"] == "error")
         m.wait_for(r"ERROR  monitorInstance: instance error: exit status -9 \[%s\]" % rid)
         m.api("PATCH", "/instances/" + rid, {"action": "restart"})
-        pid2 = _wait(lambda: next(iter(_children(m.pid)), None))
+        pid2 = wait_until(lambda: next(iter(_children(m.pid)), None))
         m.signal(signal.SIGKILL)
         m.wait(5)
-        _wait(lambda: not _alive(pid2), timeout=10)  # PR_SET_PDEATHSIG: the child follows its master
+        wait_until(lambda: not _alive(pid2), timeout=10)  # PR_SET_PDEATHSIG: the child follows its master
 
 
 def test_master_tls_api(tmp_path):
@@ -362,10 +352,10 @@ def test_errored_instances_are_restarted_periodically(tmp_path):
     with MasterProcess(tmp_path / "s", env={"NP_RELOAD_INTERVAL": "2s"}) as m:
         m.wait_for(r"API Key")
         rid = _create(m, "client://127.0.0.1:%d/127.0.0.1:9?mode=1" % free_port())
-        pid = _wait(lambda: next(iter(_children(m.pid)), None))
+        pid = wait_until(lambda: next(iter(_children(m.pid)), None))
         os.kill(pid, signal.SIGKILL)
-        _wait(lambda: m.api("GET", "/instances/" + rid).json["status"] == "error")
-        new_pid = _wait(lambda: next(iter(_children(m.pid) - {pid}), None), timeout=10)
+        wait_until(lambda: m.api("GET", "/instances/" + rid).json["status"] == "error")
+        new_pid = wait_until(lambda: next(iter(_children(m.pid) - {pid}), None), timeout=10)
         assert new_pid != pid
-        _wait(lambda: m.api("GET", "/instances/" + rid).json["status"] == "running")
+        wait_until(lambda: m.api("GET", "/instances/" + rid).json["status"] == "running")
         m.wait_for(r"State backup saved: ")

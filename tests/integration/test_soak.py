@@ -45,6 +45,7 @@ from helpers import (
     tunnel_urls,
     udp_socket,
     wait_serving,
+    wait_until,
 )
 
 CHECK = re.compile(r"CHECK_POINT\|MODE=\d\|PING=\d+ms\|POOL=(\d+)\|TCPS=(\d+)\|UDPS=(\d+)\|")
@@ -283,16 +284,6 @@ def test_forty_rounds_leave_memory_flat(name):
         assert after - before <= 4096, rss
 
 
-def _until(predicate: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        gevent.sleep(0.1)
-    raise AssertionError("%s: not within %ss" % (what, timeout))
-
-
 def _master_cycle(m: MasterProcess, port: int, target: int) -> None:
     """One instance's life through the API, with rude clients beside it."""
     sse = [SSEReader(m.port, m.base + "/events", m.key) for _ in range(3)]
@@ -307,13 +298,13 @@ def _master_cycle(m: MasterProcess, port: int, target: int) -> None:
     for action, after in (("", "running"), ("stop", "stopped"), ("start", "running"), ("restart", "running")):
         if action:
             assert m.api("PATCH", path, {"action": action}).status == 200
-        _until(status(after), "%s after %s" % (after, action or "create"))
+        wait_until(status(after), 20.0, what="%s after %s" % (after, action or "create"))
         if after == "running":
             wait_serving(port, within=20.0)
     assert m.api("DELETE", path).status == 204
     for reader in sse:
         reader.close()
-    _until(lambda: not children(m.pid), "no child left")
+    wait_until(lambda: not children(m.pid), 20.0, what="no child left")
     assert [i["id"] for i in m.api("GET", "/instances").json] == ["********"]
 
 
@@ -327,7 +318,7 @@ def master_soak(tmp_path: Any, cycles: int) -> None:
             baseline = fds(m.pid)
             for n in range(1, cycles):
                 _master_cycle(m, port, target.port)
-                _until(lambda: fds(m.pid) <= baseline, "cycle %d: descriptors back to %d" % (n, baseline), 10.0)
+                wait_until(lambda: fds(m.pid) <= baseline, 10.0, what="cycle %d: descriptors back to %d" % (n, baseline))
             assert m.stop() == 0
             assert "Traceback" not in m.output
     finally:
