@@ -4,13 +4,12 @@ Ownership: the native thread owns its asyncio loop and every aioquic object;
 the gevent side owns everything greenlets see (streams, events, pools).
 Neither touches the other's objects: they exchange *calls*.
 
-* gevent -> thread: :meth:`Bridge.to_thread` appends ``(fn, args)`` to another
-  deque and, unless a run of that deque is already scheduled and has not started,
-  schedules one on the thread's asyncio loop with ``call_soon_threadsafe`` (which
-  writes a byte to the loop's self-pipe to wake it).  The run takes every call
-  queued by then, in order, then calls :attr:`Bridge.after_calls` (the QUIC thread
-  sends what they queued): calls made while the thread is busy cost one wake-up and
-  one self-pipe write between them.  It never blocks the hub.
+* gevent -> thread: :meth:`Bridge.to_thread` posts ``(fn, args)`` to the thread's
+  loop (:meth:`NativeLoop.post <npgevent.quic.loop.NativeLoop.post>`): a deque the
+  loop empties, in order, in its next iteration, before it waits again.  A byte is
+  written to the loop's self-pipe only when the loop is waiting in ``epoll_wait``, once
+  per wait: calls made while the thread is busy cost no wake-up at all.  The loop ends
+  the iteration by sending what they queued.  It never blocks the hub.
 * thread -> gevent: :meth:`Bridge.to_gevent` appends ``(fn, args)`` to a deque
   (append/popleft are atomic in CPython) and sends the hub's ``async_``
   watcher, a libev/libuv wake-up that is safe to send from any thread.  The
@@ -38,11 +37,8 @@ class Bridge:
         self._inbox: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = collections.deque()
         self._watcher = self.hub.loop.async_()
         self._watcher.start(self._drain)
-        self.loop: Any = None  # the thread's asyncio loop, set by the thread once running
+        self.loop: Any = None  # the thread's NativeLoop, set by the thread once running
         self.closed = False
-        self._outbox: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = collections.deque()
-        self._outbox_armed = False
-        self.after_calls: Callable[[], None] | None = None
 
     # -- called in the native thread --------------------------------------------
     def to_gevent(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -57,30 +53,9 @@ class Bridge:
         not raise (:meth:`QuicThread.call <npgevent.quic.thread.QuicThread.call>` guards it):
         the calls queued behind it would wait for the next one."""
         loop = self.loop
-        if loop is None or loop.is_closed():
+        if loop is None:
             return False
-        self._outbox.append((fn, args))
-        if self._outbox_armed:
-            return True
-        self._outbox_armed = True
-        try:
-            loop.call_soon_threadsafe(self._run_outbox)
-        except RuntimeError:  # the loop closed meanwhile
-            self._outbox_armed = False
-            return False
-        return True
-
-    def _run_outbox(self) -> None:
-        """In the thread: every call queued so far.  The flag is cleared first, so a call
-        queued after this run has looked at the deque schedules a run of its own."""
-        self._outbox_armed = False
-        box = self._outbox
-        while box:
-            fn, args = box.popleft()
-            fn(*args)
-        after = self.after_calls
-        if after is not None:
-            after()
+        return bool(loop.post(fn, args))
 
     def _drain(self) -> None:
         inbox = self._inbox
@@ -97,7 +72,6 @@ class Bridge:
         if self.closed:
             return
         self._drain()
-        self._outbox.clear()
         self.closed = True
         self._watcher.stop()
         self._watcher.close()

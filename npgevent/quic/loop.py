@@ -5,12 +5,23 @@ gevent one would hand the thread's wake-ups to the hub) and whose datagram trans
 drain the socket: :class:`DrainingTransport` reads every ready datagram (up to
 :data:`DRAIN`) per wake-up where asyncio reads one, so a burst of packets costs one loop
 iteration, its events reach gevent in one batch and each connection answers it once.
+
+Calls from other threads (:meth:`NativeLoop.post`) and the work that ends an iteration
+(:attr:`NativeLoop.after_iteration`: the QUIC thread sends what the iteration queued and
+hands its events to gevent) are part of the loop's iteration, not asyncio handles: asyncio's
+way (``call_soon_threadsafe``, ``call_soon``) costs a handle each and, for every handle
+scheduled from inside an iteration, one more iteration with its own ``epoll_wait``, and
+writes a byte to the self-pipe even while the loop is busy and will look anyway.  Here a
+posting thread writes that byte only while the loop waits in ``epoll_wait`` (at most once
+per wait), and the loop looks at its posted calls before every wait.
 """
 
 from __future__ import annotations
 
 import _socket
 import asyncio
+import collections
+import heapq
 from asyncio import selector_events
 from collections.abc import Callable
 from typing import Any
@@ -41,30 +52,117 @@ class DrainingTransport(selector_events._SelectorDatagramTransport):  # type: ig
 
     def _read_ready(self) -> None:
         sock, protocol = self._sock, self._protocol
-        try:
-            for _ in range(DRAIN):
-                if self._conn_lost:
-                    return
-                try:
-                    data, addr = sock.recvfrom(self.max_size)
-                except (BlockingIOError, InterruptedError):
-                    return
-                except OSError as exc:
-                    protocol.error_received(exc)
-                    return
-                protocol.datagram_received(data, addr)
-        finally:
-            after = self._loop.after_read
-            if after is not None:
-                after()
+        for _ in range(DRAIN):
+            if self._conn_lost:
+                return
+            try:
+                data, addr = sock.recvfrom(self.max_size)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                protocol.error_received(exc)
+                return
+            protocol.datagram_received(data, addr)
 
 
 class NativeLoop(asyncio.SelectorEventLoop):
-    """An asyncio loop whose self-pipe is a real socketpair (not a gevent one) and whose
-    datagram transports drain the socket, then call :attr:`after_read` (the QUIC thread
-    sends the answers to the burst there)."""
+    """An asyncio loop whose self-pipe is a real socketpair (not a gevent one), whose
+    datagram transports drain the socket, which runs calls posted from other threads and
+    ends each iteration with :attr:`after_iteration` (see the module docstring)."""
 
-    after_read: Callable[[], None] | None = None
+    after_iteration: Callable[[], None] | None = None
+
+    def __init__(self, selector: Any = None) -> None:
+        super().__init__(selector)
+        self._posted: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = collections.deque()
+        # True while the loop may be blocked in the selector (always, on the fallback path)
+        self.polling = True
+        self._woken = False  # a byte was written to the self-pipe and is not read yet
+        # the iteration below needs asyncio's BaseEventLoop internals, unchanged since 3.8;
+        # without them the loop runs asyncio's own iteration and a post always wakes it
+        self._lean = all(hasattr(self, name) for name in (
+            "_ready", "_scheduled", "_stopping", "_timer_cancelled_count", "_clock_resolution",
+            "_process_events"))
+
+    def post(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> bool:
+        """From any thread: run ``fn(*args)`` in the loop's next iteration, in order; False if
+        the loop is closed.  *fn* must not raise (the calls behind it would wait)."""
+        if self.is_closed():
+            return False
+        self._posted.append((fn, args))
+        if self.polling and not self._woken:
+            self._woken = True
+            self._write_to_self()  # type: ignore[attr-defined]
+        return True
+
+    def _read_from_self(self) -> None:
+        # cleared once the pipe is empty, not before: a post in between finds _woken set and
+        # writes nothing, while its byte would already be read (and the next wait not woken)
+        super()._read_from_self()  # type: ignore[misc]
+        self._woken = False
+
+    def _run_posted(self) -> None:
+        posted = self._posted
+        while posted:
+            fn, args = posted.popleft()
+            fn(*args)
+
+    def _run_once(self) -> None:
+        loop: Any = self  # asyncio's private attributes, which typeshed leaves out
+        if not self._lean:
+            asyncio.SelectorEventLoop._run_once(loop)  # type: ignore[attr-defined]
+            self._run_posted()
+            self._end_iteration()
+            return
+        # asyncio's BaseEventLoop._run_once (3.8-3.13), with the posted calls and the end of
+        # the iteration added, and polling set around the wait
+        scheduled = loop._scheduled
+        sched_count = len(scheduled)
+        if sched_count > 100 and loop._timer_cancelled_count / sched_count > 0.5:
+            live = [handle for handle in scheduled if not handle._cancelled]
+            for handle in scheduled:
+                if handle._cancelled:
+                    handle._scheduled = False
+            heapq.heapify(live)
+            loop._scheduled = scheduled = live
+            loop._timer_cancelled_count = 0
+        else:
+            while scheduled and scheduled[0]._cancelled:
+                loop._timer_cancelled_count -= 1
+                heapq.heappop(scheduled)._scheduled = False
+        ready = loop._ready
+        self.polling = True
+        if ready or loop._stopping or self._posted:
+            timeout: float | None = 0
+        elif scheduled:
+            timeout = min(max(0.0, scheduled[0]._when - self.time()), 86400.0)
+        else:
+            timeout = None
+        event_list = loop._selector.select(timeout)
+        self.polling = False
+        loop._process_events(event_list)
+        event_list = None
+        end_time = self.time() + loop._clock_resolution
+        while scheduled:
+            handle = scheduled[0]
+            if handle._when >= end_time:
+                break
+            handle = heapq.heappop(scheduled)
+            handle._scheduled = False
+            ready.append(handle)
+        if self._posted:
+            self._run_posted()
+        for _ in range(len(ready)):
+            handle = ready.popleft()
+            if not handle._cancelled:
+                handle._run()
+        handle = None
+        self._end_iteration()
+
+    def _end_iteration(self) -> None:
+        hook = self.after_iteration
+        if hook is not None:
+            hook()
 
     def _make_datagram_transport(self, sock: Any, protocol: Any, address: Any = None, waiter: Any = None,
                                  extra: Any = None) -> Any:

@@ -4,10 +4,11 @@ aioquic's protocol answers every datagram at once: it parses it, then builds and
 sends whatever is due (``transmit``: a packet builder, a walk over every stream's
 limits, the loss timer).  When a burst of packets is ready that walk runs once per
 packet, and most of those runs send nothing, or one ACK each.  Here a datagram is
-only parsed and its events handed on; the protocol is queued, and the transport
-calls :meth:`~npgevent.quic.thread.QuicThread.flush_transmits` once it has drained
-the socket (:class:`~npgevent.quic.loop.DrainingTransport`): one ``transmit`` per
-connection per burst, whose ACK covers the whole burst.
+only parsed and its events handed on; the protocol is queued, and the loop's
+iteration ends with :meth:`~npgevent.quic.thread.QuicThread.flush_transmits`, after the
+transport has drained the socket (:class:`~npgevent.quic.loop.DrainingTransport`) and
+gevent's calls have run: one ``transmit`` per connection per burst, whose ACK covers the
+whole burst and carries the data gevent handed over meanwhile.
 """
 
 from __future__ import annotations

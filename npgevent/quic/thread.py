@@ -78,9 +78,7 @@ class QuicThread:
         self._throttle = Throttle()
         self._conn_seq = 0
         self._batch: list[tuple[Any, ...]] = []
-        self._batch_scheduled = False
         self._to_transmit: dict[int, NpProtocol] = {}  # see transmit_later
-        self._flush_scheduled = False
         # (conn, sid) -> last reported sent offset, for streams with data not yet on the wire
         self._writing: dict[tuple[int, int], int] = {}
         self._reported: dict[tuple[int, int], int] = {}  # the same, for streams all sent
@@ -100,8 +98,7 @@ class QuicThread:
             loop = NativeLoop(_RealSelector())
             loop.set_exception_handler(self._loop_error)
             self.loop = loop
-            loop.after_read = self.flush_transmits
-            self.bridge.after_calls = self.flush_transmits
+            loop.after_iteration = self._end_of_iteration
             self.bridge.loop = loop
             loop.call_soon(self.bridge.to_gevent, self.sink._ready)
             loop.call_later(self.keepalive, self._keepalive)
@@ -375,18 +372,23 @@ class QuicThread:
 
     def transmit_later(self, protocol: NpProtocol) -> None:
         """*protocol* has something to send (it parsed a datagram, or gevent handed it data):
-        it sends once, after the socket is drained or at the end of this loop iteration,
-        however many datagrams and calls from gevent this iteration brings."""
+        it sends once, at the end of this loop iteration (:meth:`_end_of_iteration`), however
+        many datagrams and calls from gevent the iteration brings."""
         self._to_transmit[protocol.key] = protocol
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            assert self.loop is not None
-            self.loop.call_soon(self.flush_transmits)
+
+    def _end_of_iteration(self) -> None:
+        """What the loop iteration produced: one ``transmit`` per connection with something
+        to send, then its events (and the write credit that reports) to gevent in one batch.
+        Packets first: handed the batch earlier, the hub would wake only to wait for the GIL
+        while this thread builds them, and each hand-over of a contended GIL costs futex
+        calls (measured: more system time per round trip, fewer round trips)."""
+        if self._to_transmit:
+            self.flush_transmits()
+        if self._batch:
+            self._flush_batch()
 
     def flush_transmits(self) -> None:
-        """One ``transmit`` per connection with something to send (see :meth:`transmit_later`);
-        also called by the transport after each drain."""
-        self._flush_scheduled = False
+        """One ``transmit`` per connection with something to send (see :meth:`transmit_later`)."""
         pending = self._to_transmit
         while pending:
             _key, protocol = pending.popitem()
@@ -405,17 +407,11 @@ class QuicThread:
             self._push(("data", conn, sid, [data], fin))
 
     def _push(self, item: tuple[Any, ...]) -> None:
-        self._batch.append(item)
-        if not self._batch_scheduled:
-            self._batch_scheduled = True
-            assert self.loop is not None
-            self.loop.call_soon(self._flush_batch)
+        self._batch.append(item)  # handed over at the end of the iteration
 
     def _flush_batch(self) -> None:
-        self._batch_scheduled = False
         batch, self._batch = self._batch, []
-        if batch:
-            self.bridge.to_gevent(self.sink._batch, batch)
+        self.bridge.to_gevent(self.sink._batch, batch)
 
     def _after_transmit(self, protocol: NpProtocol) -> None:
         """Report write credit in steps of :data:`CREDIT_STEP`: a writer blocks only with more
