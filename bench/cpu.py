@@ -9,8 +9,9 @@ PATH is a path of ``bench.py`` (``forward``, ``tunnel-rev-tls0``, ...), LOAD one
 (a new connection per 64-byte request), ``udp`` (512-byte round trips) or ``tput`` (echo
 throughput; the event is a MiB).  The relay processes' ``utime``/``stime`` are read from
 ``/proc/<pid>/stat`` (children included) just before and after the load; a run prints the
-rate and the CPU per event of each process, user and system, in microseconds, and its minor
-page faults per event.  ``--tree``
+rate and the CPU per event of each process, user and system, in microseconds, its minor
+page faults per event, and ``busy_cores``: how many of the machine's cores were busy during
+the load (every process, from ``/proc/stat``) and how many of them the relays took.  ``--tree``
 runs npgevent from another checkout (a ``git worktree`` of an older commit, say);
 ``--pairs`` alternates ``--base`` and this checkout, flipping the order every pair, and
 prints the means: absolute figures drift 10-30 % between minutes on a shared machine, the
@@ -74,6 +75,15 @@ def cpu_ticks(pid: int) -> tuple[int, int, int]:
     return user, system, faults
 
 
+def machine_ticks() -> tuple[int, int]:
+    """(busy, all) clock ticks of the whole machine, every CPU together (``/proc/stat``)."""
+    with open("/proc/stat") as fh:
+        fields = [int(x) for x in fh.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    total = sum(fields[:8])  # guest time is already in user
+    return total - idle, total
+
+
 def load_args(load: str, addr: str, seconds: float, workers: int) -> list[str]:
     if load == "cps":
         return ["cps", "-addr", addr, "-workers", str(workers), "-dur", "%gs" % seconds, "-size", "64"]
@@ -107,9 +117,11 @@ def run_once(args: argparse.Namespace, tree: Path | None) -> dict[str, Any]:
                 spies += [subprocess.Popen([a.format(pid=pid, seconds=int(args.seconds), out=folder) for a in command],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for pid in pids]
         before = [cpu_ticks(pid) for pid in pids]
+        machine_before = machine_ticks()
         start = time.monotonic()
         result = npbench(args.npbench, *load_args(args.load, addr, args.seconds, args.workers))
         elapsed = time.monotonic() - start
+        machine_after = machine_ticks()
         after = [cpu_ticks(pid) for pid in pids]
         for spy in spies:
             spy.wait(timeout=60)
@@ -121,7 +133,14 @@ def run_once(args: argparse.Namespace, tree: Path | None) -> dict[str, Any]:
     us = 1e6 / TICK / max(events, 1.0)
     cpu = [[round((a[0] - b[0]) * us, 1), round((a[1] - b[1]) * us, 1)] for a, b in zip(after, before, strict=True)]
     faults = [round((a[2] - b[2]) / max(events, 1.0), 2) for a, b in zip(after, before, strict=True)]
-    return {"rate": round(rate, 3), "cpu_us": cpu, "faults": faults, "result": result}
+    # how many of the machine's cores were busy during the load (every process), and the
+    # relays' share of them: a load that keeps every core busy is bound by the CPU per event
+    # of all its processes together, which more processes per relay would not lower
+    busy, total = (a - b for a, b in zip(machine_after, machine_before, strict=True))
+    cores = os.cpu_count() or 1
+    relays = sum((a[0] - b[0]) + (a[1] - b[1]) for a, b in zip(after, before, strict=True)) / TICK / elapsed
+    return {"rate": round(rate, 3), "cpu_us": cpu, "faults": faults,
+            "busy_cores": [round(busy / max(total, 1) * cores, 2), round(relays, 2)], "result": result}
 
 
 def mean(rows: list[dict[str, Any]]) -> dict[str, Any]:
