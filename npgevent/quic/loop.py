@@ -22,6 +22,7 @@ import _socket
 import asyncio
 import collections
 import heapq
+import sys
 from asyncio import selector_events
 from collections.abc import Callable
 from typing import Any
@@ -78,9 +79,10 @@ class NativeLoop(asyncio.SelectorEventLoop):
         # True while the loop may be blocked in the selector (always, on the fallback path)
         self.polling = True
         self._woken = False  # a byte was written to the self-pipe and is not read yet
-        # the iteration below needs asyncio's BaseEventLoop internals, unchanged since 3.8;
-        # without them the loop runs asyncio's own iteration and a post always wakes it
-        self._lean = all(hasattr(self, name) for name in (
+        # the iteration below is asyncio's BaseEventLoop._run_once as of 3.8-3.13, whose
+        # internals it uses; on other versions the loop runs asyncio's own iteration and a
+        # post always wakes it
+        self._lean = sys.version_info < (3, 14) and all(hasattr(self, name) for name in (
             "_ready", "_scheduled", "_stopping", "_timer_cancelled_count", "_clock_resolution",
             "_process_events"))
 

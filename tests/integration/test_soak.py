@@ -284,8 +284,10 @@ def test_forty_rounds_leave_memory_flat(name):
         assert after - before <= 4096, rss
 
 
-def _master_cycle(m: MasterProcess, port: int, target: int) -> None:
-    """One instance's life through the API, with rude clients beside it."""
+def _master_cycle(m: MasterProcess, port: int, echo: Any) -> None:
+    """One instance's life through the API, with rude clients beside it (*echo*: the target's
+    TCP echo server)."""
+    target = echo.port
     sse = [SSEReader(m.port, m.base + "/events", m.key) for _ in range(3)]
     rude = [m.api("GET", "/instances", key=None), m.api("POST", "/instances", b"{not json"),
             m.api("POST", "/instances", {"url": "nonsense://x"}), m.api("PATCH", "/instances/nope", {})]
@@ -300,7 +302,13 @@ def _master_cycle(m: MasterProcess, port: int, target: int) -> None:
             assert m.api("PATCH", path, {"action": action}).status == 200
         wait_until(status(after), 20.0, what="%s after %s" % (after, action or "create"))
         if after == "running":
-            wait_serving(port, within=20.0)
+            accepted, start = echo.accepted, time.monotonic()
+            try:
+                wait_serving(port, within=20.0)
+            except (OSError, AssertionError) as exc:  # say where it stuck: the target reached or not
+                raise AssertionError("not serving %.1fs after %s: %r; the target accepted %d meanwhile; "
+                                     "master's log:\n%s" % (time.monotonic() - start, action or "create", exc,
+                                                            echo.accepted - accepted, m.output[-6000:])) from exc
     assert m.api("DELETE", path).status == 204
     for reader in sse:
         reader.close()
@@ -313,11 +321,11 @@ def master_soak(tmp_path: Any, cycles: int) -> None:
     port = free_port()
     try:
         with MasterProcess(tmp_path / "state") as m:
-            _master_cycle(m, port, target.port)
+            _master_cycle(m, port, target.tcp)
             gevent.sleep(1.0)  # the dropped event streams' sockets are closed
             baseline = fds(m.pid)
             for n in range(1, cycles):
-                _master_cycle(m, port, target.port)
+                _master_cycle(m, port, target.tcp)
                 wait_until(lambda: fds(m.pid) <= baseline, 10.0, what="cycle %d: descriptors back to %d" % (n, baseline))
             assert m.stop() == 0
             assert "Traceback" not in m.output
