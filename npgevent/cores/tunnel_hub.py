@@ -15,6 +15,10 @@ drains, then ends it).
   signals keep their order.
 - The **dialling side**, at the launch signal (in the control reader): the named connection
   is idle here, a slot is free, and the target connects at once (:meth:`Dialer.start_tcp`).
+  A connection whose id is on its socket but not read yet counts as here: the receiving side
+  hands out its newest connection, often the refill just made, and its id and the signal
+  arrive in the same loop turn; the pool reads the ids due before deciding
+  (:meth:`ClientPool.settle <npgevent.pool.tcp.ClientPool.settle>`).
 
 Anything else (no idle connection yet, a dial that waits or fails over, a QUIC pool, a TLS
 pool with a Go peer (its sessions are not framed), ``read=``, ``rate=``, ``proxy=1``, debug
@@ -124,7 +128,12 @@ def start_launch(core: TunnelCore, sig: Launch) -> bool:
         return False
     conn = core.pool.claim(sig.cid)
     if conn is None:
-        return False  # not here yet: the job waits for it
+        settle = getattr(core.pool, "settle", None)  # the id may be on its socket, unread
+        if settle is not None:
+            settle()
+            conn = core.pool.claim(sig.cid)
+        if conn is None:
+            return False  # not here yet: the job waits for it
     slots = core.inst.slots
     if not _hub_ready(conn, sig.framed) or not slots.acquire_tcp():
         core.sessions.spawn(core._launch, sig, conn)  # refuses at the slot limit, as ever

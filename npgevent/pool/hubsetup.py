@@ -104,6 +104,12 @@ class Setup:
             self._end()
             self._call(self.on_done, self.sock, self.buf)
 
+    def poke(self) -> None:
+        """Take what the socket holds now, without waiting for the watcher's turn: for an owner
+        that knows the bytes are due (a launch signal naming an id not read yet)."""
+        if self.need and self.on_fail is not None:
+            self.readable()
+
     def throw(self, error: BaseException, *args: Any) -> None:
         """gevent's ``cancel_wait`` calls this when the socket is closed under the watcher."""
         self._fail(error)

@@ -358,6 +358,13 @@ class ClientPool(IdlePool):
         self._succeeded()
         self.add(conn)
 
+    def settle(self) -> None:
+        """Finish now the hub dials whose id has arrived but is not read yet (a launch signal can
+        name one: the control line and the pool connection are read in the same loop turn, in
+        either order)."""
+        for setup in list(self.setups):
+            setup.poke()
+
     def _dialled(self, conn: PoolConn) -> None:
         self._dial_ended()
         self._succeeded()

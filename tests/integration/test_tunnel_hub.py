@@ -12,7 +12,7 @@ import gevent
 import pytest
 from gevent import socket
 from gevent.lock import Semaphore
-from helpers import connect_retry, echo_roundtrip, inproc_tunnel, recv_all, tcp_pair
+from helpers import connect_retry, echo_roundtrip, inproc_tunnel, recv_all, tcp_pair, wait_pool
 
 from npgevent.cores import tunnel_hub
 from npgevent.protocol.signals import Launch, LineDecoder, encode_line
@@ -20,6 +20,11 @@ from npgevent.protocol.signals import Launch, LineDecoder, encode_line
 pytestmark = pytest.mark.timeout(60)
 
 SESSION_JOBS = {"_launch", "run_tcp"}
+
+
+def _pool_full(s, c) -> None:
+    """Both sides hold the whole pool (64): the sessions below start while nothing else does."""
+    wait_pool(lambda: min(s.core.pool.active, c.core.pool.active), 64)
 
 
 def session_job_count(greenlet_jobs: list) -> int:
@@ -37,17 +42,18 @@ def test_sessions_take_no_job_on_either_side(flow, tls, greenlet_jobs):
     with inproc_tunnel(flow, tls) as (s, c, uport, _echo):
         assert s.core.reuse == c.core.reuse == (tls == "1")
         assert echo_roundtrip(uport, b"warm") == b"warm"
-        gevent.sleep(0.3)
+        _pool_full(s, c)
+        gevent.sleep(0.1)
         handshakes = _handshakes(c)
         greenlet_jobs.clear()
         payloads = [b"hub-%02d|" % i * (i + 1) for i in range(30)]
         for p in payloads:
             assert echo_roundtrip(uport, p) == p
-        # a session waits in a job when its start would wait: a launch naming a pool connection
-        # whose id the dialling side has not read yet (the control line and that connection are
-        # read in the same turn of the loop, in either order), a target connect still in
-        # progress.  Timing makes that rare, never the rule.
-        assert session_job_count(greenlet_jobs) <= 3, greenlet_jobs
+        # a session waits in a job only when its start would wait: a target connect still in
+        # progress (loopback connects at once unless the kernel defers the handshake).  A launch
+        # naming the refill whose id is not read yet no longer does (ClientPool.settle): 1-7
+        # jobs in 30 before, in half the runs
+        assert session_job_count(greenlet_jobs) <= 1, greenlet_jobs
         if tls == "1":  # framed sessions, each connection back in both pools after it
             assert _handshakes(c) == handshakes
         for side in (s, c):
@@ -61,6 +67,7 @@ def test_sessions_take_no_job_on_either_side(flow, tls, greenlet_jobs):
 @pytest.mark.parametrize("tls", ["0", "1"])
 def test_a_stop_ends_the_sessions_left_on_both_sides(tls, greenlet_jobs):
     with inproc_tunnel("rev", tls) as (s, c, uport, _echo):
+        _pool_full(s, c)
         users = [connect_retry(uport) for _ in range(3)]
         for u in users:
             u.sendall(b"open")

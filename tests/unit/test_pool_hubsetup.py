@@ -283,3 +283,30 @@ def test_client_pool_hub_dials_keep_to_the_concurrency_limit(listener):
         pool.close()
         for conn in accepted:
             conn.close()
+
+
+def test_settle_takes_an_id_already_on_the_socket_before_the_watcher_runs(listener):
+    """A launch signal can name a pool connection whose id arrived in the same loop turn as the
+    signal, not read yet: ``settle()`` reads it there and then, and the connection can be
+    claimed without a job waiting for it."""
+    pool = ClientPool(InstanceLog("debug"), lambda: None, Adaptive(1, 1, 30.0, 30.0))  # type: ignore[arg-type]
+    conn = None
+    try:
+        pool.in_flight += 1
+        hubsetup.dial(socket.AF_INET, listener.getsockname(), b"", 5, 60, 15,
+                      lambda sock, cid: pool._dialled(PoolConn(cid.hex(), sock, sock)),
+                      pool._dial_failed, pool.setups)
+        conn, _ = listener.accept()
+        deadline = time.monotonic() + 5
+        while not any(setup.need for setup in pool.setups) and time.monotonic() < deadline:
+            gevent.sleep(0.01)  # connected, reading its id
+        conn._sock.send(b"\x00\x00\x00\x07")  # on the socket now; the hub has not run since
+        assert pool.claim("00000007") is None
+        pool.settle()
+        got = pool.claim("00000007")
+        assert got is not None and pool.setups == set() and pool.in_flight == 0
+        got.close()
+    finally:
+        pool.close()
+        if conn is not None:
+            conn.close()
