@@ -6,15 +6,28 @@ launch signal that the control socket can't take at once."""
 from __future__ import annotations
 
 import contextlib
+import os
 import types
 
 import gevent
 import pytest
 from gevent import socket
 from gevent.lock import Semaphore
-from helpers import connect_retry, echo_roundtrip, inproc_tunnel, recv_all, tcp_pair, wait_pool
+from gopeer import GoServer, recv_exact
+from helpers import (
+    EchoPair,
+    connect_retry,
+    echo_roundtrip,
+    in_process,
+    inproc_tunnel,
+    recv_all,
+    tcp_pair,
+    wait_pool,
+    wait_until,
+)
 
 from npgevent.cores import tunnel_hub
+from npgevent.pool.tcp import ClientPool
 from npgevent.protocol.signals import Launch, LineDecoder, encode_line
 
 pytestmark = pytest.mark.timeout(60)
@@ -152,3 +165,38 @@ def test_the_dialling_sides_slot_limit_holds_for_hub_sessions(tls, greenlet_jobs
             while c.inst.slots.tcp:
                 gevent.sleep(0.05)
         assert echo_roundtrip(uport, b"again") == b"again"
+
+
+def test_launch_signals_naming_ids_never_dialled_leave_the_client_serving(monkeypatch):
+    """Each launch whose id is not idle here makes the pool read its set-ups' sockets
+    (``ClientPool.settle``) before the session waits in a job: a server that names 300 ids it
+    never gave costs that many bounded reads, the jobs end at NP_POOL_GET_TIMEOUT, and a real
+    launch behind them is served."""
+    settles = [0]
+    settle = ClientPool.settle
+
+    def counted(self: ClientPool) -> None:
+        settles[0] += 1
+        settle(self)
+
+    monkeypatch.setattr(ClientPool, "settle", counted)
+    echo = EchoPair()
+    go = GoServer(b"secret", "np://0@64/-#0")
+    try:
+        url = "client://secret@127.0.0.1:%d/127.0.0.1:%d?mode=2" % (go.port, echo.port)
+        with in_process(url, pool_get_timeout="300ms") as c:
+            ids = go.wait_pool(8)
+            assert go.control is not None
+            for n in range(300):
+                go.control.send(Launch(False, "127.0.0.1:%d" % (20000 + n), os.urandom(4).hex()).encode())
+            go.control.send(Launch(False, "127.0.0.1:19999", ids[0]).encode())
+            pool = go.pool[ids[0]]
+            pool.sendall(b"still serving")
+            pool.settimeout(10)
+            assert recv_exact(pool, 13) == b"still serving"
+            pool.close()
+            wait_until(lambda: not c.core.sessions and c.inst.slots.tcp == 0, 10, what="bogus launches ended")
+            assert settles[0] >= 300
+    finally:
+        go.close()
+        echo.close()
