@@ -695,12 +695,7 @@ def wait_until(predicate: Any, timeout: float = 15.0, step: float = 0.1, what: s
 
 
 def wait_pool(get_active: Any, minimum: int = 1, timeout: float = 15.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if get_active() >= minimum:
-            return
-        gevent.sleep(0.05)
-    raise AssertionError("pool did not fill")
+    wait_until(lambda: get_active() >= minimum, timeout, 0.05, what="pool of %d" % minimum)
 
 
 # -- master API ----------------------------------------------------------------------------

@@ -128,10 +128,8 @@ def start_launch(core: TunnelCore, sig: Launch) -> bool:
         return False
     conn = core.pool.claim(sig.cid)
     if conn is None:
-        settle = getattr(core.pool, "settle", None)  # the id may be on its socket, unread
-        if settle is not None:
-            settle()
-            conn = core.pool.claim(sig.cid)
+        core.pool.settle()  # its id may be on its socket, unread
+        conn = core.pool.claim(sig.cid)
         if conn is None:
             return False  # not here yet: the job waits for it
     slots = core.inst.slots

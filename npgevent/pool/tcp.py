@@ -207,6 +207,10 @@ class IdlePool:
                 self.discard(cid)
         return None
 
+    def settle(self) -> None:
+        """Take in the connections whose id is on their socket but not read yet (a launch can
+        name one): none here, where connections arrive complete; see :meth:`ClientPool.settle`."""
+
     def claim(self, cid: str) -> PoolConn | None:
         """*cid* if it is idle now, without waiting."""
         conn = self.idle.pop(cid, None)

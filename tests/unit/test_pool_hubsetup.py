@@ -11,7 +11,7 @@ import gevent
 import pytest
 from gevent import socket
 from gevent.event import AsyncResult
-from helpers import LogCapture, free_port, recv_all, tcp_pair
+from helpers import LogCapture, free_port, recv_all, tcp_pair, wait_until
 
 from npgevent.log import ROOT, InstanceLog
 from npgevent.pool import hubsetup
@@ -297,9 +297,7 @@ def test_settle_takes_an_id_already_on_the_socket_before_the_watcher_runs(listen
                       lambda sock, cid: pool._dialled(PoolConn(cid.hex(), sock, sock)),
                       pool._dial_failed, pool.setups)
         conn, _ = listener.accept()
-        deadline = time.monotonic() + 5
-        while not any(setup.need for setup in pool.setups) and time.monotonic() < deadline:
-            gevent.sleep(0.01)  # connected, reading its id
+        wait_until(lambda: any(setup.need for setup in pool.setups), 5, 0.01, what="set-up reading its id")
         conn._sock.send(b"\x00\x00\x00\x07")  # on the socket now; the hub has not run since
         assert pool.claim("00000007") is None
         pool.settle()
