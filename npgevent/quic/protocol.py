@@ -8,7 +8,9 @@ only parsed and its events handed on; the protocol is queued, and the loop's
 iteration ends with :meth:`~npgevent.quic.thread.QuicThread.flush_transmits`, after the
 transport has drained the socket (:class:`~npgevent.quic.loop.DrainingTransport`) and
 gevent's calls have run: one ``transmit`` per connection per burst, whose ACK covers the
-whole burst and carries the data gevent handed over meanwhile.
+whole burst and carries the data gevent handed over meanwhile.  A datagram after which
+nothing is due (:meth:`~npgevent.quic.connection.WindowedConnection.nothing_due`) queues no
+``transmit`` at all, only resets the timer.
 """
 
 from __future__ import annotations
@@ -60,9 +62,18 @@ class NpProtocol(QuicConnectionProtocol):
         # admission (who may talk to us) is decided before this, by AdmittingServer on the
         # server and by the connected socket on the client; what aioquic raises for one
         # datagram is that datagram's problem, never the thread's
+        quic = self._quic
         try:
-            self._quic.receive_datagram(cast(bytes, data), addr, now=self._loop.time())
+            now = self._loop.time()
+            quic.receive_datagram(cast(bytes, data), addr, now=now)
             self._process_events()
+            if self.key in self.owner.to_transmit:
+                return  # an earlier datagram of this burst asked for the pass already
+            if cast(WindowedConnection, quic).nothing_due(now):
+                # the datagram asks for nothing yet (its ACK waits to ride on the answer):
+                # no pass over the streams now, only the timer, for when the ACK falls due
+                self._arm(quic.get_timer())
+                return
         except Exception as exc:
             self.owner.drop("error", "QUIC datagram from %s dropped: %s: %s"
                             % (unmap(str(addr[0])), type(exc).__name__, exc))

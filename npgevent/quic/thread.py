@@ -78,7 +78,7 @@ class QuicThread:
         self._throttle = Throttle()
         self._conn_seq = 0
         self._batch: list[tuple[Any, ...]] = []
-        self._to_transmit: dict[int, NpProtocol] = {}  # see transmit_later
+        self.to_transmit: dict[int, NpProtocol] = {}  # see transmit_later
         # (conn, sid) -> last reported sent offset, for streams with data not yet on the wire
         self._writing: dict[tuple[int, int], int] = {}
         self._reported: dict[tuple[int, int], int] = {}  # the same, for streams all sent
@@ -374,7 +374,7 @@ class QuicThread:
         """*protocol* has something to send (it parsed a datagram, or gevent handed it data):
         it sends once, at the end of this loop iteration (:meth:`_end_of_iteration`), however
         many datagrams and calls from gevent the iteration brings."""
-        self._to_transmit[protocol.key] = protocol
+        self.to_transmit[protocol.key] = protocol
 
     def _end_of_iteration(self) -> None:
         """What the loop iteration produced: one ``transmit`` per connection with something
@@ -382,14 +382,14 @@ class QuicThread:
         Packets first: handed the batch earlier, the hub would wake only to wait for the GIL
         while this thread builds them, and each hand-over of a contended GIL costs futex
         calls (measured: more system time per round trip, fewer round trips)."""
-        if self._to_transmit:
+        if self.to_transmit:
             self.flush_transmits()
         if self._batch:
             self._flush_batch()
 
     def flush_transmits(self) -> None:
         """One ``transmit`` per connection with something to send (see :meth:`transmit_later`)."""
-        pending = self._to_transmit
+        pending = self.to_transmit
         while pending:
             _key, protocol = pending.popitem()
             try:
