@@ -160,6 +160,8 @@ def serve(runner: Any, on_reload: Any = None) -> int:
     import gevent
     from gevent.queue import Empty, Queue
 
+    from .heap import HeapTrimmer
+
     tokens: Queue = Queue()
     handlers = []
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -180,6 +182,8 @@ def serve(runner: Any, on_reload: Any = None) -> int:
                 runner.log.error("Reload failed: internal error: %r", exc, exc_info=True)
 
     reload_task = gevent.spawn(reloader)
+    trimmer = HeapTrimmer()  # freed memory back to the OS now and then (npgevent.heap)
+    trimmer.start()
     try:
         try:
             runner.start()
@@ -203,6 +207,7 @@ def serve(runner: Any, on_reload: Any = None) -> int:
         stopper.join()
     finally:
         reload_task.kill(block=False)
+        trimmer.close()
         for h in handlers:
             h.cancel()
     sys.stdout.flush()

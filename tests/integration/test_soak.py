@@ -278,10 +278,15 @@ def test_rounds_of_rude_traffic_leave_no_descriptor_or_session_behind(name):
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("name", PATHS)
 def test_forty_rounds_leave_memory_flat(name):
-    """RSS after round 40 within 4 MB of RSS after round 20, in every process."""
+    """Every process's mean RSS over rounds 31-40 within 4 MB of its mean over rounds 11-20.
+    A daemon gives freed heap memory back every 10 s (npgevent.heap), and between trims its
+    RSS swings by up to ~20 MB (TLS: OpenSSL's record buffers come and go), so single
+    readings depend on when they fall; the mean of ten rounds does not."""
     rss = soak(name, rounds=40, connections=600)
-    for before, after in zip(rss[19], rss[-1], strict=True):
-        assert after - before <= 4096, rss
+    for proc in range(len(rss[0])):
+        before = sum(r[proc] for r in rss[10:20]) / 10
+        after = sum(r[proc] for r in rss[30:40]) / 10
+        assert after - before <= 4096, (proc, before, after, rss)
 
 
 def _master_cycle(m: MasterProcess, port: int, echo: Any) -> None:
