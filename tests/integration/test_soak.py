@@ -278,15 +278,18 @@ def test_rounds_of_rude_traffic_leave_no_descriptor_or_session_behind(name):
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("name", PATHS)
 def test_forty_rounds_leave_memory_flat(name):
-    """Every process's mean RSS over rounds 31-40 within 4 MB of its mean over rounds 11-20.
+    """Every process's mean RSS over rounds 31-40 within 8 MB of its mean over rounds 11-20.
     A daemon gives freed heap memory back every 10 s (npgevent.heap), and between trims its
     RSS swings by up to ~20 MB (TLS: OpenSSL's record buffers come and go), so single
-    readings depend on when they fall; the mean of ten rounds does not."""
+    readings depend on when they fall; ten-round means of a flat process still differ by up
+    to ~4 MB (measured: -0.3 to +4.1 MB for tls1-fwd).  A leak of 0.7 KB per connection
+    (12,000 connections between the windows) fails it; the stream-id leak it once found grew
+    17.6 MB over 36 rounds."""
     rss = soak(name, rounds=40, connections=600)
     for proc in range(len(rss[0])):
         before = sum(r[proc] for r in rss[10:20]) / 10
         after = sum(r[proc] for r in rss[30:40]) / 10
-        assert after - before <= 4096, (proc, before, after, rss)
+        assert after - before <= 8192, (proc, before, after, rss)
 
 
 def _master_cycle(m: MasterProcess, port: int, echo: Any) -> None:
