@@ -28,7 +28,7 @@ def patch_gevent() -> None:
 
     ``patch_all`` announces three events, and for each one gevent reads the entry points of
     every installed distribution to find plugins that subscribe to it: ~300 ms of start-up
-    and ~1.5 MB of RSS with 124 packages installed (bench/README.md), for the one plugin
+    and up to ~1.5 MB of RSS with 124 packages installed (bench/README.md), for the one plugin
     gevent itself registers (a warning about patching ``signal`` without ``os``, which this
     never does).  The events still reach subscribers registered in the process; only
     plugins found through entry points are not looked for."""
