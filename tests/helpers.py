@@ -484,6 +484,15 @@ def ppid(pid: int) -> int:
         return -1
 
 
+def status_kb(pid: int, field: str = "VmRSS") -> int:
+    """A KiB figure of process *pid* from ``/proc/<pid>/status``: ``VmRSS``, ``VmHWM``..."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError("no %s for %d" % (field, pid))
+
+
 def children(pid: int) -> list[int]:
     return [int(p) for p in os.listdir("/proc") if p.isdigit() and ppid(int(p)) == pid]
 

@@ -507,25 +507,21 @@ def test_quic_go_client_keeps_standard_datagrams():
 @pytest.mark.slow
 def test_quic_1gib_over_one_stream_keeps_rss_bounded():
     """1 GiB through a QUIC tunnel (CLI processes): peak RSS stays near the idle figure."""
-    from helpers import sha_transfer
+    from helpers import sha_transfer, status_kb
 
     echo = EchoPair()
     tport, uport = free_port(), free_port()
     server_url, client_url = tunnel_urls("fwd", "1", tport, uport, echo.port, extra_server="&quic=1")
     env = {"NP_QUIC_DATAGRAM_SIZE": "16000"}
 
-    def hwm(pid: int) -> int:
-        with open("/proc/%d/status" % pid) as fh:
-            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
-
     try:
         with NpProcess(server_url, env=env) as s, NpProcess(client_url, env=env) as c:
             c.wait_for(r"CHECK_POINT\|MODE=2\|PING=\d+ms\|POOL=[1-9]")
             sha_transfer(uport, 16 * MiB)
-            before = hwm(s.pid) + hwm(c.pid)
+            before = status_kb(s.pid, "VmHWM") + status_kb(c.pid, "VmHWM")
             sent, got = sha_transfer(uport, 1 << 30)
             assert sent == got
-            after = hwm(s.pid) + hwm(c.pid)
+            after = status_kb(s.pid, "VmHWM") + status_kb(c.pid, "VmHWM")
             assert after - before < 64 * 1024, (before, after)  # KiB: bounded, not ~1 GiB
     finally:
         echo.close()

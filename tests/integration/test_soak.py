@@ -42,6 +42,7 @@ from helpers import (
     echo_exact,
     echo_roundtrip,
     free_port,
+    status_kb,
     tunnel_urls,
     udp_socket,
     wait_serving,
@@ -170,14 +171,6 @@ def fds(pid: int) -> int:
     return len(os.listdir("/proc/%d/fd" % pid))
 
 
-def rss_kb(pid: int) -> int:
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS for %d" % pid)
-
-
 def _reports(proc: NpProcess, first: int) -> list[tuple[int, ...]]:
     """(pool, TCP sessions, UDP sessions) of each CHECK_POINT line since line *first*."""
     return [tuple(int(g) for g in m.groups()) for m in map(CHECK.search, proc.lines[first:]) if m]
@@ -253,7 +246,7 @@ def soak(name: str, rounds: int, connections: int) -> list[list[int]]:
             if baseline is None:
                 baseline = now
             assert now == baseline, "round %d: descriptors %s, after the first round %s" % (n, now, baseline)
-            rss.append([rss_kb(pid) for pid in path.pids()])
+            rss.append([status_kb(pid) for pid in path.pids()])
         for proc in path.procs:
             assert proc.stop() == 0
             assert "Traceback" not in proc.output

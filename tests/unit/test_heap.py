@@ -4,17 +4,15 @@ the RSS of a process whose heap is full of freed blocks."""
 
 from __future__ import annotations
 
+import os
+
 import gevent
 import pytest
+from helpers import status_kb
 
 from npgevent import heap
 
 pytestmark = pytest.mark.timeout(30)
-
-
-def _rss_kb() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4
 
 
 def test_it_trims_every_interval_until_closed():
@@ -60,8 +58,8 @@ def test_glibc_gives_back_the_pages_of_freed_blocks():
     trimmer.trim()
     blocks = [bytes(20_000) for _ in range(2000)]  # ~40 MB in glibc's heap (under its mmap threshold)
     del blocks[::2]  # ~20 MB freed between live blocks: glibc keeps it
-    before = _rss_kb()
+    before = status_kb(os.getpid())
     assert trimmer.trim() is True
-    after = _rss_kb()
+    after = status_kb(os.getpid())
     assert before - after > 10_000, (before, after)
     del blocks
