@@ -31,17 +31,23 @@ def patch_gevent() -> None:
     and up to ~1.5 MB of RSS with 124 packages installed (bench/README.md), for the one plugin
     gevent itself registers (a warning about patching ``signal`` without ``os``, which this
     never does).  The events still reach subscribers registered in the process; only
-    plugins found through entry points are not looked for."""
+    plugins found through entry points are not looked for.
+
+    The ``ssl`` module is left as it is: patching it imports it, and with it the system's
+    libssl, ~4 MB of RSS in a single-end forwarder (bench/README.md), and no daemon uses it
+    through the standard library: TLS pool connections are pyOpenSSL over gevent sockets,
+    QUIC does its own TLS in its thread, and the master's HTTPS is served through
+    ``gevent.ssl``'s own classes, which need no patching."""
     from gevent import events, monkey
 
     scan = getattr(events, "notify_and_call_entry_points", None)
     notify = getattr(events, "notify", None)
     if scan is None or notify is None:  # another gevent: its own way
-        monkey.patch_all()
+        monkey.patch_all(ssl=False)
         return
     events.notify_and_call_entry_points = notify
     try:
-        monkey.patch_all()
+        monkey.patch_all(ssl=False)
     finally:
         events.notify_and_call_entry_points = scan
 

@@ -7,6 +7,7 @@ import sys
 
 import gevent
 import pytest
+from helpers import NpProcess, echo_roundtrip, wait_serving
 
 from npgevent.__main__ import configure_gevent
 
@@ -46,6 +47,7 @@ import gevent.socket, gevent.events
 assert socket.socket is gevent.socket.socket, socket.socket
 assert "GeventDidPatchAllEvent" in seen, seen
 assert gevent.events.notify_and_call_entry_points.__name__ == "notify_and_call_entry_points"
+assert "ssl" not in sys.modules and "_ssl" not in sys.modules, "ssl imported"
 print("patched", len(seen))
 """
 
@@ -54,7 +56,23 @@ print("patched", len(seen))
 def test_the_daemon_patches_everything_without_reading_any_package_entry_points():
     """gevent would read every installed distribution's entry points three times (~300 ms of
     start-up): the daemon's patch reads none, patches the socket module all the same, still
-    announces the events to in-process subscribers, and puts gevent's function back."""
+    announces the events to in-process subscribers, and puts gevent's function back.  It
+    leaves the ``ssl`` module alone, so nothing has imported it."""
     out = subprocess.run([sys.executable, "-c", PATCH_PROBE], capture_output=True, text=True, timeout=50)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("patched "), out.stdout
+
+
+@pytest.mark.timeout(60)
+def test_a_single_end_forwarder_never_loads_the_ssl_module_or_libssl(tcp_echo, port):
+    """Patching ``ssl`` would import it and map the system's libssl (~4 MB of RSS) in a
+    process that has no use for it: a forwarder that serves and relays has neither."""
+    with NpProcess("client://127.0.0.1:%d/127.0.0.1:%d" % (port, tcp_echo.port)) as np:
+        np.wait_for("Client started")
+        wait_serving(port)
+        with open("/proc/%d/maps" % np.pid) as fh:
+            maps = fh.read()
+        assert "_ssl." not in maps and "libssl" not in maps, [
+            line for line in maps.splitlines() if "ssl" in line]
+        assert echo_roundtrip(port, b"still relays") == b"still relays"
+        assert np.stop() == 0
