@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 
@@ -51,6 +52,7 @@ print("patched", len(seen), "ssl" in sys.modules or "_ssl" in sys.modules)
 """
 
 
+@functools.cache
 def _ssl_at_start_up() -> bool:
     """Whether this interpreter has imported ``ssl`` before any code runs (a ``.pth`` file or
     ``sitecustomize`` of the environment can): then no process here can be without it."""
