@@ -227,7 +227,10 @@ class Phase:
     def _stop(self) -> None:
         self.local_watcher.stop()
         self.pool_watcher.stop()
-        self.up.phase = self.down.phase = None  # no cycle left
+        # no cycle left: each side's callback is a method of this phase, which holds both
+        # sides; freed by reference counting when the session ends, not by the collector
+        up, down = self.up, self.down
+        up.phase = down.phase = up.readable = down.readable = None
 
 
 def run(pool: Any, local: socket.socket, st: _State, reader: FrameReader, acct: list[int],

@@ -107,6 +107,7 @@ class _Worker:
                 job._done.set()
                 if job.owner is not None:
                     job.owner._ended(job)
+            job = None  # a parked worker holds nothing of its last job (its session's objects)
             parked = _parked.setdefault(self.hub, [])
             if len(parked) >= KEEP:
                 return
