@@ -181,6 +181,22 @@ def rss_kb(pid: int, field: str = "VmRSS:") -> int:
     return 0
 
 
+def machine_ticks() -> tuple[int, int, int]:
+    """(busy, steal, all) clock ticks of the whole machine, every CPU together (``/proc/stat``).
+    Steal is time the hypervisor gave this VM's CPUs to other guests while they had work:
+    what makes a run's slow minutes, apart from the code."""
+    with open("/proc/stat") as fh:
+        fields = [int(x) for x in fh.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    total = sum(fields[:8])  # guest time is already in user
+    return total - idle, fields[7], total
+
+
+def steal_pct(before: tuple[int, int, int], after: tuple[int, int, int]) -> float:
+    """The share of the machine's CPU time stolen between two :func:`machine_ticks`, in %."""
+    return round(100.0 * (after[1] - before[1]) / max(after[2] - before[2], 1), 1)
+
+
 def send_blocks(sock: socket.socket, payload: memoryview, size: int) -> None:
     """Send *size* bytes in BLOCK-sized slices of *payload*, then half-close."""
     left = size

@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import ROOT, Path_, free_port, stop, wait_port
+from bench import ROOT, Path_, free_port, machine_ticks, steal_pct, stop, wait_port
 
-METRICS = [  # (key, label, higher is better)
+METRICS: list[tuple[str, str, bool | None]] = [  # (key, label, higher is better; None: no ratio)
     ("echo_gbit_s", "echo Gbit/s", True),
     ("cps_16", "CPS@16", True),
     ("p99_ms_16", "p99 ms@16", False),
@@ -31,6 +31,7 @@ METRICS = [  # (key, label, higher is better)
     ("udp_rtt_s", "UDP rtt/s", True),
     ("udp_loss", "UDP lost", False),
     ("idle_rss_mb", "idle RSS MB", False),
+    ("steal_pct", "CPU steal %", None),  # the machine's, during the loads: no ratio
 ]
 DEFAULT_PATHS = ["forward", "tunnel-rev-tls0", "tunnel-rev-tls1", "tunnel-rev-quic"]
 
@@ -58,6 +59,7 @@ def measure(path: Path_, bench_bin: str, seconds: float, size: int) -> dict[str,
         if path.procs:
             result["idle_rss_mb"] = round(path.rss_kb() / 1024, 1)
         npbench(bench_bin, "tput", "-addr", addr, "-bytes", str(min(size, 64 << 20)))  # warm-up
+        ticks = machine_ticks()
         result["echo_gbit_s"] = round(npbench(bench_bin, "tput", "-addr", addr, "-bytes", str(size))["gbit_s"], 3)
         dur = "%gs" % seconds
         for workers in (16, 1):
@@ -68,6 +70,7 @@ def measure(path: Path_, bench_bin: str, seconds: float, size: int) -> dict[str,
         r = npbench(bench_bin, "udp", "-addr", addr, "-workers", "4", "-dur", dur, "-size", "512")
         result["udp_rtt_s"] = round(r["rtt_per_s"])
         result["udp_loss"] = r["loss"]
+        result["steal_pct"] = steal_pct(ticks, machine_ticks())
         if path.procs:
             result["peak_rss_mb"] = round(path.peak_rss_kb() / 1024, 1)
     finally:
@@ -101,9 +104,10 @@ def compare_main(args: argparse.Namespace, paths: dict[str, type[Path_]]) -> int
         print("run %d of %d" % (run + 1, args.runs))
         print("%-18s %-12s %10s %10s %10s %8s" % ("path", "metric", "direct", "go", "npgevent", "npg/go"))
         for name in names:
-            for key, label, _better in METRICS:
+            for key, label, better in METRICS:
                 g, n = table[name]["go"].get(key, "-"), table[name]["npgevent"].get(key, "-")
-                print("%-18s %-12s %10s %10s %10s %8s" % (name, label, direct.get(key, "-"), g, n, ratio(n, g)))
+                print("%-18s %-12s %10s %10s %10s %8s" % (name, label, direct.get(key, "-"), g, n,
+                                                          ratio(n, g) if better is not None else "-"))
     meta = {"nproc": os.cpu_count(), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "size_mib": args.size_mib,
             "seconds": args.seconds, "go": go}
     out = Path(args.json if args.json != str(ROOT / "bench" / "results.json") else ROOT / "bench" / "compare.json")

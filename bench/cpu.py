@@ -11,7 +11,9 @@ throughput; the event is a MiB).  The relay processes' ``utime``/``stime`` are r
 ``/proc/<pid>/stat`` (children included) just before and after the load; a run prints the
 rate and the CPU per event of each process, user and system, in microseconds, its minor
 page faults per event, and ``busy_cores``: how many of the machine's cores were busy during
-the load (every process, from ``/proc/stat``) and how many of them the relays took.  ``--tree``
+the load (every process, from ``/proc/stat``) and how many of them the relays took, and
+``steal_pct``: the share of the machine's CPU time the hypervisor gave to other guests
+meanwhile (a run's slow minutes).  ``--tree``
 runs npgevent from another checkout (a ``git worktree`` of an older commit, say);
 ``--pairs`` alternates ``--base`` and this checkout, flipping the order every pair, and
 prints the means: absolute figures drift 10-30 % between minutes on a shared machine, the
@@ -75,15 +77,6 @@ def cpu_ticks(pid: int) -> tuple[int, int, int]:
     return user, system, faults
 
 
-def machine_ticks() -> tuple[int, int]:
-    """(busy, all) clock ticks of the whole machine, every CPU together (``/proc/stat``)."""
-    with open("/proc/stat") as fh:
-        fields = [int(x) for x in fh.readline().split()[1:]]
-    idle = fields[3] + fields[4]  # idle, iowait
-    total = sum(fields[:8])  # guest time is already in user
-    return total - idle, total
-
-
 def load_args(load: str, addr: str, seconds: float, workers: int) -> list[str]:
     if load == "cps":
         return ["cps", "-addr", addr, "-workers", str(workers), "-dur", "%gs" % seconds, "-size", "64"]
@@ -117,11 +110,11 @@ def run_once(args: argparse.Namespace, tree: Path | None) -> dict[str, Any]:
                 spies += [subprocess.Popen([a.format(pid=pid, seconds=int(args.seconds), out=folder) for a in command],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for pid in pids]
         before = [cpu_ticks(pid) for pid in pids]
-        machine_before = machine_ticks()
+        machine_before = bench.machine_ticks()
         start = time.monotonic()
         result = npbench(args.npbench, *load_args(args.load, addr, args.seconds, args.workers))
         elapsed = time.monotonic() - start
-        machine_after = machine_ticks()
+        machine_after = bench.machine_ticks()
         after = [cpu_ticks(pid) for pid in pids]
         for spy in spies:
             spy.wait(timeout=60)
@@ -136,17 +129,19 @@ def run_once(args: argparse.Namespace, tree: Path | None) -> dict[str, Any]:
     # how many of the machine's cores were busy during the load (every process), and the
     # relays' share of them: a load that keeps every core busy is bound by the CPU per event
     # of all its processes together, which more processes per relay would not lower
-    busy, total = (a - b for a, b in zip(machine_after, machine_before, strict=True))
+    busy, _steal, total = (a - b for a, b in zip(machine_after, machine_before, strict=True))
     cores = os.cpu_count() or 1
     relays = sum((a[0] - b[0]) + (a[1] - b[1]) for a, b in zip(after, before, strict=True)) / TICK / elapsed
     return {"rate": round(rate, 3), "cpu_us": cpu, "faults": faults,
-            "busy_cores": [round(busy / max(total, 1) * cores, 2), round(relays, 2)], "result": result}
+            "busy_cores": [round(busy / max(total, 1) * cores, 2), round(relays, 2)],
+            "steal_pct": bench.steal_pct(machine_before, machine_after), "result": result}
 
 
 def mean(rows: list[dict[str, Any]]) -> dict[str, Any]:
     n = len(rows)
     cpu = [[round(sum(r["cpu_us"][i][j] for r in rows) / n, 1) for j in (0, 1)] for i in range(len(rows[0]["cpu_us"]))]
-    return {"rate": round(sum(r["rate"] for r in rows) / n, 3), "cpu_us": cpu}
+    return {"rate": round(sum(r["rate"] for r in rows) / n, 3), "cpu_us": cpu,
+            "steal_pct": round(sum(r["steal_pct"] for r in rows) / n, 1)}
 
 
 def main() -> int:
@@ -182,7 +177,8 @@ def main() -> int:
         for tree in (trees if i % 2 == 0 else trees[::-1]):
             r = run_once(args, tree)
             rows[tree].append(r)
-            print("pair %d %-5s rate %s cpu_us %s" % (i + 1, "base" if tree == trees[0] else "new", r["rate"], r["cpu_us"]))
+            print("pair %d %-5s rate %s cpu_us %s steal %s%%" % (i + 1, "base" if tree == trees[0] else "new",
+                                                                 r["rate"], r["cpu_us"], r["steal_pct"]))
             sys.stdout.flush()
     for tree, label in zip(trees, ("base", "new"), strict=True):
         print("mean %-5s %s" % (label, mean(rows[tree])))
