@@ -126,10 +126,10 @@ class ChaCha20Poly1305:
         impl = self._impl or self._adopt()
         if impl is not None:
             return bytes(impl.encrypt(nonce, data, aad or None))
-        out = ctypes.create_string_buffer(len(data) + TAG)
-        if not self._run(1, nonce, data, aad, out):
+        out, addr = _buffer(len(data) + TAG)
+        if not self._run(1, nonce, data, aad, addr):
             raise OSError("ChaCha20-Poly1305 failed in OpenSSL")
-        return out.raw
+        return bytes(out)
 
     def decrypt(self, nonce: bytes, sealed: bytes, aad: bytes = b"") -> bytes:
         _check(sealed, nonce, aad)
@@ -143,14 +143,15 @@ class ChaCha20Poly1305:
                 return bytes(impl.decrypt(nonce, sealed, aad or None))
             except Bad:
                 raise InvalidTag("authentication tag does not match") from None
-        out = ctypes.create_string_buffer(len(sealed))  # the body, and room for Final's nothing
-        if not self._run(0, nonce, sealed, aad, out):
+        out, addr = _buffer(len(sealed))  # the body, and room for Final's nothing
+        if not self._run(0, nonce, sealed, aad, addr):
             raise InvalidTag("authentication tag does not match")
-        return out.raw[:len(sealed) - TAG]
+        return bytes(memoryview(out)[:len(sealed) - TAG])
 
-    def _run(self, enc: int, nonce: bytes, data: bytes, aad: bytes, out: Any) -> bool:
-        """One seal (enc=1: *data* -> *out* = ciphertext + tag) or open (enc=0: *data* =
-        ciphertext + tag -> *out*); False if OpenSSL refuses (for an open: a bad tag)."""
+    def _run(self, enc: int, nonce: bytes, data: bytes, aad: bytes, out: int) -> bool:
+        """One seal (enc=1: *data* -> the buffer at address *out* = ciphertext + tag) or open
+        (enc=0: *data* = ciphertext + tag -> *out*); False if OpenSSL refuses (for an open: a
+        bad tag)."""
         e = _EVP
         assert e is not None
         ctx = self._ctx[enc]
@@ -166,10 +167,19 @@ class ChaCha20Poly1305:
             return False
         # a stream cipher: Final writes nothing (the room after the body is the tag's); for an
         # open it is where the tag is checked; a seal's tag goes straight after the body
-        tail = ctypes.addressof(out) + body
+        tail = out + body
         if e.final(ctx, tail, np) != 1 or n.value != 0:
             return False
         return not enc or e.ctrl(ctx, _GET_TAG, TAG, tail) == 1
+
+
+def _buffer(size: int) -> tuple[bytearray, int]:
+    """A zeroed buffer of *size* bytes (at least one) and its address.  Not
+    ``create_string_buffer``: that makes a ctypes array type per size, a type is a reference
+    cycle, and the cache ctypes keeps of them holds only weak references, so a tunnel with
+    control lines of changing lengths made a type per line, for the collector to free."""
+    buf = bytearray(max(size, 1))
+    return buf, ctypes.addressof(ctypes.c_char.from_buffer(buf))
 
 
 def _keyed(e: _Evp, key: bytes, enc: int) -> int:

@@ -100,6 +100,9 @@ class HubReader:
         read, deliver, size, datagrams = self._read, self._deliver, self._size, self._datagrams
         buffered = getattr(self._stream, "has_buffered", None)
         drained = drain_check(self._stream, size, datagrams)
+        # the follow-up callback (itself), through a list emptied at the end: a function that
+        # named itself would be a cycle holding the session until the collector's next pass
+        again: list[Callable[[], None]] = []
 
         def readable() -> None:
             if ended.is_set():
@@ -122,19 +125,22 @@ class HubReader:
                     if drained is not None and drained(data):
                         return
                 if buffered is not None and buffered():
-                    loop.run_callback(readable)  # decrypted bytes no socket event will announce
+                    loop.run_callback(again[0])  # decrypted bytes no socket event will announce
             except Exception as exc:  # the session ends with it; the hub carries on
                 failure.append(exc)
                 watcher.stop()
                 ended.set()
 
+        again.append(readable)
         watcher.start(readable)
         if buffered is not None and buffered():
             loop.run_callback(readable)
         try:
             ended.wait()
         finally:
+            ended.set()  # a follow-up callback still queued finds the reader over
             watcher.stop()
             watcher.close()
+            again.clear()
         if failure:
             raise failure[0]

@@ -222,6 +222,10 @@ class UdpSession:
             self.closed = True
             if self._timer is not None:
                 self._timer.close()
+                self._timer = None
+            # no cycle left: the greenlet keeps what ended it (a GreenletExit from stop(), with
+            # its traceback, whose frames hold this session)
+            self.greenlet = None
             table.forget(self)
             try:
                 self.close_far()
@@ -231,21 +235,19 @@ class UdpSession:
     def _watch(self) -> None:
         """End the session exactly ``idle`` seconds after its last datagram either way: one
         loop timer, re-armed only when it fires (no timeout object per blocking read)."""
-        loop = gevent.get_hub().loop
+        self._timer = gevent.get_hub().loop.timer(max(0.0, self.table.idle - (time.monotonic() - self.last)))
+        self._timer.start(self._check_idle)
 
-        def check() -> None:
-            left = self.table.idle - (time.monotonic() - self.last)
-            if self._timer is not None:
-                self._timer.close()
-            if left > 0 and not self.closed:
-                self._timer = loop.timer(left)
-                self._timer.start(check)
-            else:
-                self._timer = None
-                self.stop()  # GreenletExit in the blocked read; run()'s finally cleans up
-
-        self._timer = loop.timer(max(0.0, self.table.idle - (time.monotonic() - self.last)))
-        self._timer.start(check)
+    def _check_idle(self) -> None:
+        left = self.table.idle - (time.monotonic() - self.last)
+        if self._timer is not None:
+            self._timer.close()
+        if left > 0 and not self.closed:
+            self._timer = gevent.get_hub().loop.timer(left)
+            self._timer.start(self._check_idle)
+        else:
+            self._timer = None
+            self.stop()  # GreenletExit in the blocked read; run()'s finally cleans up
 
     def stop(self) -> None:
         self.closed = True
