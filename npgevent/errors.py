@@ -11,6 +11,20 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+E = TypeVar("E", bound=BaseException)
+
+
+def detached(exc: E) -> E:
+    """*exc* without its traceback and the exceptions chained to it, to be kept on an object
+    (why a session ended).  Kept whole, it holds the frames that raised it, and they hold that
+    object: a reference cycle per failed session for the collector, which a peer resetting
+    connections as fast as it likes would feed.  The error is only ever reported as a line."""
+    exc.__traceback__ = None
+    exc.__context__ = exc.__cause__ = None
+    return exc
+
 
 class NpgeventError(Exception):
     """Base class of npgevent's own errors."""

@@ -39,6 +39,7 @@ from typing import Any
 import gevent
 from gevent import socket
 
+from ..errors import detached
 from ..net.sockopt import send_all
 from ..protocol.sessionframe import (
     ABORT,
@@ -78,13 +79,13 @@ class _State:
 
     def abort(self, why: BaseException, local: socket.socket) -> None:
         if not self.aborted:
-            self.aborted, self.reason = True, why
+            self.aborted, self.reason = True, detached(why)
         _stop(local)
 
     def broke(self, why: BaseException) -> None:
         """The pool connection can't be reused, for *why* (the first reason stays)."""
         if self.broken is None:
-            self.broken = why
+            self.broken = detached(why)
 
     def fail(self, why: BaseException) -> None:
         """The pool stream failed or sent a malformed frame: the calling pump is over."""

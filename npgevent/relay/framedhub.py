@@ -34,6 +34,7 @@ import gevent
 from gevent import socket
 from gevent.hub import Waiter
 
+from ..errors import detached
 from ..net.lightsock import PLAIN
 from ..protocol.sessionframe import ABORT, DATA, EOF, EOF_FRAME, HEADER, NEED, FrameReader, pack_data_header
 from .tcp import buffer_pool
@@ -220,7 +221,7 @@ class Phase:
             return
         self.over = True
         if error is not None and self.error is None:
-            self.error = error
+            self.error = detached(error)
         self._stop()
         self.over_cb()
 

@@ -27,6 +27,7 @@ from typing import Any
 import gevent
 from gevent.event import Event
 
+from ..errors import detached
 from ..net.lightsock import PLAIN
 from ..net.sockopt import has_input
 
@@ -127,7 +128,7 @@ class HubReader:
                 if buffered is not None and buffered():
                     loop.run_callback(again[0])  # decrypted bytes no socket event will announce
             except Exception as exc:  # the session ends with it; the hub carries on
-                failure.append(exc)
+                failure.append(detached(exc))
                 watcher.stop()
                 ended.set()
 

@@ -104,6 +104,9 @@ class _Worker:
             finally:
                 self.job = None
                 job._worker = None
+                # a finished job holds nothing of its function: that is often a method of the
+                # session that holds the job (a cycle for the collector otherwise)
+                job.fn, job.args = _finished, ()
                 job._done.set()
                 if job.owner is not None:
                     job.owner._ended(job)
@@ -117,6 +120,10 @@ class _Worker:
 
 
 _parked: dict[Any, list[_Worker]] = {}  # per hub: a worker only ever runs in its own
+
+
+def _finished(*_args: Any) -> None:
+    """What a job that has run holds in place of its function."""
 
 
 def run(fn: Callable[..., Any], *args: Any) -> Job:

@@ -39,6 +39,7 @@ from typing import Any, Protocol
 import gevent
 from gevent import socket
 
+from ..errors import detached
 from ..net.lightsock import PLAIN
 from ..net.sockopt import send_all
 from . import runners, tcphub
@@ -220,9 +221,9 @@ def _pump(
         else:
             _copy_stream(src, dst, acct, idx, limiter, sess, chunk)
     except (OSError, IdleTimeout) as exc:
-        return exc
+        return detached(exc)  # kept by the caller: not with the frames that raised it
     except Exception as exc:  # e.g. a TLS error from a wrapper: end the session, log upstream
-        return exc
+        return detached(exc)
     try:
         dst.shutdown(socket.SHUT_WR)
     except OSError:

@@ -28,6 +28,7 @@ from gevent import socket
 from gevent.hub import Waiter
 from greenlet import GreenletExit
 
+from ..errors import detached
 from ..net.lightsock import PLAIN
 from . import runners, tcp  # tcp imports this module too: its names are used at call time only
 
@@ -138,7 +139,7 @@ class _HubRelay:
 
     def fail(self, exc: BaseException) -> None:
         if self.failure is None:
-            self.failure = exc
+            self.failure = detached(exc)
         for d in self.dirs:
             d.watcher.stop()
             d.open = False
@@ -158,7 +159,7 @@ class _HubRelay:
             if rest:
                 d.dst.sendall(rest)
         except OSError as exc:
-            err = exc
+            err = detached(exc)
         else:
             err = tcp._pump(d.src, d.dst, self.acct, d.idx, None, None, self.chunk, self.can_splice)
         loop = self.hub.loop

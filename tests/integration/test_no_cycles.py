@@ -1,0 +1,140 @@
+"""Ordinary and rude traffic through in-process instances leaves nothing of npgevent to the
+cyclic garbage collector: each session's objects go by reference counting when it ends.
+
+Reference cycles per session (a callback that was a method of the object holding it, a
+closure naming itself, a kept exception whose traceback's frames hold its keeper, a job
+holding its session's method) made the collector's full passes stall the hub for 25-130 ms
+under connection bursts, UDP source churn and resets (bench/README.md, twentieth pass).  The
+collector is off during the traffic; afterwards one pass with ``DEBUG_SAVEALL`` lists what
+only it could have freed, and no object of an npgevent class may be among it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import gc
+import os
+import socket as stdsocket
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import gevent
+import pytest
+from gevent import socket
+from helpers import (
+    EchoPair,
+    echo_exact,
+    echo_roundtrip,
+    free_port,
+    in_process,
+    sha_transfer,
+    tunnel_urls,
+    udp_socket,
+    wait_pool,
+    wait_until,
+)
+
+pytestmark = pytest.mark.timeout(90)
+
+IDLE = "300ms"  # UDP sessions end this long after their last datagram
+
+
+@contextlib.contextmanager
+def _path(name: str) -> Iterator[tuple[int, int | None, bool, list[Any]]]:
+    """(user port, tunnel port or None, QUIC?, runners) for *name*."""
+    echo = EchoPair()
+    port = free_port()
+    try:
+        if name == "forward":
+            with in_process("client://127.0.0.1:%d/127.0.0.1:%d" % (port, echo.port),
+                            udp_read_timeout=IDLE) as r:
+                yield port, None, False, [r]
+            return
+        quic = name == "quic"
+        tport = free_port()
+        server_url, client_url = tunnel_urls("rev", "0" if name == "tls0" else "1", tport, port, echo.port,
+                                             extra_server="&quic=1" if quic else "")
+        with in_process(server_url, udp_read_timeout=IDLE) as s, in_process(client_url, udp_read_timeout=IDLE) as c:
+            wait_pool(lambda: s.core.pool.active, 2)
+            yield port, tport, quic, [s, c]
+    finally:
+        echo.close()
+
+
+def _reset(port: int) -> None:
+    """Send, then abort with an RST while the relay may still be moving the bytes."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(os.urandom(30000))
+    s.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+
+
+def _stranger(tunnel_port: int, quic: bool) -> None:
+    """Random bytes to the tunnel port from someone who is not the client."""
+    try:
+        if quic:
+            sock = udp_socket()
+            for n in (1, 40, 1200):
+                sock.sendto(os.urandom(n), ("127.0.0.1", tunnel_port))
+            sock.close()
+        else:
+            with socket.create_connection(("127.0.0.1", tunnel_port), timeout=5) as s:
+                s.sendall(os.urandom(300))
+                s.settimeout(2)
+                while s.recv(4096):
+                    pass
+    except OSError:
+        pass
+
+
+def _udp_once(port: int) -> None:
+    sock = udp_socket(timeout=5)
+    try:
+        payload = os.urandom(200)
+        sock.sendto(payload, ("127.0.0.1", port))
+        assert sock.recv(1000) == payload
+    finally:
+        sock.close()
+
+
+def _traffic(port: int, tunnel_port: int | None, quic: bool) -> None:
+    jobs = [gevent.spawn(sha_transfer, port, 1 << 20)]
+    jobs += [gevent.spawn(_udp_once, port) for _ in range(10)]
+    if tunnel_port is not None:
+        jobs += [gevent.spawn(_stranger, tunnel_port, quic) for _ in range(3)]
+    for i in range(40):
+        payload = os.urandom(1 + i * 97)
+        if i % 4 == 0:
+            assert echo_roundtrip(port, payload) == payload  # half-close
+        elif i % 4 == 1:
+            _reset(port)
+        elif i % 4 == 2:
+            socket.create_connection(("127.0.0.1", port), timeout=10).close()  # silent
+        else:
+            assert echo_exact(port, payload) == payload
+    gevent.joinall(jobs, raise_error=True)
+
+
+@pytest.mark.parametrize("name", ["forward", "tls0", "tls1", "quic"])
+def test_sessions_leave_nothing_to_the_collector(name: str) -> None:
+    with _path(name) as (port, tunnel_port, quic, runners):
+        _traffic(port, tunnel_port, quic)  # warm: pools, parked workers, first-use imports
+        gc.collect()
+        gc.disable()
+        try:
+            _traffic(port, tunnel_port, quic)
+            wait_until(lambda: all(r.inst.slots.tcp == 0 and r.inst.slots.udp == 0 for r in runners),
+                       timeout=20, what="every session ended")
+            gevent.sleep(0.2)  # the hub drops what it held for the last callbacks
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            try:
+                gc.collect()
+                ours = [o for o in gc.garbage if type(o).__module__.startswith("npgevent")]
+            finally:
+                gc.set_debug(0)
+                gc.garbage.clear()
+        finally:
+            gc.enable()
+        assert not ours, collections.Counter(type(o).__qualname__ for o in ours).most_common(10)
