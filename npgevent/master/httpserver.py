@@ -85,6 +85,17 @@ class ApiHandler(WSGIHandler):
                                     % (format_addr(self.client_address), str(ex)[:200] or type(ex).__name__))
         return ("400", _BAD_REQUEST)
 
+    def handle(self) -> None:
+        try:
+            super().handle()
+        finally:
+            # the last request's environ holds its input, which holds this handler: no cycle
+            # left for the collector, per connection anyone can open
+            env: Any = self.__dict__.pop("environ", None)
+            own = env.get("wsgi.input") if isinstance(env, dict) else None
+            if isinstance(own, _Input):
+                own.handler = None
+
     def get_environ(self) -> dict[str, Any]:
         env: dict[str, Any] = super().get_environ()
         src: Any = getattr(self, "wsgi_input", None)

@@ -28,6 +28,7 @@ from helpers import (
     echo_exact,
     echo_roundtrip,
     free_port,
+    http,
     in_process,
     sha_transfer,
     tunnel_urls,
@@ -128,6 +129,35 @@ def test_sessions_leave_nothing_to_the_collector(name: str) -> None:
             wait_until(lambda: all(r.inst.slots.tcp == 0 and r.inst.slots.udp == 0 for r in runners),
                        timeout=20, what="every session ended")
             gevent.sleep(0.2)  # the hub drops what it held for the last callbacks
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            try:
+                gc.collect()
+                ours = [o for o in gc.garbage if type(o).__module__.startswith("npgevent")]
+            finally:
+                gc.set_debug(0)
+                gc.garbage.clear()
+        finally:
+            gc.enable()
+        assert not ours, collections.Counter(type(o).__qualname__ for o in ours).most_common(10)
+
+
+def test_master_requests_leave_nothing_to_the_collector(tmp_path) -> None:
+    """The master's API, which anyone who reaches its port can send requests: each
+    connection's handler, its request and its input go when the connection ends."""
+    port = free_port()
+    with in_process("master://127.0.0.1:%d/api?log=warn" % port, state_dir=str(tmp_path)):
+        def rounds() -> None:
+            for _ in range(10):
+                assert http("GET", port, "/api/v1/instances").status == 401  # no key
+                http("POST", port, "/api/v1/instances", body=b"{not json")
+                http("GET", port, "/api/v1/openapi.json")
+
+        rounds()  # warm
+        gc.collect()
+        gc.disable()
+        try:
+            rounds()
+            gevent.sleep(0.2)
             gc.set_debug(gc.DEBUG_SAVEALL)
             try:
                 gc.collect()
