@@ -16,6 +16,7 @@ import re
 import signal
 import sys
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -216,6 +217,42 @@ class NowaitStream:
             return self.sock._sock.send(data)
         except BlockingIOError:
             return 0
+
+
+def track_instances(monkeypatch: Any, cls: type) -> list[Any]:
+    """Weak references to every *cls* object made from now on (its ``__init__`` patched)."""
+    made: list[Any] = []
+    real_init = cls.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
+        made.append(weakref.ref(self))
+
+    monkeypatch.setattr(cls, "__init__", init)
+    return made
+
+
+@contextlib.contextmanager
+def left_to_the_collector() -> Iterator[list[Any]]:
+    """Run the block with the cyclic garbage collector off; then the list holds the objects of
+    npgevent classes that only the collector could have freed (reference cycles)."""
+    import gc
+
+    gc.collect()
+    gc.disable()
+    found: list[Any] = []
+    try:
+        yield found
+        gevent.sleep(0.2)  # the hub drops what it held for the last callbacks
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            gc.collect()
+            found += [o for o in gc.garbage if type(o).__module__.startswith("npgevent")]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+    finally:
+        gc.enable()
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:

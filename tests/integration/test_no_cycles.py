@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import gc
 import os
 import socket as stdsocket
 import struct
@@ -30,6 +29,7 @@ from helpers import (
     free_port,
     http,
     in_process,
+    left_to_the_collector,
     sha_transfer,
     tunnel_urls,
     udp_socket,
@@ -122,23 +122,11 @@ def _traffic(port: int, tunnel_port: int | None, quic: bool) -> None:
 def test_sessions_leave_nothing_to_the_collector(name: str) -> None:
     with _path(name) as (port, tunnel_port, quic, runners):
         _traffic(port, tunnel_port, quic)  # warm: pools, parked workers, first-use imports
-        gc.collect()
-        gc.disable()
-        try:
+        with left_to_the_collector() as ours:
             _traffic(port, tunnel_port, quic)
             wait_until(lambda: all(r.inst.slots.tcp == 0 and r.inst.slots.udp == 0 for r in runners),
                        timeout=20, what="every session ended")
-            gevent.sleep(0.2)  # the hub drops what it held for the last callbacks
-            gc.set_debug(gc.DEBUG_SAVEALL)
-            try:
-                gc.collect()
-                ours = [o for o in gc.garbage if type(o).__module__.startswith("npgevent")]
-            finally:
-                gc.set_debug(0)
-                gc.garbage.clear()
-        finally:
-            gc.enable()
-        assert not ours, collections.Counter(type(o).__qualname__ for o in ours).most_common(10)
+        assert not ours, _classes(ours)
 
 
 def test_master_requests_leave_nothing_to_the_collector(tmp_path) -> None:
@@ -153,18 +141,10 @@ def test_master_requests_leave_nothing_to_the_collector(tmp_path) -> None:
                 http("GET", port, "/api/v1/openapi.json")
 
         rounds()  # warm
-        gc.collect()
-        gc.disable()
-        try:
+        with left_to_the_collector() as ours:
             rounds()
-            gevent.sleep(0.2)
-            gc.set_debug(gc.DEBUG_SAVEALL)
-            try:
-                gc.collect()
-                ours = [o for o in gc.garbage if type(o).__module__.startswith("npgevent")]
-            finally:
-                gc.set_debug(0)
-                gc.garbage.clear()
-        finally:
-            gc.enable()
-        assert not ours, collections.Counter(type(o).__qualname__ for o in ours).most_common(10)
+        assert not ours, _classes(ours)
+
+
+def _classes(objects: list[Any]) -> list[tuple[str, int]]:
+    return collections.Counter(type(o).__qualname__ for o in objects).most_common(10)

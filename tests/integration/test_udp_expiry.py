@@ -8,7 +8,16 @@ import time
 import gevent
 import pytest
 from gevent import socket
-from helpers import EchoPair, _BigDatagramServer, free_port, in_process, tunnel_urls, udp_socket, wait_pool
+from helpers import (
+    EchoPair,
+    _BigDatagramServer,
+    free_port,
+    in_process,
+    track_instances,
+    tunnel_urls,
+    udp_socket,
+    wait_pool,
+)
 
 pytestmark = pytest.mark.timeout(60)
 IDLE = 2.0
@@ -86,18 +95,10 @@ def test_an_ended_session_is_freed_at_once(where, monkeypatch):
     session's objects go when it ends, not at the collector's next pass, which under a churn of
     source addresses ran for 90-130 ms at a time (bench/README.md, twentieth pass)."""
     import gc
-    import weakref
 
     from npgevent.relay import udp as udpmod
 
-    made: list = []
-    real_init = udpmod.UdpSession.__init__
-
-    def init(self, *args):
-        real_init(self, *args)
-        made.append(weakref.ref(self))
-
-    monkeypatch.setattr(udpmod.UdpSession, "__init__", init)
+    made = track_instances(monkeypatch, udpmod.UdpSession)
     echo = EchoPair()
     port = free_port()
     try:

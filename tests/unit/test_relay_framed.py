@@ -14,7 +14,7 @@ import gevent
 import gevent.event
 import pytest
 from gevent import socket
-from helpers import NowaitStream, read_frames, tcp_pair
+from helpers import NowaitStream, read_frames, tcp_pair, track_instances
 
 from npgevent.log import InstanceLog
 from npgevent.pool.base import Adaptive
@@ -420,18 +420,10 @@ def test_hub_a_finished_session_is_freed_at_once(hub_ends, bulk, monkeypatch):
     TLS sessions a second left as cyclic garbage made the collector's full passes stall the
     hub for 25-35 ms (bench/README.md, twentieth pass)."""
     import gc
-    import weakref
 
     from npgevent.relay import framedhub
 
-    made: list = []
-    real_init = framedhub.Phase.__init__
-
-    def init(self, *args):
-        real_init(self, *args)
-        made.append(weakref.ref(self))
-
-    monkeypatch.setattr(framedhub.Phase, "__init__", init)
+    made = track_instances(monkeypatch, framedhub.Phase)
     peer, pool_sock, user, local = hub_ends
     gc.collect()
     gc.disable()

@@ -10,7 +10,7 @@ import struct
 import gevent
 import pytest
 from gevent import socket
-from helpers import recv_all, tcp_pair, upload
+from helpers import recv_all, tcp_pair, track_instances, upload
 
 from npgevent.relay import runners, tcphub
 from npgevent.relay.limit import RateLimiter
@@ -210,16 +210,8 @@ def test_a_finished_relay_is_freed_at_once(pairs, monkeypatch):
     """No reference cycle outlives a session: its objects go with their last reference, not
     at the garbage collector's next pass (thousands of sessions a second)."""
     import gc
-    import weakref
 
-    made = []
-    real_init = tcphub._HubRelay.__init__
-
-    def init(self, *args):
-        real_init(self, *args)
-        made.append(weakref.ref(self))
-
-    monkeypatch.setattr(tcphub._HubRelay, "__init__", init)
+    made = track_instances(monkeypatch, tcphub._HubRelay)
     user_near, user_far, target_near, target_far = pairs
     gc.disable()
     try:
