@@ -83,7 +83,6 @@ class FramedSession(runners.Detached):
         self._pumped = True
 
     def _ended(self, job: Any) -> None:  # the pumps' job ended (on its worker), run or not
-        self.job = None  # it holds this session (its function and owner): no cycle left
         if not self._pumped:
             self.st.broke(GreenletExit())
         self._finish()

@@ -104,13 +104,14 @@ class _Worker:
             finally:
                 self.job = None
                 job._worker = None
-                # a finished job holds nothing of its function: that is often a method of the
-                # session that holds the job (a cycle for the collector otherwise)
+                # a finished job holds nothing of its function or owner: often a session that
+                # holds the job (a cycle for the collector otherwise)
                 job.fn, job.args = _finished, ()
+                owner, job.owner = job.owner, None
                 job._done.set()
-                if job.owner is not None:
-                    job.owner._ended(job)
-            job = None  # a parked worker holds nothing of its last job (its session's objects)
+                if owner is not None:
+                    owner._ended(job)
+            job = owner = None  # a parked worker holds nothing of its last job (its session's objects)
             parked = _parked.setdefault(self.hub, [])
             if len(parked) >= KEEP:
                 return
