@@ -17,9 +17,9 @@ from typing import Any, Literal
 
 from gevent import socket
 from gevent.socket import wait_read, wait_write
-from OpenSSL import SSL
 
 from .certs import fingerprint
+from .pyopenssl import SSL
 from .sockopt import has_input, peek
 from .tlsctx import reason
 from .tlsio import RecordIO

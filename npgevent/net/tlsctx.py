@@ -19,10 +19,10 @@ import time
 from typing import Any
 
 from cryptography import x509
-from OpenSSL import SSL
 
 from ..log import InstanceLog
 from .certs import common_name, fingerprint, load_pem_pair, self_signed
+from .pyopenssl import SSL
 
 
 def _base_context() -> SSL.Context:

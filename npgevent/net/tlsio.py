@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from OpenSSL import SSL
+from .pyopenssl import SSL
 
 #: the largest read served from the scratch buffer (a relay reads 64 KiB at most)
 SCRATCH_SIZE = 1 << 16
