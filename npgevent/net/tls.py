@@ -24,6 +24,8 @@ from .sockopt import has_input, peek
 from .tlsctx import reason
 from .tlsio import RecordIO
 
+MAX_RECORD = 16384  # the most plaintext one TLS record carries (RFC 8446 5.1)
+
 
 class TLSError(OSError):
     """A TLS handshake or record failure, as one readable line."""
@@ -143,8 +145,8 @@ class TLSStream:
             if not got:
                 break
             n += got
-            if self.drained():
-                break
+            if got < MAX_RECORD and self.drained():
+                break  # after a full record, more usually follows: read on (a miss is WantRead)
         return n
 
     def recv(self, n: int) -> bytes:

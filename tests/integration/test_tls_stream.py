@@ -108,6 +108,52 @@ def test_recv_and_recv_into_wait_first_instead_of_failing_a_read(pair):
     assert counting.reads > 3  # the reads went through the counted reader
 
 
+def test_bulk_records_are_gathered_without_asking_the_socket_after_each_full_one(pair, monkeypatch):
+    """After a full record (16 KiB of plaintext) more usually follows: recv_into reads on
+    instead of asking the socket (FIONREAD, a syscall) whether anything is there.  Four full
+    records and a short one: one read, at most two questions (before the first record, after
+    the short one)."""
+    from npgevent.net import tls
+
+    server, client, counting = pair
+    asked: list[int] = []
+
+    def has_input(fd: int) -> bool:
+        asked.append(fd)
+        return real(fd)
+
+    real = tls.has_input
+    monkeypatch.setattr(tls, "has_input", has_input)
+    payload = bytes(range(256)) * (4 * 64) + b"tail"  # 4 x 16 KiB + 4 bytes
+    server.sendall(payload)
+    gevent.sleep(0.05)
+    buf = bytearray(1 << 17)
+    n = client.recv_into(buf)
+    assert bytes(buf[:n]) == payload
+    assert len(asked) <= 2
+    assert counting.empty_reads == 0
+
+
+def test_a_burst_that_ends_on_a_full_record_is_returned_at_once(pair):
+    """Exactly two full records and nothing after them: the read that finds nothing ends the
+    gathering (WantRead after bytes were read), it does not wait, and the next data comes
+    through."""
+    server, client, counting = pair
+    payload = b"r" * (2 * 16384)
+    server.sendall(payload)
+    gevent.sleep(0.05)
+    buf = bytearray(1 << 17)
+    with gevent.Timeout(2):
+        n = client.recv_into(buf)
+    assert n == len(payload) and bytes(buf[:n]) == payload
+    assert counting.empty_reads <= 1
+    sender = _later(server, b"next")
+    with gevent.Timeout(2):
+        n = client.recv_into(buf)
+    sender.join()
+    assert bytes(buf[:n]) == b"next"
+
+
 def test_close_notify_met_while_gathering_records_is_the_next_reads_eof(pair):
     """The peer's data and its close_notify arrive together, and the peer keeps the TCP
     connection open (a half-close through a tunnel): recv_into meets the close_notify while
