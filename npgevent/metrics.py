@@ -163,7 +163,7 @@ def udp_drops(core: Any) -> dict[str, int]:
     table = getattr(getattr(core, "listeners", None), "table", None)
     if table is None:
         return {"slot_limit": 0, "session_backlog": 0, "socket_buffer": 0}
-    from .relay.udp import kernel_drops
+    from .relay.udplistener import kernel_drops
 
     return {"slot_limit": table.total_slot_drops, "session_backlog": table.total_backlog_drops,
             "socket_buffer": kernel_drops(table.inode) + table.total_send_drops}

@@ -17,7 +17,7 @@ from gevent.event import Event
 from ..net.sockopt import can_write_nowait, format_addr, send_all, write_nowait
 from ..pool.tcp import PoolConn
 from ..protocol.signals import Launch
-from ..protocol.udpframe import Deframer, frame
+from ..protocol.udpframe import Deframer, FrameBatch, frame
 from ..relay.hubread import HubReader
 from ..relay.stats import UDP_RX, UDP_TX
 from ..relay.udp import MAX_DATAGRAM, SessionTable, UdpSession
@@ -60,17 +60,39 @@ def udp_exchange(core: TunnelCore, conn: PoolConn, usock: socket.socket) -> None
     def down() -> None:  # target -> pool
         if limiter is None and can_write_nowait(stream):
             # from hub callbacks, down to this greenlet only to finish a write cut short
-            def deliver(data: bytes) -> None:
-                last[0] = time.monotonic()
-                acct[UDP_RX] += len(data)
-                payload = frame(data) if framed else data
+            def write(payload: bytes) -> None:
                 written = write_nowait(stream, payload)
                 if written != len(payload):
                     raise _CutShort(payload[written or 0:])
 
+            def deliver(data: bytes) -> None:  # raw (a Go peer): each write is one datagram
+                last[0] = time.monotonic()
+                acct[UDP_RX] += len(data)
+                write(data)
+
+            batch = FrameBatch()
+
+            def gather(data: bytes, more: bool) -> None:  # framed: one write per wake-up (flush)
+                last[0] = time.monotonic()
+                acct[UDP_RX] += len(data)
+                if not more and not batch.size:  # a lone datagram (the reader stops here): at once
+                    payload = frame(data)
+                    written = write_nowait(stream, payload)
+                    if written != len(payload):
+                        raise _CutShort(payload[written or 0:])
+                elif batch.add(data):
+                    write(batch.take())
+
+            def flush() -> None:
+                if batch.size:
+                    write(batch.take())
+
             while True:
                 try:
-                    HubReader(usock, deliver, MAX_DATAGRAM, datagrams=True).serve()
+                    if framed:
+                        HubReader(usock, gather, MAX_DATAGRAM, datagrams=True, flush=flush).serve()
+                    else:
+                        HubReader(usock, deliver, MAX_DATAGRAM, datagrams=True).serve()
                     return
                 except _CutShort as cut:
                     send_all(stream, cut.rest)
@@ -150,6 +172,7 @@ class TunnelUdpSession(UdpSession):
         self.conn: PoolConn | None = None
         self.framed = core.npg >= 1
         self.deframer = Deframer() if self.framed else None
+        self.batch = FrameBatch()  # framed datagrams of this listener wake-up, for one write
         self.queue: list[bytes] = []
         self.unanswered: list[bytes] | None = []  # None once answered
         self.relaunch = False
@@ -199,6 +222,15 @@ class TunnelUdpSession(UdpSession):
         if self.core.inst.limiter is not None:
             return (True, data)  # shaping may have to wait: the writer greenlet does it
         assert self.conn is not None
+        batch, listener = self.batch, self.table.listener
+        if (self.framed and (batch.size or (listener is not None and listener.more_queued))
+                and can_write_nowait(self.conn.stream)):
+            # another datagram is queued: gather, and the listener's wake-up ends with one
+            # write of all of them (flush); a lone datagram is written at once, as below
+            self._sent(data)
+            if not batch.size:
+                self.table.gathered(self)
+            return self.write_gathered() if batch.add(data) else None
         payload = frame(data) if self.framed else data
         written = write_nowait(self.conn.stream, payload)
         if written is None:
@@ -209,6 +241,15 @@ class TunnelUdpSession(UdpSession):
     def write_rest(self, rest: bytes) -> None:
         assert self.conn is not None
         send_all(self.conn.stream, rest)
+
+    def write_gathered(self) -> tuple[bool, bytes] | None:
+        if not self.batch.size or self.conn is None:
+            return None
+        payload = self.batch.take()
+        written = write_nowait(self.conn.stream, payload)
+        if written == len(payload):
+            return None
+        return (False, payload[written or 0:])  # the writer greenlet finishes it
 
     def _write(self, data: bytes) -> None:
         assert self.conn is not None

@@ -16,6 +16,7 @@ from ..errors import LocalProtocolError
 
 MAX_DATAGRAM = 0xFFFF
 _LEN = struct.Struct("!H")
+BATCH_BYTES = 16384  # a batch this large is written at once: one full TLS record
 
 
 def frame(datagram: bytes) -> bytes:
@@ -23,6 +24,36 @@ def frame(datagram: bytes) -> bytes:
     if len(datagram) > MAX_DATAGRAM:
         raise LocalProtocolError("datagram of %d bytes is too large to frame" % len(datagram))
     return _LEN.pack(len(datagram)) + datagram
+
+
+class FrameBatch:
+    """Framed datagrams gathered for one write on a pool connection: what one wake-up of a
+    reader delivers goes out in one ``send`` (one TLS record up to 16 KiB) instead of one per
+    datagram.  :meth:`add` says when the batch has reached :data:`BATCH_BYTES` (write it
+    then: a batch holds at most that plus one datagram); :meth:`take` empties it."""
+
+    __slots__ = ("_parts", "size")
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self.size = 0  # bytes framed and not yet taken
+
+    def add(self, datagram: bytes) -> bool:
+        """Frame *datagram* into the batch; True once the batch should be written."""
+        if len(datagram) > MAX_DATAGRAM:
+            raise LocalProtocolError("datagram of %d bytes is too large to frame" % len(datagram))
+        self._parts += (_LEN.pack(len(datagram)), datagram)
+        self.size += 2 + len(datagram)
+        return self.size >= BATCH_BYTES
+
+    def take(self) -> bytes:
+        """The framed bytes gathered (``b""`` if none), in order; the batch is empty after."""
+        if not self._parts:
+            return b""
+        out = b"".join(self._parts)
+        self._parts.clear()
+        self.size = 0
+        return out
 
 
 class Deframer:

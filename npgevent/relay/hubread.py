@@ -16,7 +16,12 @@ A callback reads at most :data:`READS_PER_WAKEUP` chunks, so a flooding peer can
 hub; what is left on the socket wakes the watcher again (level-triggered), and what a TLS
 stream already decrypted (which no socket event announces) is taken up by a follow-up
 callback.  It stops without the read that would fail (a syscall and an exception) where it
-can tell that nothing is left (:func:`drain_check`).
+can tell that nothing is left (:func:`drain_check`).  *flush*, if given, is called at the
+end of every wake-up, after its last *deliver*, and *deliver* then takes a second argument:
+whether the reader may read on after this chunk (nothing told it the stream is drained).  A
+deliver that gathers (framed datagrams for one write,
+:class:`~npgevent.protocol.udpframe.FrameBatch`) writes a lone chunk at once and the rest in
+*flush*.
 """
 
 from __future__ import annotations
@@ -75,8 +80,8 @@ class HubReader:
     and an ICMP "port unreachable" from the target is skipped, as the greenlet path does).
     """
 
-    def __init__(self, stream: Any, deliver: Callable[[bytes], None], size: int,
-                 datagrams: bool = False) -> None:
+    def __init__(self, stream: Any, deliver: Callable[..., None], size: int,
+                 datagrams: bool = False, flush: Callable[[], None] | None = None) -> None:
         read = nowait_reader(stream)
         if read is None:
             raise ValueError("%s can't be read from the hub" % type(stream).__name__)
@@ -85,6 +90,7 @@ class HubReader:
         self._deliver = deliver
         self._size = size
         self._datagrams = datagrams
+        self._flush = flush
 
     @staticmethod
     def supports(stream: Any) -> bool:
@@ -99,34 +105,50 @@ class HubReader:
         failure: list[Exception] = []
         watcher = loop.io(self._stream.fileno(), 1)
         read, deliver, size, datagrams = self._read, self._deliver, self._size, self._datagrams
+        flush = self._flush
         buffered = getattr(self._stream, "has_buffered", None)
         drained = drain_check(self._stream, size, datagrams)
         # the follow-up callback (itself), through a list emptied at the end: a function that
         # named itself would be a cycle holding the session until the collector's next pass
         again: list[Callable[[], None]] = []
 
+        def wakeup() -> None:
+            for _ in range(READS_PER_WAKEUP):
+                try:
+                    data = read(size)
+                except ConnectionRefusedError:
+                    if datagrams:
+                        continue
+                    raise
+                if data is None:
+                    return
+                if not data and not datagrams:
+                    watcher.stop()
+                    ended.set()
+                    return
+                if flush is None:
+                    deliver(data)
+                    if drained is not None and drained(data):
+                        return
+                    continue
+                end = drained is not None and drained(data)
+                deliver(data, not end)  # with flush: (data, more)
+                if end:
+                    return
+            if buffered is not None and buffered():
+                loop.run_callback(again[0])  # decrypted bytes no socket event will announce
+
         def readable() -> None:
             if ended.is_set():
                 return
             try:
-                for _ in range(READS_PER_WAKEUP):
-                    try:
-                        data = read(size)
-                    except ConnectionRefusedError:
-                        if datagrams:
-                            continue
-                        raise
-                    if data is None:
-                        return
-                    if not data and not datagrams:
-                        watcher.stop()
-                        ended.set()
-                        return
-                    deliver(data)
-                    if drained is not None and drained(data):
-                        return
-                if buffered is not None and buffered():
-                    loop.run_callback(again[0])  # decrypted bytes no socket event will announce
+                if flush is None:
+                    wakeup()
+                    return
+                try:
+                    wakeup()
+                finally:
+                    flush()  # what this wake-up delivered, in one write (even if a read failed)
             except Exception as exc:  # the session ends with it; the hub carries on
                 failure.append(detached(exc))
                 watcher.stop()

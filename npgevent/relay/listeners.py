@@ -26,7 +26,8 @@ from ..net.sockopt import format_addr, listen_tcp, listen_udp
 from ..settings import Options
 from ..url import HostPort
 from .limit import Slots
-from .udp import SessionTable, UdpListener, UdpSession
+from .udp import SessionTable, UdpSession
+from .udplistener import UdpListener
 
 
 class _TcpServer(lightsock.LightStreamServer):

@@ -1,8 +1,4 @@
-"""UDP: a datagram listener with one session per user address.
-
-:class:`UdpListener` is a gevent ``DatagramServer`` that reads datagrams of up
-to 64 KiB (gevent's default is 8 KiB) and hands each to its owner in the
-reading greenlet itself (``spawn=None``: no greenlet per datagram, order kept).
+"""UDP: one session per user address, behind a :class:`~npgevent.relay.udplistener.UdpListener`.
 
 :class:`SessionTable` keys sessions by the user's ``ip:port``.  A new address
 gets a session whose *opener* runs in its own greenlet (dialling a target or
@@ -19,79 +15,22 @@ from __future__ import annotations
 
 import collections
 import os
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import gevent
 from gevent import socket
-from gevent.server import DatagramServer
 
 from ..log import DEBUG, ERROR, InstanceLog
 from ..net.dial import Dialer
-from ..net.sockopt import format_addr, has_input
+from ..net.sockopt import format_addr
 from .hubread import HubReader
 from .limit import RateLimiter, Slots
 from .stats import UDP_RX, UDP_TX
+from .udplistener import MAX_DATAGRAM, UdpListener, kernel_drops
 
-MAX_DATAGRAM = 65535
 BACKLOG = 256
-
-
-class UdpListener(DatagramServer):
-    """A DatagramServer reading full-size datagrams, handled inline.
-
-    gevent reads until a read fails (a syscall and an exception per wake-up); this one stops
-    when no other datagram is queued (:func:`~npgevent.net.sockopt.has_input`).
-    """
-
-    def __init__(self, sock: socket.socket, handle: Callable[[bytes, Any], None]) -> None:
-        super().__init__(sock, handle=handle, spawn=None)
-        self._recvfrom = sock._sock.recvfrom  # non-blocking stdlib socket under the gevent one
-        self._fd = sock.fileno()
-        self._drained = False
-
-    def do_read(self) -> tuple[bytes, Any] | None:
-        if self._drained:  # the last read took the last datagram: back to the loop
-            self._drained = False
-            return None
-        try:
-            data, addr = self._recvfrom(MAX_DATAGRAM)
-        except BlockingIOError:
-            return None
-        except ConnectionRefusedError:
-            return None  # ICMP from an earlier sendto: not fatal for a listener
-        try:
-            self._drained = not has_input(self._fd)
-        except OSError:
-            pass  # read on: the next read reports what is wrong
-        return data, addr
-
-    def do_handle(self, *args: Any) -> None:
-        self._handle(*args)  # inline: gevent's wrapper would also call do_close (a no-op) per datagram
-
-    def _do_read(self) -> None:
-        """The watcher's callback.  gevent's loop asks ``full()``, resets its error back-off and
-        goes through :meth:`do_handle` for every datagram, and calls :meth:`do_read` once more
-        after the last; this one reads, handles and stops where the socket is drained.  A read
-        error goes to gevent's loop, which reports it and backs off (or closes, if fatal)."""
-        handle = self._handle
-        for _ in range(self.max_accept):
-            try:
-                got = self.do_read()
-            except OSError:
-                super()._do_read()
-                return
-            if got is None:
-                return
-            try:
-                handle(*got)
-            except Exception:  # a bug: reported, and the listener carries on
-                self.loop.handle_error((got[1], self), *sys.exc_info())
-            if self._drained:
-                self._drained = False
-                return
 
 
 class UdpSession:
@@ -138,6 +77,12 @@ class UdpSession:
         """Finish a write that :meth:`send_nowait` cut short (may block: the writer's)."""
         raise NotImplementedError
 
+    def write_gathered(self) -> tuple[bool, bytes] | None:
+        """Write, without waiting, what :meth:`send_nowait` gathered during this listener
+        wake-up instead of writing it (after :meth:`SessionTable.gathered`); the result as
+        :meth:`send_nowait`'s.  Nothing is gathered by default."""
+        return None
+
     def read_in_hub(self) -> bool:
         """Serve the far end from hub callbacks until the session ends (then True), or False:
         read one datagram with :meth:`recv` in this greenlet, then ask again."""
@@ -158,6 +103,19 @@ class UdpSession:
             return
         try:
             todo = self.send_nowait(data)
+        except OSError as exc:
+            self.table.log.debug("UDP send failed for %s: %s", format_addr(self.addr), exc)
+            self.stop()
+            return
+        if todo is not None:
+            self._queue(todo)
+
+    def flush(self) -> None:
+        """The end of a listener wake-up in which this session gathered datagrams."""
+        if self.closed:
+            return
+        try:
+            todo = self.write_gathered()
         except OSError as exc:
             self.table.log.debug("UDP send failed for %s: %s", format_addr(self.addr), exc)
             self.stop()
@@ -279,6 +237,7 @@ class SessionTable:
         self.total_slot_drops = self.total_backlog_drops = self.total_send_drops = 0  # (metrics)
         self._kernel_drops = 0
         self.inode = 0
+        self._gathered: list[UdpSession] = []  # sessions to flush at this wake-up's end
 
     def attach(self, sock: socket.socket) -> UdpListener:
         try:
@@ -287,8 +246,19 @@ class SessionTable:
             self.inode = 0
         if self.log.enabled(DEBUG):  # the drop summary is a DEBUG line: no /proc scan otherwise
             self._kernel_drops = kernel_drops(self.inode)
-        self.listener = UdpListener(sock, self.on_datagram)
+        self.listener = UdpListener(sock, self.on_datagram, self.flush)
         return self.listener
+
+    def gathered(self, session: UdpSession) -> None:
+        """*session* holds datagrams to write at the end of this listener wake-up."""
+        self._gathered.append(session)
+
+    def flush(self) -> None:
+        """The listener's wake-up is over: each session that gathered writes its batch."""
+        if self._gathered:
+            sessions, self._gathered = self._gathered, []
+            for session in sessions:
+                session.flush()
 
     def drops_report(self) -> str:
         """Datagrams dropped since the last report, by cause ('' if none); then reset."""
@@ -338,23 +308,6 @@ class SessionTable:
         for session in sessions:
             session.stop()
         gevent.joinall([s.greenlet for s in sessions if s.greenlet is not None], timeout=1)
-
-
-def kernel_drops(inode: int) -> int:
-    """The kernel's count of datagrams dropped on the socket with *inode* (its receive buffer
-    was full), from /proc/net/udp and udp6; 0 where that is not available."""
-    if not inode:
-        return 0
-    needle = " %d " % inode
-    for name in ("/proc/net/udp", "/proc/net/udp6"):
-        try:
-            with open(name) as fh:
-                for line in fh:
-                    if needle in line:
-                        return int(line.split()[-1])
-        except (OSError, ValueError):
-            continue
-    return 0
 
 
 class UdpTargetSession(UdpSession):

@@ -1,4 +1,4 @@
-"""Readers stop at the read that would fail (npgevent.relay.hubread, npgevent.relay.udp).
+"""Readers stop at the read that would fail (npgevent.relay.hubread, npgevent.relay.udplistener).
 
 A read that finds nothing costs a syscall and an exception (~2.5 us); a UDP round trip through
 a tunnel used to make four of them.  The UDP listener and the hub readers now stop where they
@@ -18,7 +18,7 @@ from gevent import socket
 
 from npgevent.net.sockopt import has_input
 from npgevent.relay.hubread import HubReader
-from npgevent.relay.udp import UdpListener
+from npgevent.relay.udplistener import UdpListener
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -95,6 +95,107 @@ def test_answered_tunnel_udp_session_reads_in_the_hub_at_both_ends(tls, tmp_path
         echo.close()
 
 
+@pytest.mark.parametrize("tls", ["0", "1"])
+def test_a_burst_from_the_target_goes_to_the_pool_in_few_writes(tls, monkeypatch):
+    """The target answers with 64 datagrams at once: the client's exchange reads them in
+    hub wake-ups of up to 16 and writes each wake-up's frames to the pool connection in one
+    write (npgevent.protocol.udpframe.FrameBatch), not one per datagram.  Every datagram
+    reaches the user whole and in order, and is counted."""
+    from gevent.server import DatagramServer
+
+    from npgevent.cores import tunnel_udp
+
+    burst = [b"burst %02d " % i + b"." * (i * 7) for i in range(64)]
+    writes: list[int] = []
+    real = tunnel_udp.write_nowait
+
+    def counted(stream: Any, data: bytes) -> int | None:
+        writes.append(len(data))
+        return real(stream, data)
+
+    def answer(data: bytes, addr: Any) -> None:
+        if data == b"burst":
+            for datagram in burst:  # all queued on the client's socket before it reads
+                target.sendto(datagram, addr)
+        else:
+            target.sendto(data, addr)
+
+    target = DatagramServer(("127.0.0.1", 0), answer)
+    target.start()
+    tport, uport = free_port(), free_port()
+    server_url, client_url = tunnel_urls("rev", tls, tport, uport, target.address[1])
+    try:
+        with in_process(server_url) as s, in_process(client_url) as c:
+            wait_pool(lambda: s.core.pool.active, 4)
+            sock = udp_echoed(uport, b"hello")
+            sock.sendto(b"again", ("127.0.0.1", uport))  # answered: hub mode from here
+            assert sock.recv(100) == b"again"
+            monkeypatch.setattr(tunnel_udp, "write_nowait", counted)
+            sock.sendto(b"burst", ("127.0.0.1", uport))
+            got = [sock.recv(2000) for _ in burst]
+            sock.close()
+            assert got == burst
+            # both ends run here: the server's write of the user's datagram, then the client's
+            assert writes[0] == 2 + len(b"burst")
+            assert 4 <= len(writes[1:]) <= 8  # 64 datagrams in wake-ups of 16 (not 64 writes)
+            assert sum(writes[1:]) == sum(2 + len(d) for d in burst)
+            sent = len(b"hello") + len(b"again") + sum(len(d) for d in burst)
+            assert c.inst.traffic.udp_rx == sent
+    finally:
+        target.close()
+
+
+@pytest.mark.parametrize("tls", ["0", "1"])
+def test_a_burst_from_the_user_goes_to_the_pool_in_few_writes(tls, monkeypatch):
+    """The user sends 64 datagrams at once to the server's UDP listener: its session gathers
+    what one listener wake-up reads (up to gevent's 100 per wake-up, 16 KiB per write) and
+    writes them to the pool connection together.  The target gets every datagram whole and
+    in order."""
+    from gevent.server import DatagramServer
+
+    from npgevent.cores import tunnel_udp
+
+    burst = [b"upload %02d " % i + b"." * (i * 7) for i in range(64)]
+    writes: list[int] = []
+    real = tunnel_udp.write_nowait
+    arrived: list[bytes] = []
+
+    def counted(stream: Any, data: bytes) -> int | None:
+        writes.append(len(data))
+        return real(stream, data)
+
+    def take(data: bytes, addr: Any) -> None:
+        if data in (b"hello", b"again"):
+            target.sendto(data, addr)
+        else:
+            arrived.append(data)
+
+    target = DatagramServer(("127.0.0.1", 0), take)
+    target.start()
+    tport, uport = free_port(), free_port()
+    server_url, client_url = tunnel_urls("rev", tls, tport, uport, target.address[1])
+    try:
+        with in_process(server_url) as s, in_process(client_url):
+            wait_pool(lambda: s.core.pool.active, 4)
+            sock = udp_echoed(uport, b"hello")
+            sock.sendto(b"again", ("127.0.0.1", uport))
+            assert sock.recv(100) == b"again"
+            monkeypatch.setattr(tunnel_udp, "write_nowait", counted)
+            for datagram in burst:  # all queued on the listener's socket before it reads
+                sock.sendto(datagram, ("127.0.0.1", uport))
+            deadline = time.monotonic() + 5
+            while len(arrived) < len(burst) and time.monotonic() < deadline:
+                gevent.sleep(0.01)
+            sock.close()
+            assert arrived == burst
+            assert 1 <= len(writes) <= 8  # not one write per datagram
+            assert sum(writes) == sum(2 + len(d) for d in burst)
+            sent = len(b"hello") + len(b"again") + sum(len(d) for d in burst)
+            assert s.inst.traffic.udp_rx == sent
+    finally:
+        target.close()
+
+
 def test_a_rate_limited_tunnel_session_keeps_its_greenlets():
     """rate= may have to wait, which a hub callback can't."""
     echo = EchoPair()

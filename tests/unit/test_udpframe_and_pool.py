@@ -180,3 +180,31 @@ def test_probes_go_one_at_a_time_while_the_server_does_not_answer():
         pool.close()
     assert 3 <= len(calls) <= 6, calls  # about one a quarter second, not eight an interval
     assert max(calls[1:]) == 1, calls
+
+
+def test_a_frame_batch_is_the_frames_of_its_datagrams_in_order() -> None:
+    from npgevent.protocol.udpframe import FrameBatch
+
+    batch = FrameBatch()
+    assert batch.take() == b"" and batch.size == 0
+    datagrams = [b"", b"a", b"bc" * 300, bytes(range(256))]
+    assert not any(batch.add(d) for d in datagrams)
+    assert batch.size == sum(2 + len(d) for d in datagrams)
+    out = batch.take()
+    assert out == b"".join(frame(d) for d in datagrams)
+    assert batch.size == 0 and batch.take() == b""
+    assert Deframer().feed(out) == datagrams
+
+
+def test_a_frame_batch_asks_to_be_written_at_a_full_record_and_refuses_oversize() -> None:
+    from npgevent.protocol.udpframe import BATCH_BYTES, MAX_DATAGRAM, FrameBatch
+
+    batch = FrameBatch()
+    full = [batch.add(b"x" * 998) for _ in range(BATCH_BYTES // 1000)]
+    assert not any(full)  # 16 x 1,000 bytes: just under a record
+    assert batch.add(b"y" * 998)  # this one reaches it: write now
+    assert len(batch.take()) == (BATCH_BYTES // 1000 + 1) * 1000
+    with pytest.raises(LocalProtocolError):
+        batch.add(b"z" * (MAX_DATAGRAM + 1))
+    assert batch.size == 0  # nothing half-added
+    assert batch.add(b"w" * MAX_DATAGRAM)  # the largest datagram alone fills a batch
