@@ -76,10 +76,7 @@ def udp_exchange(core: TunnelCore, conn: PoolConn, usock: socket.socket) -> None
                 last[0] = time.monotonic()
                 acct[UDP_RX] += len(data)
                 if not more and not batch.size:  # a lone datagram (the reader stops here): at once
-                    payload = frame(data)
-                    written = write_nowait(stream, payload)
-                    if written != len(payload):
-                        raise _CutShort(payload[written or 0:])
+                    write(frame(data))
                 elif batch.add(data):
                     write(batch.take())
 

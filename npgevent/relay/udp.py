@@ -101,21 +101,18 @@ class UdpSession:
         if self.pending:  # the writer is at work: keep the order
             self._queue((True, data))
             return
-        try:
-            todo = self.send_nowait(data)
-        except OSError as exc:
-            self.table.log.debug("UDP send failed for %s: %s", format_addr(self.addr), exc)
-            self.stop()
-            return
-        if todo is not None:
-            self._queue(todo)
+        self._nowait(self.send_nowait, data)
 
     def flush(self) -> None:
         """The end of a listener wake-up in which this session gathered datagrams."""
-        if self.closed:
-            return
+        if not self.closed:
+            self._nowait(self.write_gathered)
+
+    def _nowait(self, write: Callable[..., tuple[bool, bytes] | None], *args: bytes) -> None:
+        """A write from the listener's callback: what it leaves goes to the writer greenlet,
+        and a failure ends the session."""
         try:
-            todo = self.write_gathered()
+            todo = write(*args)
         except OSError as exc:
             self.table.log.debug("UDP send failed for %s: %s", format_addr(self.addr), exc)
             self.stop()
