@@ -5,6 +5,8 @@ from __future__ import annotations
 import gevent
 import pytest
 from gevent import socket
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from npgevent.errors import LocalProtocolError
 from npgevent.log import InstanceLog
@@ -208,3 +210,23 @@ def test_a_frame_batch_asks_to_be_written_at_a_full_record_and_refuses_oversize(
         batch.add(b"z" * (MAX_DATAGRAM + 1))
     assert batch.size == 0  # nothing half-added
     assert batch.add(b"w" * MAX_DATAGRAM)  # the largest datagram alone fills a batch
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=20000), max_size=40), st.integers(1, 7))
+def test_batches_written_whenever_full_deframe_to_the_datagrams(datagrams: list[bytes], cut: int) -> None:
+    """Whatever the datagrams, writing a batch whenever it says so (and what is left at the
+    end) gives a stream that deframes to the same datagrams, in order, read in any pieces."""
+    from npgevent.protocol.udpframe import BATCH_BYTES, FrameBatch
+
+    batch, writes = FrameBatch(), []
+    for d in datagrams:
+        if batch.add(d):
+            writes.append(batch.take())
+    writes.append(batch.take())
+    assert all(len(w) < BATCH_BYTES + 2 + 20000 for w in writes)  # bounded: a record + one
+    stream = b"".join(writes)
+    deframer, got = Deframer(), []
+    for i in range(0, len(stream), cut * 997):
+        got += deframer.feed(stream[i : i + cut * 997])
+    assert got == datagrams and deframer.pending == 0
