@@ -4,8 +4,9 @@ On Python < 3.13 pyOpenSSL takes its ``@deprecated`` decorator from ``typing_ext
 whose decorator imports ``asyncio.coroutines`` the first time it wraps a function, to ask
 whether that function is a coroutine function.  Importing ``asyncio.coroutines`` imports the
 whole ``asyncio`` package, and with it the standard ``ssl`` module and the system's libssl:
-~5 MB of RSS in every ``tls=1``/``tls=2`` tunnel end, none of which it uses (its TLS is
-pyOpenSSL's; only the QUIC thread runs an asyncio loop).
+2.6 MB of RSS in every idle ``tls=1``/``tls=2`` tunnel end (bench/README.md, twenty-first
+pass), none of which it uses (its TLS is pyOpenSSL's; only the QUIC thread runs an asyncio
+loop).
 
 :func:`load` imports pyOpenSSL with ``typing_extensions.deprecated`` replaced, for the
 length of that import, by a subclass that wraps plain functions the same way (a warning of
