@@ -95,6 +95,22 @@ def test_answered_tunnel_udp_session_reads_in_the_hub_at_both_ends(tls, tmp_path
         echo.close()
 
 
+def count_pool_writes(monkeypatch: Any) -> list[int]:
+    """From now on, the length of every write a UDP session makes to a pool connection without
+    waiting (npgevent.cores.tunnel_udp.write_nowait), at both ends of an in-process tunnel."""
+    from npgevent.cores import tunnel_udp
+
+    writes: list[int] = []
+    real = tunnel_udp.write_nowait
+
+    def counted(stream: Any, data: bytes) -> int | None:
+        writes.append(len(data))
+        return real(stream, data)
+
+    monkeypatch.setattr(tunnel_udp, "write_nowait", counted)
+    return writes
+
+
 @pytest.mark.parametrize("tls", ["0", "1"])
 def test_a_burst_from_the_target_goes_to_the_pool_in_few_writes(tls, monkeypatch):
     """The target answers with 64 datagrams at once: the client's exchange reads them in
@@ -103,15 +119,7 @@ def test_a_burst_from_the_target_goes_to_the_pool_in_few_writes(tls, monkeypatch
     reaches the user whole and in order, and is counted."""
     from gevent.server import DatagramServer
 
-    from npgevent.cores import tunnel_udp
-
     burst = [b"burst %02d " % i + b"." * (i * 7) for i in range(64)]
-    writes: list[int] = []
-    real = tunnel_udp.write_nowait
-
-    def counted(stream: Any, data: bytes) -> int | None:
-        writes.append(len(data))
-        return real(stream, data)
 
     def answer(data: bytes, addr: Any) -> None:
         if data == b"burst":
@@ -130,7 +138,7 @@ def test_a_burst_from_the_target_goes_to_the_pool_in_few_writes(tls, monkeypatch
             sock = udp_echoed(uport, b"hello")
             sock.sendto(b"again", ("127.0.0.1", uport))  # answered: hub mode from here
             assert sock.recv(100) == b"again"
-            monkeypatch.setattr(tunnel_udp, "write_nowait", counted)
+            writes = count_pool_writes(monkeypatch)
             sock.sendto(b"burst", ("127.0.0.1", uport))
             got = [sock.recv(2000) for _ in burst]
             sock.close()
@@ -153,16 +161,8 @@ def test_a_burst_from_the_user_goes_to_the_pool_in_few_writes(tls, monkeypatch):
     in order."""
     from gevent.server import DatagramServer
 
-    from npgevent.cores import tunnel_udp
-
     burst = [b"upload %02d " % i + b"." * (i * 7) for i in range(64)]
-    writes: list[int] = []
-    real = tunnel_udp.write_nowait
     arrived: list[bytes] = []
-
-    def counted(stream: Any, data: bytes) -> int | None:
-        writes.append(len(data))
-        return real(stream, data)
 
     def take(data: bytes, addr: Any) -> None:
         if data in (b"hello", b"again"):
@@ -180,7 +180,7 @@ def test_a_burst_from_the_user_goes_to_the_pool_in_few_writes(tls, monkeypatch):
             sock = udp_echoed(uport, b"hello")
             sock.sendto(b"again", ("127.0.0.1", uport))
             assert sock.recv(100) == b"again"
-            monkeypatch.setattr(tunnel_udp, "write_nowait", counted)
+            writes = count_pool_writes(monkeypatch)
             for datagram in burst:  # all queued on the listener's socket before it reads
                 sock.sendto(datagram, ("127.0.0.1", uport))
             deadline = time.monotonic() + 5
