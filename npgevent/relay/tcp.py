@@ -220,10 +220,8 @@ def _pump(
             _copy_socket(src, dst, acct, idx, limiter, sess, chunk, can_splice)
         else:
             _copy_stream(src, dst, acct, idx, limiter, sess, chunk)
-    except (OSError, IdleTimeout) as exc:
+    except Exception as exc:  # OSError, IdleTimeout, a TLS error from a wrapper: end the session
         return detached(exc)  # kept by the caller: not with the frames that raised it
-    except Exception as exc:  # e.g. a TLS error from a wrapper: end the session, log upstream
-        return detached(exc)
     try:
         dst.shutdown(socket.SHUT_WR)
     except OSError:
