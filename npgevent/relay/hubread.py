@@ -112,43 +112,36 @@ class HubReader:
         # named itself would be a cycle holding the session until the collector's next pass
         again: list[Callable[[], None]] = []
 
-        def wakeup() -> None:
-            for _ in range(READS_PER_WAKEUP):
-                try:
-                    data = read(size)
-                except ConnectionRefusedError:
-                    if datagrams:
-                        continue
-                    raise
-                if data is None:
-                    return
-                if not data and not datagrams:
-                    watcher.stop()
-                    ended.set()
-                    return
-                if flush is None:
-                    deliver(data)
-                    if drained is not None and drained(data):
-                        return
-                    continue
-                end = drained is not None and drained(data)
-                deliver(data, not end)  # with flush: (data, more)
-                if end:
-                    return
-            if buffered is not None and buffered():
-                loop.run_callback(again[0])  # decrypted bytes no socket event will announce
-
         def readable() -> None:
             if ended.is_set():
                 return
             try:
-                if flush is None:
-                    wakeup()
-                    return
                 try:
-                    wakeup()
+                    for _ in range(READS_PER_WAKEUP):
+                        try:
+                            data = read(size)
+                        except ConnectionRefusedError:
+                            if datagrams:
+                                continue
+                            raise
+                        if data is None:
+                            return
+                        if not data and not datagrams:
+                            watcher.stop()
+                            ended.set()
+                            return
+                        end = drained is not None and drained(data)
+                        if flush is None:
+                            deliver(data)
+                        else:
+                            deliver(data, not end)  # (data, more): it may gather
+                        if end:
+                            return
+                    if buffered is not None and buffered():
+                        loop.run_callback(again[0])  # decrypted bytes no socket event will announce
                 finally:
-                    flush()  # what this wake-up delivered, in one write (even if a read failed)
+                    if flush is not None:
+                        flush()  # what this wake-up gathered, in one write (even if a read failed)
             except Exception as exc:  # the session ends with it; the hub carries on
                 failure.append(detached(exc))
                 watcher.stop()
