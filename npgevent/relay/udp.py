@@ -131,16 +131,25 @@ class UdpSession:
         if self.writer is None:
             self.writer = gevent.spawn(self._write_pending)
 
+    def send_queued(self, pending: collections.deque[tuple[bool, bytes]]) -> int:
+        """Write whole datagrams from the head of the writer's queue (may block: the writer's):
+        how many, taken off only after the write.  One by default; a framed tunnel session
+        writes a run of them in one write."""
+        self.send(pending[0][1])
+        return 1
+
     def _write_pending(self) -> None:
         pending = self.pending
         try:
             while pending and not self.closed:
                 whole, data = pending[0]
                 if whole:
-                    self.send(data)
+                    done = self.send_queued(pending)
                 else:
                     self.write_rest(data)
-                pending.popleft()
+                    done = 1
+                for _ in range(done):
+                    pending.popleft()
         except OSError as exc:
             self.table.log.debug("UDP send failed for %s: %s", format_addr(self.addr), exc)
             self.stop()

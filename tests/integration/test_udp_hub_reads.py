@@ -196,6 +196,71 @@ def test_a_burst_from_the_user_goes_to_the_pool_in_few_writes(tls, monkeypatch):
         target.close()
 
 
+@pytest.mark.parametrize("tls", ["0", "1"])
+def test_datagrams_queued_behind_a_stalled_pool_write_go_out_together(tls, monkeypatch):
+    """While a write to the pool connection waits (a full socket buffer), the user's datagrams
+    queue for the session's writer greenlet; once the connection drains, the writer sends the
+    run of them in one write of up to 16 KiB, not one write (one TLS record) per datagram,
+    which would leave the queue behind for good under a steady stream.  Every datagram
+    reaches the target whole and in order, and is counted."""
+    from gevent.server import DatagramServer
+
+    from npgevent.cores import tunnel_udp
+
+    burst = [b"queued %02d " % i + b"." * (i * 7) for i in range(64)]
+    arrived: list[bytes] = []
+
+    def take(data: bytes, addr: Any) -> None:
+        if data in (b"hello", b"again"):
+            target.sendto(data, addr)
+        else:
+            arrived.append(data)
+
+    target = DatagramServer(("127.0.0.1", 0), take)
+    target.start()
+    tport, uport = free_port(), free_port()
+    server_url, client_url = tunnel_urls("rev", tls, tport, uport, target.address[1])
+    stalled, drained = [True], gevent.event.Event()
+    waited: list[int] = []  # the writer greenlet's writes, in bytes
+    real_nowait, real_send_all = tunnel_udp.write_nowait, tunnel_udp.send_all
+
+    def full_buffer(stream: Any, data: bytes) -> int | None:
+        return 0 if stalled[0] else real_nowait(stream, data)
+
+    def waiting_write(stream: Any, data: Any) -> None:
+        drained.wait()
+        waited.append(len(data))
+        real_send_all(stream, data)
+
+    try:
+        with in_process(server_url) as s, in_process(client_url):
+            wait_pool(lambda: s.core.pool.active, 4)
+            sock = udp_echoed(uport, b"hello")
+            sock.sendto(b"again", ("127.0.0.1", uport))
+            assert sock.recv(100) == b"again"
+            monkeypatch.setattr(tunnel_udp, "write_nowait", full_buffer)
+            monkeypatch.setattr(tunnel_udp, "send_all", waiting_write)
+            for datagram in burst:  # one listener wake-up each: all queue behind the first
+                sock.sendto(datagram, ("127.0.0.1", uport))
+                gevent.sleep(0.002)
+            gevent.sleep(0.05)
+            assert arrived == []  # all waiting for the pool connection
+            stalled[0] = False
+            drained.set()
+            deadline = time.monotonic() + 5
+            while len(arrived) < len(burst) and time.monotonic() < deadline:
+                gevent.sleep(0.01)
+            sock.close()
+            assert arrived == burst
+            assert sum(waited) == sum(2 + len(d) for d in burst)
+            assert waited[0] == 2 + len(burst[0])  # the write that stalled, finished first
+            assert 2 <= len(waited) <= 4  # then the other 63 in 16 KiB writes, not 63 writes
+            sent = len(b"hello") + len(b"again") + sum(len(d) for d in burst)
+            assert s.inst.traffic.udp_rx == sent
+    finally:
+        target.close()
+
+
 def test_a_rate_limited_tunnel_session_keeps_its_greenlets():
     """rate= may have to wait, which a hub callback can't."""
     echo = EchoPair()
