@@ -9,7 +9,9 @@ that every byte still arrives and is counted.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import gevent
@@ -153,15 +155,13 @@ def test_a_burst_from_the_target_goes_to_the_pool_in_few_writes(tls, monkeypatch
         target.close()
 
 
-@pytest.mark.parametrize("tls", ["0", "1"])
-def test_a_burst_from_the_user_goes_to_the_pool_in_few_writes(tls, monkeypatch):
-    """The user sends 64 datagrams at once to the server's UDP listener: its session gathers
-    what one listener wake-up reads (up to gevent's 100 per wake-up, 16 KiB per write) and
-    writes them to the pool connection together.  The target gets every datagram whole and
-    in order."""
+@contextlib.contextmanager
+def answered_upload(tls: str) -> Iterator[tuple[Any, Any, list[bytes]]]:
+    """A reverse tunnel in this process whose target keeps what the user sends, once it has
+    answered ``hello`` and ``again`` (the user's session is answered: hub mode).  Yields the
+    server runner, the user's socket (sending to the tunnel) and the datagrams that arrived."""
     from gevent.server import DatagramServer
 
-    burst = [b"upload %02d " % i + b"." * (i * 7) for i in range(64)]
     arrived: list[bytes] = []
 
     def take(data: bytes, addr: Any) -> None:
@@ -178,22 +178,42 @@ def test_a_burst_from_the_user_goes_to_the_pool_in_few_writes(tls, monkeypatch):
         with in_process(server_url) as s, in_process(client_url):
             wait_pool(lambda: s.core.pool.active, 4)
             sock = udp_echoed(uport, b"hello")
-            sock.sendto(b"again", ("127.0.0.1", uport))
-            assert sock.recv(100) == b"again"
-            writes = count_pool_writes(monkeypatch)
-            for datagram in burst:  # all queued on the listener's socket before it reads
-                sock.sendto(datagram, ("127.0.0.1", uport))
-            deadline = time.monotonic() + 5
-            while len(arrived) < len(burst) and time.monotonic() < deadline:
-                gevent.sleep(0.01)
-            sock.close()
-            assert arrived == burst
-            assert 1 <= len(writes) <= 8  # not one write per datagram
-            assert sum(writes) == sum(2 + len(d) for d in burst)
-            sent = len(b"hello") + len(b"again") + sum(len(d) for d in burst)
-            assert s.inst.traffic.udp_rx == sent
+            sock.connect(("127.0.0.1", uport))
+            try:
+                sock.send(b"again")
+                assert sock.recv(100) == b"again"
+                yield s, sock, arrived
+            finally:
+                sock.close()
     finally:
         target.close()
+
+
+def wait_arrivals(arrived: list[bytes], count: int) -> None:
+    deadline = time.monotonic() + 5
+    while len(arrived) < count and time.monotonic() < deadline:
+        gevent.sleep(0.01)
+
+
+GREETED = len(b"hello") + len(b"again")  # what answered_upload's user sent first
+
+
+@pytest.mark.parametrize("tls", ["0", "1"])
+def test_a_burst_from_the_user_goes_to_the_pool_in_few_writes(tls, monkeypatch):
+    """The user sends 64 datagrams at once to the server's UDP listener: its session gathers
+    what one listener wake-up reads (up to gevent's 100 per wake-up, 16 KiB per write) and
+    writes them to the pool connection together.  The target gets every datagram whole and
+    in order."""
+    burst = [b"upload %02d " % i + b"." * (i * 7) for i in range(64)]
+    with answered_upload(tls) as (s, sock, arrived):
+        writes = count_pool_writes(monkeypatch)
+        for datagram in burst:  # all queued on the listener's socket before it reads
+            sock.send(datagram)
+        wait_arrivals(arrived, len(burst))
+        assert arrived == burst
+        assert 1 <= len(writes) <= 8  # not one write per datagram
+        assert sum(writes) == sum(2 + len(d) for d in burst)
+        assert s.inst.traffic.udp_rx == GREETED + sum(len(d) for d in burst)
 
 
 @pytest.mark.parametrize("tls", ["0", "1"])
@@ -203,23 +223,9 @@ def test_datagrams_queued_behind_a_stalled_pool_write_go_out_together(tls, monke
     run of them in one write of up to 16 KiB, not one write (one TLS record) per datagram,
     which would leave the queue behind for good under a steady stream.  Every datagram
     reaches the target whole and in order, and is counted."""
-    from gevent.server import DatagramServer
-
     from npgevent.cores import tunnel_udp
 
     burst = [b"queued %02d " % i + b"." * (i * 7) for i in range(64)]
-    arrived: list[bytes] = []
-
-    def take(data: bytes, addr: Any) -> None:
-        if data in (b"hello", b"again"):
-            target.sendto(data, addr)
-        else:
-            arrived.append(data)
-
-    target = DatagramServer(("127.0.0.1", 0), take)
-    target.start()
-    tport, uport = free_port(), free_port()
-    server_url, client_url = tunnel_urls("rev", tls, tport, uport, target.address[1])
     stalled, drained = [True], gevent.event.Event()
     waited: list[int] = []  # the writer greenlet's writes, in bytes
     real_nowait, real_send_all = tunnel_udp.write_nowait, tunnel_udp.send_all
@@ -232,33 +238,22 @@ def test_datagrams_queued_behind_a_stalled_pool_write_go_out_together(tls, monke
         waited.append(len(data))
         real_send_all(stream, data)
 
-    try:
-        with in_process(server_url) as s, in_process(client_url):
-            wait_pool(lambda: s.core.pool.active, 4)
-            sock = udp_echoed(uport, b"hello")
-            sock.sendto(b"again", ("127.0.0.1", uport))
-            assert sock.recv(100) == b"again"
-            monkeypatch.setattr(tunnel_udp, "write_nowait", full_buffer)
-            monkeypatch.setattr(tunnel_udp, "send_all", waiting_write)
-            for datagram in burst:  # one listener wake-up each: all queue behind the first
-                sock.sendto(datagram, ("127.0.0.1", uport))
-                gevent.sleep(0.002)
-            gevent.sleep(0.05)
-            assert arrived == []  # all waiting for the pool connection
-            stalled[0] = False
-            drained.set()
-            deadline = time.monotonic() + 5
-            while len(arrived) < len(burst) and time.monotonic() < deadline:
-                gevent.sleep(0.01)
-            sock.close()
-            assert arrived == burst
-            assert sum(waited) == sum(2 + len(d) for d in burst)
-            assert waited[0] == 2 + len(burst[0])  # the write that stalled, finished first
-            assert 2 <= len(waited) <= 4  # then the other 63 in 16 KiB writes, not 63 writes
-            sent = len(b"hello") + len(b"again") + sum(len(d) for d in burst)
-            assert s.inst.traffic.udp_rx == sent
-    finally:
-        target.close()
+    with answered_upload(tls) as (s, sock, arrived):
+        monkeypatch.setattr(tunnel_udp, "write_nowait", full_buffer)
+        monkeypatch.setattr(tunnel_udp, "send_all", waiting_write)
+        for datagram in burst:  # one listener wake-up each: all queue behind the first
+            sock.send(datagram)
+            gevent.sleep(0.002)
+        gevent.sleep(0.05)
+        assert arrived == []  # all waiting for the pool connection
+        stalled[0] = False
+        drained.set()
+        wait_arrivals(arrived, len(burst))
+        assert arrived == burst
+        assert sum(waited) == sum(2 + len(d) for d in burst)
+        assert waited[0] == 2 + len(burst[0])  # the write that stalled, finished first
+        assert 2 <= len(waited) <= 4  # then the other 63 in 16 KiB writes, not 63 writes
+        assert s.inst.traffic.udp_rx == GREETED + sum(len(d) for d in burst)
 
 
 def test_a_rate_limited_tunnel_session_keeps_its_greenlets():
