@@ -171,6 +171,7 @@ class TunnelUdpSession(UdpSession):
         self.framed = core.npg >= 1
         self.deframer = Deframer() if self.framed else None
         self.batch = FrameBatch()  # framed datagrams of this listener wake-up, for one write
+        self.writing: list[bytes] = []  # the datagrams the writer greenlet is writing
         self.queue: list[bytes] = []
         self.unanswered: list[bytes] | None = []  # None once answered
         self.relaunch = False
@@ -214,25 +215,30 @@ class TunnelUdpSession(UdpSession):
         """Framed (an npgevent peer): the whole datagrams at the head of the writer's queue, up
         to :data:`~npgevent.protocol.udpframe.BATCH_BYTES`, in one write.  Once a write to the
         pool connection has had to wait, what the user sends meanwhile queues here; written
-        one by one (a TLS record and a syscall each) the queue would stay behind for good."""
+        one by one (a TLS record and a syscall each) the queue would stay behind for good.
+        :attr:`writing` holds the run while it is written (a relaunch replays it)."""
         if not self.framed or len(pending) == 1:
-            return super().send_queued(pending)
+            self.writing = [pending[0][1]]
+            self.send(self.writing[0])
+            self.writing = []
+            return 1
         assert self.conn is not None
         batch = FrameBatch()
-        count = 0
+        run = self.writing = []
         for whole, data in pending:  # nothing runs meanwhile: no other greenlet touches it
             if not whole:
                 break  # the rest of a cut write: after this run, by the writer
             self._sent(data)
-            count += 1
+            run.append(data)
             if batch.add(data):
                 break
-        size = batch.size - 2 * count
+        size = batch.size - 2 * len(run)
         send_all(self.conn.stream, batch.take())
+        self.writing = []  # not on a kill: the relaunch needs it
         limiter = self.core.inst.limiter
         if limiter is not None:
             limiter.take(size)
-        return count
+        return len(run)
 
     def _sent(self, data: bytes) -> None:
         """Count a datagram from the user, and keep it for a relaunch until answered."""
@@ -350,9 +356,14 @@ class TunnelUdpSession(UdpSession):
         self.verdict.clear()
         if self.writer is not None:
             self.writer.kill(block=True)  # it may be writing to the old connection
-            pending = self.pending
-            if pending and pending[0][0] and self.unanswered and self.unanswered[-1] is pending[0][1]:
-                pending.popleft()  # it was being written: it is replayed below with the others
+            # the run it was writing: what the replay below sends again leaves the queue (the
+            # first UNANSWERED datagrams of a session are kept for it, the rest are not)
+            pending, replayed = self.pending, self.unanswered or []
+            for data in self.writing:
+                if not (pending and pending[0][1] is data and any(d is data for d in replayed)):
+                    break
+                pending.popleft()
+        self.writing = []
         # the rest of a write cut short belongs to the old connection (its datagram is replayed
         # below with the others); datagrams not yet written go out on the new one
         kept = [item for item in self.pending if item[0]]

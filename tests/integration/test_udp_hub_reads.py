@@ -256,6 +256,45 @@ def test_datagrams_queued_behind_a_stalled_pool_write_go_out_together(tls, monke
         assert s.inst.traffic.udp_rx == GREETED + sum(len(d) for d in burst)
 
 
+@pytest.mark.parametrize("tls", ["0", "1"])
+def test_what_a_new_session_gets_before_and_while_it_opens_keeps_its_order(tls, monkeypatch):
+    """A new session's datagrams wait in its backlog until its pool connection is ready.  If
+    writing that backlog has to wait, what the user sends meanwhile goes out after it, not
+    past it (nor into the middle of one of its frames), and the backlog goes out in few
+    writes."""
+    from npgevent.cores import tunnel_udp
+
+    opening = [b"opening %02d " % i + b"." * (i * 5) for i in range(32)]
+    later = [b"later %02d" % i for i in range(16)]
+    drained = gevent.event.Event()
+    waited: list[int] = []
+    real_send_all = tunnel_udp.send_all
+
+    def waiting_write(stream: Any, data: Any) -> None:
+        drained.wait()
+        waited.append(len(data))
+        real_send_all(stream, data)
+
+    with answered_upload(tls) as (_s, sock, arrived):
+        monkeypatch.setattr(tunnel_udp, "send_all", waiting_write)
+        fresh = udp_socket(timeout=5)
+        fresh.connect(sock.getpeername())
+        try:
+            for datagram in opening:  # read in one listener wake-up: a new session's backlog
+                fresh.send(datagram)
+            gevent.sleep(0.1)  # the session has its pool connection; writing the backlog waits
+            for datagram in later:
+                fresh.send(datagram)
+                gevent.sleep(0.005)
+            drained.set()
+            wait_arrivals(arrived, len(opening) + len(later))
+        finally:
+            fresh.close()
+        assert arrived == opening + later
+        assert sum(waited) == sum(2 + len(d) for d in opening + later)
+        assert len(waited) <= 4
+
+
 def test_a_rate_limited_tunnel_session_keeps_its_greenlets():
     """rate= may have to wait, which a hub callback can't."""
     echo = EchoPair()
