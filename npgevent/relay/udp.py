@@ -3,9 +3,9 @@
 :class:`SessionTable` keys sessions by the user's ``ip:port``.  A new address
 gets a session whose *opener* runs in its own greenlet (dialling a target or
 taking a tunnel connection may block); datagrams that arrive meanwhile wait in
-a small bounded backlog, which the session's writer greenlet sends first once it is
-open (what comes while it writes queues behind it).  A session ends after ``idle`` seconds without traffic
-in either direction.  What a session does with its datagrams is up to the
+a small bounded backlog, sent first once the session is open (what comes while
+it is written queues behind it).  A session ends after ``idle`` seconds without
+traffic in either direction.  What a session does with its datagrams is up to the
 owner: the single-end forwarder uses :class:`UdpTargetSession` (a connected UDP
 socket per user address), which after the dial reads its target in hub callbacks
 (:meth:`UdpSession.read_in_hub`, :mod:`npgevent.relay.hubread`): no greenlet switch per
@@ -167,13 +167,15 @@ class UdpSession:
                 return
             self.ready = True
             if self.backlog:
-                # what came while opening goes first, through the writer greenlet: what comes
-                # meanwhile queues behind it (in order, and never written into the middle of
-                # one of its frames by a hub callback), and runs of it go out in one write
+                # what came while opening goes first, from the writer's queue, written by this
+                # greenlet as the writer: what comes meanwhile queues behind it (in order, never
+                # written into the middle of one of its frames by a hub callback), and runs of
+                # it share a write
                 self.pending.extend((True, data) for data in self.backlog)
                 self.backlog = []
                 if self.writer is None:
-                    self.writer = gevent.spawn(self._write_pending)
+                    self.writer = gevent.getcurrent()
+                    self._write_pending()
             self._watch()
             while not self.closed:
                 if self.read_in_hub():
