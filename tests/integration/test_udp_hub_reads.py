@@ -198,6 +198,24 @@ def wait_arrivals(arrived: list[bytes], count: int) -> None:
 GREETED = len(b"hello") + len(b"again")  # what answered_upload's user sent first
 
 
+def stall_pool_writes(monkeypatch: Any) -> tuple[gevent.event.Event, list[int]]:
+    """From now on every write a UDP session makes to a pool connection from a greenlet
+    (npgevent.cores.tunnel_udp.send_all) waits until the returned event is set, as behind a
+    full socket buffer; the list gets the length of each write once it goes out."""
+    from npgevent.cores import tunnel_udp
+
+    drained, waited = gevent.event.Event(), []
+    real = tunnel_udp.send_all
+
+    def waiting_write(stream: Any, data: Any) -> None:
+        drained.wait()
+        waited.append(len(data))
+        real(stream, data)
+
+    monkeypatch.setattr(tunnel_udp, "send_all", waiting_write)
+    return drained, waited
+
+
 @pytest.mark.parametrize("tls", ["0", "1"])
 def test_a_burst_from_the_user_goes_to_the_pool_in_few_writes(tls, monkeypatch):
     """The user sends 64 datagrams at once to the server's UDP listener: its session gathers
@@ -226,21 +244,15 @@ def test_datagrams_queued_behind_a_stalled_pool_write_go_out_together(tls, monke
     from npgevent.cores import tunnel_udp
 
     burst = [b"queued %02d " % i + b"." * (i * 7) for i in range(64)]
-    stalled, drained = [True], gevent.event.Event()
-    waited: list[int] = []  # the writer greenlet's writes, in bytes
-    real_nowait, real_send_all = tunnel_udp.write_nowait, tunnel_udp.send_all
+    stalled = [True]
+    real_nowait = tunnel_udp.write_nowait
 
     def full_buffer(stream: Any, data: bytes) -> int | None:
         return 0 if stalled[0] else real_nowait(stream, data)
 
-    def waiting_write(stream: Any, data: Any) -> None:
-        drained.wait()
-        waited.append(len(data))
-        real_send_all(stream, data)
-
     with answered_upload(tls) as (s, sock, arrived):
         monkeypatch.setattr(tunnel_udp, "write_nowait", full_buffer)
-        monkeypatch.setattr(tunnel_udp, "send_all", waiting_write)
+        drained, waited = stall_pool_writes(monkeypatch)
         for datagram in burst:  # one listener wake-up each: all queue behind the first
             sock.send(datagram)
             gevent.sleep(0.002)
@@ -262,21 +274,10 @@ def test_what_a_new_session_gets_before_and_while_it_opens_keeps_its_order(tls, 
     writing that backlog has to wait, what the user sends meanwhile goes out after it, not
     past it (nor into the middle of one of its frames), and the backlog goes out in few
     writes."""
-    from npgevent.cores import tunnel_udp
-
     opening = [b"opening %02d " % i + b"." * (i * 5) for i in range(32)]
     later = [b"later %02d" % i for i in range(16)]
-    drained = gevent.event.Event()
-    waited: list[int] = []
-    real_send_all = tunnel_udp.send_all
-
-    def waiting_write(stream: Any, data: Any) -> None:
-        drained.wait()
-        waited.append(len(data))
-        real_send_all(stream, data)
-
     with answered_upload(tls) as (_s, sock, arrived):
-        monkeypatch.setattr(tunnel_udp, "send_all", waiting_write)
+        drained, waited = stall_pool_writes(monkeypatch)
         fresh = udp_socket(timeout=5)
         fresh.connect(sock.getpeername())
         try:
