@@ -217,7 +217,7 @@ class TunnelUdpSession(UdpSession):
         pool connection has had to wait, what the user sends meanwhile queues here; written
         one by one (a TLS record and a syscall each) the queue would stay behind for good.
         :attr:`writing` holds the run while it is written (a relaunch replays it)."""
-        if not self.framed or len(pending) == 1:
+        if not self.framed:  # raw (a Go peer): one datagram per write
             self.writing = [pending[0][1]]
             self.send(self.writing[0])
             self.writing = []
