@@ -97,6 +97,22 @@ def test_answered_tunnel_udp_session_reads_in_the_hub_at_both_ends(tls, tmp_path
         echo.close()
 
 
+def answering_target(trigger: bytes, on_trigger: Any) -> Any:
+    """A started UDP target that echoes every datagram but *trigger*, on which it calls
+    ``on_trigger(target, addr)`` instead (to answer with a burst, a flood...)."""
+    from gevent.server import DatagramServer
+
+    def answer(data: bytes, addr: Any) -> None:
+        if data == trigger:
+            on_trigger(target, addr)
+        else:
+            target.sendto(data, addr)
+
+    target = DatagramServer(("127.0.0.1", 0), answer)
+    target.start()
+    return target
+
+
 def count_pool_writes(monkeypatch: Any) -> list[int]:
     """From now on, the length of every write a UDP session makes to a pool connection without
     waiting (npgevent.cores.tunnel_udp.write_nowait), at both ends of an in-process tunnel."""
@@ -119,19 +135,13 @@ def test_a_burst_from_the_target_goes_to_the_pool_in_few_writes(tls, monkeypatch
     hub wake-ups of up to 16 and writes each wake-up's frames to the pool connection in one
     write (npgevent.protocol.udpframe.FrameBatch), not one per datagram.  Every datagram
     reaches the user whole and in order, and is counted."""
-    from gevent.server import DatagramServer
-
     burst = [b"burst %02d " % i + b"." * (i * 7) for i in range(64)]
 
-    def answer(data: bytes, addr: Any) -> None:
-        if data == b"burst":
-            for datagram in burst:  # all queued on the client's socket before it reads
-                target.sendto(datagram, addr)
-        else:
-            target.sendto(data, addr)
+    def send_burst(target: Any, addr: Any) -> None:
+        for datagram in burst:  # all queued on the client's socket before it reads
+            target.sendto(datagram, addr)
 
-    target = DatagramServer(("127.0.0.1", 0), answer)
-    target.start()
+    target = answering_target(b"burst", send_burst)
     tport, uport = free_port(), free_port()
     server_url, client_url = tunnel_urls("rev", tls, tport, uport, target.address[1])
     try:
@@ -412,7 +422,7 @@ def test_a_stalled_server_cuts_the_clients_pool_writes_short_without_harm():
     blasts: list[int] = []
     started = gevent.event.Event()
 
-    def blast(addr: Any) -> None:  # for 1.2 s, more than the pool connection's buffers hold
+    def blast(target: Any, addr: Any) -> None:  # 1.2 s: more than the pool connection's buffers hold
         started.set()
         end = time.monotonic() + 1.2
         while time.monotonic() < end:
@@ -421,16 +431,7 @@ def test_a_stalled_server_cuts_the_clients_pool_writes_short_without_harm():
             gevent.sleep(0.001)  # socket is connected to it
         blasts.append(1)
 
-    def blaster(data: bytes, addr: Any) -> None:
-        if data == b"blast":
-            gevent.spawn(blast, addr)
-        else:
-            target.sendto(data, addr)
-
-    from gevent.server import DatagramServer
-
-    target = DatagramServer(("127.0.0.1", 0), blaster)
-    target.start()
+    target = answering_target(b"blast", lambda target, addr: gevent.spawn(blast, target, addr))
     tport, uport = free_port(), free_port()
     server_url, client_url = tunnel_urls("rev", "0", tport, uport, target.address[1])
     try:
