@@ -324,6 +324,12 @@ class Path_:
     def peak_rss_kb(self) -> int:
         return sum(rss_kb(p.pid, "VmHWM:") for p in self.procs if p.poll() is None)
 
+    def private_kb(self) -> int:
+        """The anonymous share of :meth:`rss_kb`: memory the processes hold privately (the heap,
+        Python's objects, relocated library data), without the pages of program and library
+        files mapped from the page cache, which every process running them shares."""
+        return sum(rss_kb(p.pid, "RssAnon:") for p in self.procs if p.poll() is None)
+
 
 class ForwardPath(Path_):
     name = "forward"
@@ -387,17 +393,18 @@ for _flow in ("rev", "fwd"):
         "name": property(lambda self: "tunnel-%s-quic16k" % self.flow)})
 
 
-def pool_memory(n: int, tls: str) -> dict:
-    """RSS per idle pool connection: a tunnel holding *n* idle connections vs. one holding 1."""
+def pool_memory(n: int, tls: str, program: list[str] | None = None) -> dict:
+    """RSS per idle pool connection: a tunnel holding *n* idle connections vs. one holding 1
+    (npgevent's, or with *program* Go NodePass's)."""
     out: dict = {"tls": tls, "connections": n}
     sizes = {}
     for count in (1, n):
         tport, uport = free_port(), free_port()
-        server = spawn("-m", "npgevent", "server://m@127.0.0.1:%d/127.0.0.1:%d?mode=1&tls=%s&max=%d&log=warn"
-                       % (tport, uport, tls, count))
+        ends = Path_(program)
+        ends.launch("server://m@127.0.0.1:%d/127.0.0.1:%d?mode=1&tls=%s&max=%d&log=warn" % (tport, uport, tls, count))
         wait_port(tport)
-        client = spawn("-m", "npgevent", "client://m@127.0.0.1:%d/127.0.0.1:1?mode=2&min=%d&log=warn"
-                       % (tport, count))
+        ends.launch("client://m@127.0.0.1:%d/127.0.0.1:1?mode=2&min=%d&log=warn" % (tport, count))
+        server, client = ends.procs
         try:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
@@ -407,8 +414,7 @@ def pool_memory(n: int, tls: str) -> dict:
             time.sleep(2.0)
             sizes[count] = (rss_kb(server.pid), rss_kb(client.pid))
         finally:
-            stop(client)
-            stop(server)
+            ends.close()
     out["server_kb_per_conn"] = round((sizes[n][0] - sizes[1][0]) / (n - 1), 2)
     out["client_kb_per_conn"] = round((sizes[n][1] - sizes[1][1]) / (n - 1), 2)
     out["server_rss_mb"] = round(sizes[n][0] / 1024, 1)

@@ -6,7 +6,9 @@ Each path (single-end forwarding, tunnels) is opened once with the Go program
 and once with npgevent, against ``npbench serve`` (TCP and UDP echo), and
 measured with the same ``npbench`` commands: echo throughput, connections per
 second with 16 and 1 workers (a new connection per 64-byte request), UDP round
-trips per second (4 workers, 512 bytes) and the relay's RSS.  The figures that
+trips per second (4 workers, 512 bytes) and the relay's RSS (and its private, anonymous share);
+with ``--pool-memory N``, the RSS each end adds per idle pool connection (N connections
+against one, tls=0 and tls=1), Go's and npgevent's.  The figures that
 steer the project are the ratios npgevent / Go from one run: absolute figures
 drift 10-30 % between runs and machines.
 """
@@ -21,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import ROOT, Path_, free_port, machine_ticks, steal_pct, stop, wait_port
+from bench import ROOT, Path_, free_port, machine_ticks, pool_memory, steal_pct, stop, wait_port
 
 METRICS: list[tuple[str, str, bool | None]] = [  # (key, label, higher is better; None: no ratio)
     ("echo_gbit_s", "echo Gbit/s", True),
@@ -31,6 +33,7 @@ METRICS: list[tuple[str, str, bool | None]] = [  # (key, label, higher is better
     ("udp_rtt_s", "UDP rtt/s", True),
     ("udp_loss", "UDP lost", False),
     ("idle_rss_mb", "idle RSS MB", False),
+    ("idle_private_mb", "idle private MB", False),  # RssAnon: without shared file pages
     ("steal_pct", "CPU steal %", None),  # the machine's, during the loads: no ratio
 ]
 DEFAULT_PATHS = ["forward", "tunnel-rev-tls0", "tunnel-rev-tls1", "tunnel-rev-quic"]
@@ -58,6 +61,7 @@ def measure(path: Path_, bench_bin: str, seconds: float, size: int) -> dict[str,
         addr = "127.0.0.1:%d" % port
         if path.procs:
             result["idle_rss_mb"] = round(path.rss_kb() / 1024, 1)
+            result["idle_private_mb"] = round(path.private_kb() / 1024, 1)
         npbench(bench_bin, "tput", "-addr", addr, "-bytes", str(min(size, 64 << 20)))  # warm-up
         ticks = machine_ticks()
         result["echo_gbit_s"] = round(npbench(bench_bin, "tput", "-addr", addr, "-bytes", str(size))["gbit_s"], 3)
@@ -102,15 +106,23 @@ def compare_main(args: argparse.Namespace, paths: dict[str, type[Path_]]) -> int
                            "npgevent": measure(paths[name](), bench_bin, args.seconds, size)}
         runs.append(table)
         print("run %d of %d" % (run + 1, args.runs))
-        print("%-18s %-12s %10s %10s %10s %8s" % ("path", "metric", "direct", "go", "npgevent", "npg/go"))
+        print("%-18s %-15s %10s %10s %10s %8s" % ("path", "metric", "direct", "go", "npgevent", "npg/go"))
         for name in names:
             for key, label, better in METRICS:
                 g, n = table[name]["go"].get(key, "-"), table[name]["npgevent"].get(key, "-")
-                print("%-18s %-12s %10s %10s %10s %8s" % (name, label, direct.get(key, "-"), g, n,
+                print("%-18s %-15s %10s %10s %10s %8s" % (name, label, direct.get(key, "-"), g, n,
                                                           ratio(n, g) if better is not None else "-"))
+    memory = []
+    if args.pool_memory > 1:
+        for tls in ("0", "1"):
+            both = {"go": pool_memory(args.pool_memory, tls, [go]), "npgevent": pool_memory(args.pool_memory, tls)}
+            memory.append(both)
+            print("tls=%s: KB per idle pool connection (server, client): Go %s, %s; npgevent %s, %s" % (
+                tls, both["go"]["server_kb_per_conn"], both["go"]["client_kb_per_conn"],
+                both["npgevent"]["server_kb_per_conn"], both["npgevent"]["client_kb_per_conn"]))
     meta = {"nproc": os.cpu_count(), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "size_mib": args.size_mib,
             "seconds": args.seconds, "go": go}
     out = Path(args.json if args.json != str(ROOT / "bench" / "results.json") else ROOT / "bench" / "compare.json")
-    out.write_text(json.dumps({"meta": meta, "runs": runs}, indent=2) + "\n")
+    out.write_text(json.dumps({"meta": meta, "runs": runs, "pool_memory": memory}, indent=2) + "\n")
     print("wrote", out)
     return 0
