@@ -324,6 +324,24 @@ class Path_:
     def peak_rss_kb(self) -> int:
         return sum(rss_kb(p.pid, "VmHWM:") for p in self.procs if p.poll() is None)
 
+    def settle(self, quiet: float = 1.5, timeout: float = 20.0) -> None:
+        """Wait until the processes' sockets and RSS have not changed for *quiet* seconds: their
+        pools are full, so the idle figures are a full pool's.  (Go NodePass's client may
+        take seconds to start its pool: its server reads the readiness probe of
+        :func:`wait_port` as a client that does not speak.)"""
+        def state() -> list[tuple[int, int]]:
+            return [(_open_sockets(p.pid), rss_kb(p.pid) >> 8) for p in self.procs if p.poll() is None]
+
+        deadline = time.monotonic() + timeout
+        last, since = state(), time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(0.25)
+            now = state()
+            if now != last:
+                last, since = now, time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                return
+
     def private_kb(self) -> int:
         """The anonymous share of :meth:`rss_kb`: memory the processes hold privately (the heap,
         Python's objects, relocated library data), without the pages of program and library
@@ -444,6 +462,7 @@ def measure(path: Path_, size: int, seconds: float, skip_cps: bool) -> dict:
         wait_port(bulk_port)
         port = path.open(sink_port)
         time.sleep(1.0)
+        path.settle()
         if path.procs:
             result["idle_rss_mb"] = round(path.rss_kb() / 1024, 1)
         throughput(port, min(size, 64 << 20))  # warm-up

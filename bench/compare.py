@@ -58,6 +58,7 @@ def measure(path: Path_, bench_bin: str, seconds: float, size: int) -> dict[str,
         wait_port(target)
         port = path.open(target)
         time.sleep(1.0)
+        path.settle()
         addr = "127.0.0.1:%d" % port
         if path.procs:
             result["idle_rss_mb"] = round(path.rss_kb() / 1024, 1)
