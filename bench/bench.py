@@ -327,8 +327,8 @@ class Path_:
     def settle(self, quiet: float = 1.5, timeout: float = 20.0) -> None:
         """Wait until the processes' sockets and RSS have not changed for *quiet* seconds: their
         pools are full, so the idle figures are a full pool's.  (Go NodePass's client may
-        take seconds to start its pool: its server reads the readiness probe of
-        :func:`wait_port` as a client that does not speak.)"""
+        take seconds to start its pool: to its server the readiness probe of :func:`wait_port`
+        is a failed handshake, after which it waits its 3 s service cooldown.)"""
         def state() -> list[tuple[int, int]]:
             return [(_open_sockets(p.pid), rss_kb(p.pid) >> 8) for p in self.procs if p.poll() is None]
 
