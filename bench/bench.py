@@ -419,11 +419,12 @@ def pool_memory(n: int, tls: str, program: list[str] | None = None) -> dict:
     for count in (1, n):
         tport, uport = free_port(), free_port()
         ends = Path_(program)
-        ends.launch("server://m@127.0.0.1:%d/127.0.0.1:%d?mode=1&tls=%s&max=%d&log=warn" % (tport, uport, tls, count))
-        wait_port(tport)
-        ends.launch("client://m@127.0.0.1:%d/127.0.0.1:1?mode=2&min=%d&log=warn" % (tport, count))
-        server, client = ends.procs
         try:
+            ends.launch("server://m@127.0.0.1:%d/127.0.0.1:%d?mode=1&tls=%s&max=%d&log=warn"
+                        % (tport, uport, tls, count))
+            wait_port(tport)
+            ends.launch("client://m@127.0.0.1:%d/127.0.0.1:1?mode=2&min=%d&log=warn" % (tport, count))
+            server, client = ends.procs
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 if _open_sockets(server.pid) >= count + 2 and _open_sockets(client.pid) >= count + 1:
