@@ -10,7 +10,9 @@ PATH is a path of ``bench.py`` (``forward``, ``tunnel-rev-tls0``, ...), LOAD one
 throughput; the event is a MiB).  The relay processes' ``utime``/``stime`` are read from
 ``/proc/<pid>/stat`` (children included) just before and after the load; a run prints the
 rate and the CPU per event of each process, user and system, in microseconds, its minor
-page faults per event, and ``busy_cores``: how many of the machine's cores were busy during
+page faults per event, its context switches per event (``switches``: voluntary, the times it
+went to sleep with nothing to do, each a wake-up later; and involuntary, every thread
+counted), and ``busy_cores``: how many of the machine's cores were busy during
 the load (every process, from ``/proc/stat``) and how many of them the relays took, and
 ``steal_pct``: the share of the machine's CPU time the hypervisor gave to other guests
 meanwhile (a run's slow minutes).  ``--tree``
@@ -77,6 +79,27 @@ def cpu_ticks(pid: int) -> tuple[int, int, int]:
     return user, system, faults
 
 
+def switches(pid: int) -> tuple[int, int]:
+    """Voluntary and involuntary context switches of *pid*'s threads and its descendants'."""
+    counts = [0, 0]
+    for p in tree_pids(pid):
+        try:
+            tasks = os.listdir("/proc/%d/task" % p)
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open("/proc/%d/task/%s/status" % (p, task)) as fh:
+                    for line in fh:
+                        if line.startswith("voluntary_ctxt_switches:"):
+                            counts[0] += int(line.split()[1])
+                        elif line.startswith("nonvoluntary_ctxt_switches:"):
+                            counts[1] += int(line.split()[1])
+            except OSError:
+                continue
+    return counts[0], counts[1]
+
+
 def load_args(load: str, addr: str, seconds: float, workers: int) -> list[str]:
     if load == "cps":
         return ["cps", "-addr", addr, "-workers", str(workers), "-dur", "%gs" % seconds, "-size", "64"]
@@ -110,12 +133,14 @@ def run_once(args: argparse.Namespace, tree: Path | None) -> dict[str, Any]:
                 spies += [subprocess.Popen([a.format(pid=pid, seconds=int(args.seconds), out=folder) for a in command],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for pid in pids]
         before = [cpu_ticks(pid) for pid in pids]
+        switched = [switches(pid) for pid in pids]
         machine_before = bench.machine_ticks()
         start = time.monotonic()
         result = npbench(args.npbench, *load_args(args.load, addr, args.seconds, args.workers))
         elapsed = time.monotonic() - start
         machine_after = bench.machine_ticks()
         after = [cpu_ticks(pid) for pid in pids]
+        switched = [(a[0] - b[0], a[1] - b[1]) for a, b in zip([switches(pid) for pid in pids], switched, strict=True)]
         for spy in spies:
             spy.wait(timeout=60)
     finally:
@@ -133,6 +158,7 @@ def run_once(args: argparse.Namespace, tree: Path | None) -> dict[str, Any]:
     cores = os.cpu_count() or 1
     relays = sum((a[0] - b[0]) + (a[1] - b[1]) for a, b in zip(after, before, strict=True)) / TICK / elapsed
     return {"rate": round(rate, 3), "cpu_us": cpu, "faults": faults,
+            "switches": [[round(v / max(events, 1.0), 2), round(n / max(events, 1.0), 2)] for v, n in switched],
             "busy_cores": [round(busy / max(total, 1) * cores, 2), round(relays, 2)],
             "steal_pct": bench.steal_pct(machine_before, machine_after), "result": result}
 
