@@ -24,6 +24,8 @@ import sys
 import tempfile
 import time
 
+from cpu import TICK, cpu_ticks
+
 C_ECHO = r"""
 #include <stdio.h>
 #include <arpa/inet.h>
@@ -93,9 +95,8 @@ def serve(mode: str) -> None:
 
 
 def cpu_seconds(pid: int) -> float:
-    with open("/proc/%d/stat" % pid) as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    user, system, _faults = cpu_ticks(pid)
+    return (user + system) / TICK
 
 
 def measure(cmd: list[str], npbench: str, seconds: float) -> tuple[float, float]:

@@ -217,11 +217,11 @@ class TunnelUdpSession(UdpSession):
         pool connection has had to wait, what the user sends meanwhile queues here; written
         one by one (a TLS record and a syscall each) the queue would stay behind for good.
         :attr:`writing` holds the run while it is written (a relaunch replays it)."""
-        if not self.framed:  # raw (a Go peer): one datagram per write
+        if not self.framed:  # raw (a Go peer): one datagram per write, as the base class does
             self.writing = [pending[0][1]]
-            self.send(self.writing[0])
+            done = super().send_queued(pending)
             self.writing = []
-            return 1
+            return done
         assert self.conn is not None
         batch = FrameBatch()
         run = self.writing = []
