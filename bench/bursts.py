@@ -15,12 +15,10 @@ with 16 workers once, then again after each pause, printing each burst's rate an
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import time
 
-from compare import npbench
+from compare import echo_target, find_npbench, npbench
 
 import bench
 
@@ -29,21 +27,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("path", choices=sorted(bench.PATHS))
     ap.add_argument("--go", help="measure this Go NodePass binary instead of npgevent")
-    ap.add_argument("--npbench", default=os.environ.get("NPG_NPBENCH"))
+    ap.add_argument("--npbench", help="npbench binary (default $NPG_NPBENCH, else beside the Go binary)")
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--pauses", default="5,5,20,60", help="idle seconds before each later burst")
     args = ap.parse_args()
-    go = args.go or os.environ.get("NPG_GO_NODEPASS")
-    nb = args.npbench or (os.path.join(os.path.dirname(os.path.abspath(go)), "npbench") if go else "")
-    if not nb or not os.access(nb, os.X_OK):
-        raise SystemExit("npbench not found: --npbench or NPG_NPBENCH (../shared/tools/README.md)")
+    nb = find_npbench(args.npbench, args.go)
     pauses = [float(p) for p in args.pauses.split(",") if p]
-    target = bench.free_port()
-    server = subprocess.Popen([nb, "serve", "-listen", "127.0.0.1:%d" % target],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target, server = echo_target(nb)
     path = bench.PATHS[args.path](program=[args.go] if args.go else None)
     try:
-        bench.wait_port(target)
         addr = "127.0.0.1:%d" % path.open(target)
         path.settle()
         for i, pause in enumerate([0.0, *pauses]):

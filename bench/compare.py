@@ -48,14 +48,39 @@ def npbench(binary: str, *args: str, timeout: float = 120.0) -> dict[str, Any]:
     return result
 
 
+def find_npbench(explicit: str | None, go: str | None = None) -> str:
+    """The ``npbench`` binary: *explicit* (``--npbench``), else ``$NPG_NPBENCH``, else the one
+    beside the Go NodePass binary (*go*, else ``$NPG_GO_NODEPASS``); exits with a one-line error
+    if it is not an executable file."""
+    found = explicit or os.environ.get("NPG_NPBENCH", "")
+    if not found:
+        go = go or os.environ.get("NPG_GO_NODEPASS", "")
+        found = os.path.join(os.path.dirname(os.path.abspath(go)), "npbench") if go else ""
+    if not (found and os.path.isfile(found) and os.access(found, os.X_OK)):
+        raise SystemExit("npbench not found%s: --npbench, NPG_NPBENCH or NPG_GO_NODEPASS "
+                         "(see ../shared/tools/README.md)" % (" at " + found if found else ""))
+    return found
+
+
+def echo_target(bench_bin: str) -> tuple[int, subprocess.Popen]:
+    """``npbench serve`` (TCP and UDP echo) on a free loopback port, started and answering: its
+    port and process (give it to :func:`bench.stop`)."""
+    port = free_port()
+    proc = subprocess.Popen([bench_bin, "serve", "-listen", "127.0.0.1:%d" % port],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+    except BaseException:
+        stop(proc)
+        raise
+    return port, proc
+
+
 def measure(path: Path_, bench_bin: str, seconds: float, size: int) -> dict[str, Any]:
     """One path, one program: every metric through ``npbench``."""
-    target = free_port()
-    server = subprocess.Popen([bench_bin, "serve", "-listen", "127.0.0.1:%d" % target],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target, server = echo_target(bench_bin)
     result: dict[str, Any] = {}
     try:
-        wait_port(target)
         port = path.open(target)
         time.sleep(1.0)
         path.settle()

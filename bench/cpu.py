@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from compare import npbench
+from compare import echo_target, find_npbench, npbench
 
 import bench
 
@@ -117,12 +117,9 @@ def run_once(args: argparse.Namespace, tree: Path | None) -> dict[str, Any]:
     """Open the path (npgevent from *tree*, or Go with ``--go``), load it, read its CPU."""
     bench.ROOT = tree or bench.ROOT  # where spawn() runs npgevent from
     path = bench.PATHS[args.path](program=[args.go] if args.go else None)
-    target = bench.free_port()
-    server = subprocess.Popen([args.npbench, "serve", "-listen", "127.0.0.1:%d" % target],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target, server = echo_target(args.npbench)
     spies: list[subprocess.Popen] = []
     try:
-        bench.wait_port(target)
         addr = "127.0.0.1:%d" % path.open(target)
         time.sleep(args.warm)
         npbench(args.npbench, *load_args(args.load, addr, 1.0, args.workers))  # warm-up
@@ -186,11 +183,7 @@ def main() -> int:
     ap.add_argument("--perf", default="", help="write perf (cpu-clock) profiles into this folder")
     ap.add_argument("--strace", default="", help="write strace -c syscall counts into this folder")
     args = ap.parse_args()
-    if not args.npbench:
-        go = args.go or os.environ.get("NPG_GO_NODEPASS", "")
-        args.npbench = os.path.join(os.path.dirname(go), "npbench") if go else ""
-    if not os.access(args.npbench or "/nonexistent", os.X_OK):
-        raise SystemExit("npbench not found: set NPG_NPBENCH or NPG_GO_NODEPASS (see ../shared/tools/README.md)")
+    args.npbench = find_npbench(args.npbench, args.go)
     new = (args.tree or bench.ROOT).resolve()
     trees = [new] if not args.pairs else [(args.base or new).resolve(), new]
     for tree in trees:

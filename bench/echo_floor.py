@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 
+from compare import find_npbench
 from cpu import TICK, cpu_ticks
 
 C_ECHO = r"""
@@ -125,12 +126,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=4.0)
-    go = os.environ.get("NPG_GO_NODEPASS", "")
-    ap.add_argument("--npbench", default=os.environ.get("NPG_NPBENCH") or
-                    (os.path.join(os.path.dirname(go), "npbench") if go else ""))
+    ap.add_argument("--npbench", help="npbench binary (default $NPG_NPBENCH, else beside $NPG_GO_NODEPASS)")
     args = ap.parse_args()
-    if not (args.npbench and os.access(args.npbench, os.X_OK)):
-        raise SystemExit("npbench not found: set NPG_GO_NODEPASS or NPG_NPBENCH (../shared/tools/README.md)")
+    args.npbench = find_npbench(args.npbench)
     with tempfile.TemporaryDirectory() as tmp:
         echoes: list[tuple[str, list[str]]] = []
         cc = shutil.which("cc") or shutil.which("gcc")

@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import compileall
 import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from compare import npbench
+from compare import echo_target, find_npbench, npbench
 
 import bench
 
@@ -53,12 +52,9 @@ def layout(path_cls: type[bench.Path_], tunnels: int, bench_bin: str, load: str,
            seconds: float, mib: int, program: list[str] | None) -> float:
     """Open *tunnels* tunnels of *path_cls* to one echo target, run two load generators spread
     over them, return the summed rate."""
-    target = bench.free_port()
-    server = subprocess.Popen([bench_bin, "serve", "-listen", "127.0.0.1:%d" % target],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target, server = echo_target(bench_bin)
     paths = [path_cls(program=program) for _ in range(tunnels)]
     try:
-        bench.wait_port(target)
         ports = [p.open(target) for p in paths]
         for p in paths:
             p.settle()
@@ -81,12 +77,9 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--mib", type=int, default=64, help="MiB per echo stream (tput)")
     ap.add_argument("--go", default=os.environ.get("NPG_GO_NODEPASS"), help="Go NodePass binary")
-    ap.add_argument("--npbench", default=os.environ.get("NPG_NPBENCH"))
+    ap.add_argument("--npbench", help="npbench binary (default $NPG_NPBENCH, else beside the Go binary)")
     args = ap.parse_args()
-    if not args.npbench and args.go:
-        args.npbench = os.path.join(os.path.dirname(os.path.abspath(args.go)), "npbench")
-    if not args.npbench or not os.access(args.npbench, os.X_OK):
-        raise SystemExit("npbench not found: --npbench or NPG_NPBENCH (../shared/tools/README.md)")
+    args.npbench = find_npbench(args.npbench, args.go)
     compileall.compile_dir(str(bench.ROOT / "npgevent"), quiet=1)
     cls = bench.PATHS[args.path]
     rates: dict[str, list[float]] = {"one": [], "two": [], "go": []}
