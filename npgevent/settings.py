@@ -306,6 +306,10 @@ class Options:
                                   "packets up to 16384 bytes)",
                                   in_range=lambda v: 1200 <= v <= 16384,
                                   range_help="must be 1200..16384", go=False)
+    quic_offload: bool = opt("quic_offload", True, _flag01,
+                             "1 = QUIC sends and receives runs of datagrams in one system call (UDP "
+                             "GSO and GRO) where the kernel allows it, else one at a time; 0 = always "
+                             "one at a time", fmt=_fmt_bool, roles=_TUN, go=False)
     state_dir: str = opt("state_dir", "", _str,
                          "master: directory of the state file (default $XDG_STATE_HOME/npgevent, "
                          "i.e. ~/.local/state/npgevent)", roles=("master",), go=False)

@@ -137,7 +137,7 @@ class DualClientCore(TunnelCore):
         from ..quic.stream import QuicEngine
 
         opts = self.opts
-        self.engine = QuicEngine(self.log, opts.report_interval)
+        self.engine = QuicEngine(self.log, opts.report_interval, opts.quic_offload)
         self.engine.on_failure = lambda why: self.fail(CoreError("QUIC: %s" % why))
         self.engine.start()
         from ..quic.config import DATAGRAM_SIZE

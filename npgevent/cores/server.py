@@ -138,7 +138,7 @@ class ServerCore(TunnelCore):
 
         assert self.tls is not None  # quic=1 always has TLS (code 1 at least)
         opts = self.opts
-        self.engine = QuicEngine(self.log, opts.report_interval)
+        self.engine = QuicEngine(self.log, opts.report_interval, opts.quic_offload)
         self.engine.on_failure = lambda why: self.fail(CoreError("QUIC: %s" % why))
         self.engine.start()
         self._quic_cert = self.tls.cert

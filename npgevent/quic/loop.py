@@ -29,7 +29,10 @@ from typing import Any
 
 from gevent import monkey
 
+from . import offload
+
 RealSocket = monkey.get_original("socket", "socket")
+_MSG_TRUNC = getattr(_socket, "MSG_TRUNC", 0x20)
 
 
 def _real_socketpair() -> tuple[Any, Any]:
@@ -49,10 +52,26 @@ DRAIN = 64  # datagrams read per wake-up of a UDP socket, at most
 class DrainingTransport(selector_events._SelectorDatagramTransport):  # type: ignore[name-defined]
     """Reads every datagram that is ready (up to :data:`DRAIN`) per wake-up, where asyncio reads
     one.  Fewer loop iterations per packet, and the events of one burst (say, both packets of a
-    Go peer's raw datagram that quic-go cut in two) reach gevent in one batch."""
+    Go peer's raw datagram that quic-go cut in two) reach gevent in one batch.
+
+    With segmentation offload (:mod:`npgevent.quic.offload`) a run of datagrams crosses the
+    kernel in one call each way: :meth:`send_batch` sends runs with GSO while :attr:`gso`
+    holds, and a socket on which the kernel took GRO (:attr:`gro`) is read with
+    ``recvmsg`` and its coalesced runs split again.  ``recvfrom`` asks for
+    :data:`~npgevent.quic.offload.RECV_SIZE` bytes, not asyncio's 256 KiB, which glibc may
+    serve with an ``mmap`` and ``munmap`` per datagram (16.8 against 1.9 us here)."""
+
+    max_size = offload.RECV_SIZE
+    gso = True  # cleared for good on this socket once the kernel refuses a run
+    gro = False
+    runs_sent = 0  # runs of datagrams sent in one call each (read by tests and bench/)
+    runs_read = 0  # coalesced runs received and split
 
     def _read_ready(self) -> None:
         sock, protocol = self._sock, self._protocol
+        if self.gro:
+            self._read_runs(sock, protocol)
+            return
         for _ in range(DRAIN):
             if self._conn_lost:
                 return
@@ -65,6 +84,60 @@ class DrainingTransport(selector_events._SelectorDatagramTransport):  # type: ig
                 return
             protocol.datagram_received(data, addr)
 
+    def _read_runs(self, sock: Any, protocol: Any) -> None:
+        read = 0
+        while read < DRAIN:
+            if self._conn_lost:
+                return
+            try:
+                data, ancdata, flags, addr = sock.recvmsg(self.max_size, offload.ANC_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                protocol.error_received(exc)
+                return
+            size = offload.gro_size(ancdata) if ancdata else 0
+            if flags & _MSG_TRUNC:  # cut short: only a coalesced run's whole datagrams are whole
+                data = data[:len(data) // size * size] if size else b""
+                if not data:
+                    read += 1
+                    continue
+            if not size or len(data) <= size:
+                read += 1
+                protocol.datagram_received(data, addr)
+                continue
+            self.runs_read += 1
+            for datagram in offload.split(data, size):
+                read += 1
+                protocol.datagram_received(datagram, addr)
+
+    def send_batch(self, datagrams: list[tuple[bytes, Any]]) -> None:
+        """Send *datagrams* (``(data, addr)``, in order): runs of them in one GSO call each
+        while the socket allows it, the rest with :meth:`sendto`."""
+        if len(datagrams) < 2 or not self.gso:
+            for data, addr in datagrams:
+                self.sendto(data, addr)
+            return
+        sock = self._sock
+        connected = self._extra["peername"]
+        for run, addr, size in offload.runs(datagrams):
+            if len(run) > 1 and self.gso and not self._buffer and not self._conn_lost:
+                try:
+                    if connected:
+                        sock.sendmsg(run, offload.segment_cmsg(size))
+                    else:
+                        sock.sendmsg(run, offload.segment_cmsg(size), 0, addr)
+                    self.runs_sent += 1
+                    continue
+                except (BlockingIOError, InterruptedError):
+                    pass  # sendto buffers them, in order
+                except OSError as exc:
+                    if exc.errno in offload.UNSUPPORTED:
+                        self.gso = False
+                    # anything else (say, a refusal the peer's ICMP left) is sendto's to report
+            for data in run:
+                self.sendto(data, addr)
+
 
 class NativeLoop(asyncio.SelectorEventLoop):
     """An asyncio loop whose self-pipe is a real socketpair (not a gevent one), whose
@@ -72,6 +145,7 @@ class NativeLoop(asyncio.SelectorEventLoop):
     ends each iteration with :attr:`after_iteration` (see the module docstring)."""
 
     after_iteration: Callable[[], None] | None = None
+    offload = True  # segmentation offload (GSO, GRO) on the datagram transports made from now on
 
     def __init__(self, selector: Any = None) -> None:
         super().__init__(selector)
@@ -168,7 +242,10 @@ class NativeLoop(asyncio.SelectorEventLoop):
 
     def _make_datagram_transport(self, sock: Any, protocol: Any, address: Any = None, waiter: Any = None,
                                  extra: Any = None) -> Any:
-        return DrainingTransport(self, sock, protocol, address, waiter, extra)
+        transport = DrainingTransport(self, sock, protocol, address, waiter, extra)
+        transport.gso = self.offload
+        transport.gro = self.offload and offload.enable_gro(sock)
+        return transport
 
     def _make_self_pipe(self) -> None:
         self._ssock, self._csock = _real_socketpair()

@@ -83,8 +83,9 @@ class NpProtocol(QuicConnectionProtocol):
         """Send what is due, then keep a timer for aioquic's next deadline (see :meth:`_arm`)."""
         self._transmit_task = None
         quic, loop, transport = self._quic, self._loop, cast(Any, self._transport)
-        for data, addr in quic.datagrams_to_send(now=loop.time()):
-            transport.sendto(data, addr)
+        datagrams = quic.datagrams_to_send(now=loop.time())
+        if datagrams:
+            transport.send_batch(datagrams)
         self._arm(quic.get_timer())
         self.owner._after_transmit(self)
 

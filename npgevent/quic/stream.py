@@ -222,10 +222,10 @@ class QuicStream:
 class QuicEngine:
     """The gevent-side facade of one QUIC thread."""
 
-    def __init__(self, log: InstanceLog, keepalive: float) -> None:
+    def __init__(self, log: InstanceLog, keepalive: float, offload: bool = True) -> None:
         self.log = log
         self.bridge = Bridge()
-        self.thread = QuicThread(self.bridge, self, keepalive)
+        self.thread = QuicThread(self.bridge, self, keepalive, offload)
         self.streams: dict[tuple[int, int], QuicStream] = {}
         self.alive: set[int] = set()
         self.fingerprints: dict[int, str] = {}

@@ -62,10 +62,11 @@ class QuicThread:
     through the bridge.
     """
 
-    def __init__(self, bridge: Bridge, sink: Any, keepalive: float) -> None:
+    def __init__(self, bridge: Bridge, sink: Any, keepalive: float, offload: bool = True) -> None:
         self.bridge = bridge
         self.sink = sink
         self.keepalive = keepalive
+        self.offload = offload  # segmentation offload on this thread's sockets (quic_offload)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.protocols: dict[int, NpProtocol] = {}
         self.servers: list[tuple[Any, AdmittingServer]] = []
@@ -96,6 +97,7 @@ class QuicThread:
         self.native_id = _get_native_id()
         try:
             loop = NativeLoop(_RealSelector())
+            loop.offload = self.offload
             loop.set_exception_handler(self._loop_error)
             self.loop = loop
             loop.after_iteration = self._end_of_iteration
