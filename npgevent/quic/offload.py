@@ -8,9 +8,9 @@ from one sender to one ``recvmsg``, with the size in a control message, and :fun
 cuts it again.  On the wire each datagram is what a ``sendto`` of its own would have sent,
 so a peer, Go's quic-go included, sees no difference.
 
-aioquic hands over a burst of packets at a time (a dozen under a bulk transfer), which one
-``sendto`` each costs a system call and a trip through the kernel's UDP and IP layers per
-packet, on both ends.  Where the kernel refuses (an old kernel, a device without checksum
+aioquic hands over a burst of packets at a time (a dozen under a bulk transfer); sent and
+read one per call, each packet costs a system call and a trip through the kernel's UDP and
+IP layers on both ends.  Where the kernel refuses (an old kernel, a device without checksum
 offload, a segment larger than the path allows), :class:`~npgevent.quic.loop.DrainingTransport`
 sends that run again one datagram at a time and stops asking for offload on that socket.
 
