@@ -161,6 +161,38 @@ def test_garbage_initials_from_a_foreign_address_change_nothing(quic_tunnel):
         attacker.close()
 
 
+def test_garbage_sent_in_runs_is_judged_one_datagram_at_a_time(quic_tunnel):
+    """An attacker that sends its garbage as runs (UDP GSO: the kernel hands each run to the
+    QUIC socket whole, the socket reads runs) gets every datagram of a run refused and counted
+    on its own, and changes nothing else."""
+    from npgevent.quic import offload
+
+    s, _c, tport, uport = quic_tunnel
+    server_transport = s.core.engine.thread.servers[0][0]
+    read_before = server_transport.runs_read
+    attacker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    attacker.bind(("127.0.0.2", 0))
+    try:
+        try:
+            attacker.sendmsg([garbage_initial()] * 2, offload.segment_cmsg(1200), 0, ("127.0.0.1", tport))
+        except OSError:
+            pytest.skip("this kernel has no UDP_SEGMENT")
+        for i in range(100):
+            attacker.sendmsg([garbage_initial() for _ in range(40)], offload.segment_cmsg(1200), 0,
+                             ("127.0.0.1", tport))
+            if i % 10 == 9:
+                gevent.sleep(0.02)
+        gevent.sleep(0.5)
+        assert server_transport.runs_read - read_before >= 50  # read as runs ...
+        assert s.core.engine.drops["foreign"] >= 0.9 * 4002  # ... and refused datagram by datagram
+        assert echo_roundtrip(uport, b"still here") == b"still here"
+        assert udp_roundtrip(uport, b"udp still here") == b"udp still here"
+        assert s.capture.count(r"QUIC thread error|Server error|Server restart") == 0
+        assert s.capture.count(r"QUIC datagram from 127\.0\.0\.2 dropped") <= 2
+    finally:
+        attacker.close()
+
+
 def test_garbage_initials_from_the_admitted_address_keep_no_state(quic_tunnel):
     """UDP sources can be forged: 20,000 Initials "from the client" get stateless Retries (or an
     INVALID_TOKEN close when they carry a token), and no connection object is kept."""
