@@ -75,6 +75,30 @@ def test_one_end_with_offload_and_one_without_carry_the_same_bytes():
         echo.close()
 
 
+def test_a_socket_the_kernel_refuses_runs_on_falls_back_to_one_datagram_per_call():
+    """SO_NO_CHECK (no UDP checksums) makes the kernel refuse every GSO send with EINVAL, as it
+    does on paths that cannot take a run: the server resends each run datagram by datagram,
+    stops asking on that socket, and nothing is lost."""
+    import socket as std
+
+    echo = EchoPair()
+    tport, uport = free_port(), free_port()
+    server_url, client_url = tunnel_urls("rev", "1", tport, uport, echo.port, extra_server="&quic=1")
+    try:
+        with in_process(server_url) as s, in_process(client_url) as c:
+            wait_pool(lambda: s.core.pool.active, 2)
+            server = _transports(s)[0]
+            server._sock.setsockopt(std.SOL_SOCKET, getattr(std, "SO_NO_CHECK", 11), 1)  # Linux's 11
+            sent_before = server.runs_sent
+            exercise_tcp_sha(uport, 8 * MiB)
+            exercise_udp(uport)
+            assert not server.gso and server.runs_sent == sent_before
+            assert _counts(c)[0] > 0  # the client's socket is not affected
+            assert s.capture.count(r"QUIC thread error|Server error|Server restart") == 0
+    finally:
+        echo.close()
+
+
 def test_the_setting_refuses_anything_but_0_or_1():
     from npgevent.errors import ConfigError
     from npgevent.settings import resolve
