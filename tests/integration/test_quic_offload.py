@@ -3,6 +3,8 @@ between npgevent peers and with a real Go peer, and the setting that turns it of
 
 from __future__ import annotations
 
+import contextlib
+
 import gevent
 import pytest
 from helpers import EchoPair, free_port, in_process, tunnel_urls, wait_pool
@@ -27,52 +29,46 @@ def _counts(runner) -> tuple[int, int]:
     return sum(t.runs_sent for t in transports), sum(t.runs_read for t in transports)
 
 
-@pytest.mark.parametrize("flow", ["rev", "fwd"])
-def test_a_bulk_transfer_crosses_in_runs_both_ways(flow):
+@contextlib.contextmanager
+def quic_tunnel(flow: str = "rev", server_offload: str = "1", client_offload: str = "1"):
+    """An npgevent QUIC tunnel in this process, its pool up: yields (server, client, user port)."""
     echo = EchoPair()
     tport, uport = free_port(), free_port()
     server_url, client_url = tunnel_urls(flow, "1", tport, uport, echo.port, extra_server="&quic=1")
     try:
-        with in_process(server_url) as s, in_process(client_url) as c:
+        with in_process(server_url, quic_offload=server_offload) as s, \
+                in_process(client_url, quic_offload=client_offload) as c:
             wait_pool(lambda: (s if flow == "rev" else c).core.pool.active, 2)
-            exercise_tcp_sha(uport, 16 * MiB)
-            exercise_udp(uport)
-            for end in (s, c):
-                sent, read = _counts(end)
-                assert sent > 0 and read > 0, (sent, read)  # the echo moved 16 MiB each way
-                assert all(t.gso and t.gro for t in _transports(end))
+            yield s, c, uport
     finally:
         echo.close()
+
+
+@pytest.mark.parametrize("flow", ["rev", "fwd"])
+def test_a_bulk_transfer_crosses_in_runs_both_ways(flow):
+    with quic_tunnel(flow) as (s, c, uport):
+        exercise_tcp_sha(uport, 16 * MiB)
+        exercise_udp(uport)
+        for end in (s, c):
+            sent, read = _counts(end)
+            assert sent > 0 and read > 0, (sent, read)  # the echo moved 16 MiB each way
+            assert all(t.gso and t.gro for t in _transports(end))
 
 
 def test_quic_offload_0_sends_and_reads_one_datagram_per_call():
-    echo = EchoPair()
-    tport, uport = free_port(), free_port()
-    server_url, client_url = tunnel_urls("rev", "1", tport, uport, echo.port, extra_server="&quic=1")
-    try:
-        with in_process(server_url, quic_offload="0") as s, in_process(client_url, quic_offload="0") as c:
-            wait_pool(lambda: s.core.pool.active, 2)
-            exercise_tcp_sha(uport, 8 * MiB)
-            for end in (s, c):
-                assert _counts(end) == (0, 0)
-                assert not any(t.gso or t.gro for t in _transports(end))
-    finally:
-        echo.close()
+    with quic_tunnel(server_offload="0", client_offload="0") as (s, c, uport):
+        exercise_tcp_sha(uport, 8 * MiB)
+        for end in (s, c):
+            assert _counts(end) == (0, 0)
+            assert not any(t.gso or t.gro for t in _transports(end))
 
 
 def test_one_end_with_offload_and_one_without_carry_the_same_bytes():
     """A peer that reads one datagram per call gets runs cut by the kernel, and sends single
     datagrams to one that reads runs."""
-    echo = EchoPair()
-    tport, uport = free_port(), free_port()
-    server_url, client_url = tunnel_urls("rev", "1", tport, uport, echo.port, extra_server="&quic=1")
-    try:
-        with in_process(server_url) as s, in_process(client_url, quic_offload="0") as c:
-            wait_pool(lambda: s.core.pool.active, 2)
-            exercise_tcp_sha(uport, 8 * MiB)
-            assert _counts(s)[0] > 0 and _counts(c) == (0, 0)
-    finally:
-        echo.close()
+    with quic_tunnel(client_offload="0") as (s, c, uport):
+        exercise_tcp_sha(uport, 8 * MiB)
+        assert _counts(s)[0] > 0 and _counts(c) == (0, 0)
 
 
 def test_a_socket_the_kernel_refuses_runs_on_falls_back_to_one_datagram_per_call():
@@ -81,22 +77,15 @@ def test_a_socket_the_kernel_refuses_runs_on_falls_back_to_one_datagram_per_call
     stops asking on that socket, and nothing is lost."""
     import socket as std
 
-    echo = EchoPair()
-    tport, uport = free_port(), free_port()
-    server_url, client_url = tunnel_urls("rev", "1", tport, uport, echo.port, extra_server="&quic=1")
-    try:
-        with in_process(server_url) as s, in_process(client_url) as c:
-            wait_pool(lambda: s.core.pool.active, 2)
-            server = _transports(s)[0]
-            server._sock.setsockopt(std.SOL_SOCKET, getattr(std, "SO_NO_CHECK", 11), 1)  # Linux's 11
-            sent_before = server.runs_sent
-            exercise_tcp_sha(uport, 8 * MiB)
-            exercise_udp(uport)
-            assert not server.gso and server.runs_sent == sent_before
-            assert _counts(c)[0] > 0  # the client's socket is not affected
-            assert s.capture.count(r"QUIC thread error|Server error|Server restart") == 0
-    finally:
-        echo.close()
+    with quic_tunnel() as (s, c, uport):
+        server = _transports(s)[0]
+        server._sock.setsockopt(std.SOL_SOCKET, getattr(std, "SO_NO_CHECK", 11), 1)  # Linux's 11
+        sent_before = server.runs_sent
+        exercise_tcp_sha(uport, 8 * MiB)
+        exercise_udp(uport)
+        assert not server.gso and server.runs_sent == sent_before
+        assert _counts(c)[0] > 0  # the client's socket is not affected
+        assert s.capture.count(r"QUIC thread error|Server error|Server restart") == 0
 
 
 def test_the_setting_refuses_anything_but_0_or_1():

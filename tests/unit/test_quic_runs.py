@@ -237,7 +237,9 @@ class FullOnceSocket(socket.socket):
         return super().sendmsg(*args)
 
 
-def test_a_refused_run_is_sent_one_datagram_at_a_time_and_offload_stops_on_that_socket():
+@pytest.mark.parametrize("code", [errno.EIO, errno.EINVAL, errno.EMSGSIZE])
+def test_a_refused_run_is_sent_one_datagram_at_a_time_and_offload_stops_on_that_socket(code, monkeypatch):
+    monkeypatch.setattr(RefusingSocket, "refuse", code)
     RefusingSocket.calls = 0
     ends = Ends(sock_class=RefusingSocket)
     try:
@@ -253,6 +255,7 @@ def test_a_refused_run_is_sent_one_datagram_at_a_time_and_offload_stops_on_that_
         ends.close()
 
 
+@needs_gso
 def test_a_full_send_buffer_keeps_offload_and_loses_nothing():
     FullOnceSocket.calls = 0
     ends = Ends(sock_class=FullOnceSocket)
