@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -78,13 +79,20 @@ def test_quic_runs_across_a_veth_link():
             _ip("-n", ns, "addr", "add", ip + "/24", "dev", dev)
         here = Path(__file__)
         env = dict(os.environ, NPG_TEST_VETH=b)
-        proc = subprocess.run(
+        # a session of its own: if it hangs, its whole group (the client in the other
+        # namespace included) is killed, not only the pytest it runs
+        proc = subprocess.Popen(
             ["ip", "netns", "exec", a, sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-             str(here), "-k", "inner"], capture_output=True, text=True, timeout=140,
-            cwd=here.parents[2], env=env)
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-        assert "2 passed" in proc.stdout, proc.stdout[-2000:]
-
+             str(here), "-k", "inner"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=here.parents[2], env=env, start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=140)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise AssertionError("the inner test hung:\n" + out[-4000:]) from None
+        assert proc.returncode == 0, out[-4000:] + err[-2000:]
+        assert "2 passed" in out, out[-2000:]
     finally:
         for ns in (a, b):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
