@@ -10,8 +10,8 @@ so a peer, Go's quic-go included, sees no difference.
 
 aioquic hands over a burst of packets at a time (a dozen under a bulk transfer); sent and
 read one per call, each packet costs a system call and a trip through the kernel's UDP and
-IP layers on both ends.  Where the kernel refuses (an old kernel, a device without checksum
-offload, a segment larger than the path allows), :class:`~npgevent.quic.loop.DrainingTransport`
+IP layers on both ends.  Where the kernel refuses (an old kernel, a path that cannot take a run,
+a segment larger than the path allows), :class:`~npgevent.quic.loop.DrainingTransport`
 sends that run again one datagram at a time and stops asking for offload on that socket.
 
 This module is sans-IO but for :func:`enable_gro`: grouping, control messages, splitting.
