@@ -287,3 +287,42 @@ def test_a_flood_of_runs_is_read_a_bounded_amount_per_wakeup():
         assert ends.read_all(600) == [b"\x40" * 1000] * 600
     finally:
         ends.close()
+
+
+class ScriptedSocket:
+    """What ``recvmsg`` returns, scripted: the kernel's answers a test cannot provoke on
+    loopback (a run longer than the buffer, a size that does not fit the data)."""
+
+    def __init__(self, answers: list[tuple[bytes, list, int]]) -> None:
+        self.answers = answers
+
+    def recvmsg(self, bufsize: int, ancbufsize: int):
+        if not self.answers:
+            raise BlockingIOError(errno.EAGAIN, "empty")
+        data, ancdata, flags = self.answers.pop(0)
+        return data[:bufsize], ancdata, flags, A
+
+
+def _gro(size: int) -> list:
+    return [(offload.SOL_UDP, offload.UDP_GRO, struct.pack("=i", size))]
+
+
+def test_cut_short_reads_keep_only_whole_datagrams():
+    """A truncated run keeps its whole datagrams and drops the cut one; a truncated single
+    datagram is dropped; a segment size larger than the data is a single datagram."""
+    from npgevent.quic.loop import _MSG_TRUNC
+
+    ends = Ends(offload_on=False)
+    try:
+        received = Collector()
+        sock = ScriptedSocket([
+            (b"a" * 1000 + b"b" * 1000 + b"c" * 500, _gro(1000), _MSG_TRUNC),  # c was cut
+            (b"x" * 700, [], _MSG_TRUNC),
+            (b"y" * 300, _gro(1000), 0),
+            (b"d" * 1000 + b"e" * 10, _gro(1000), 0),
+        ])
+        ends.rx._read_runs(sock, received)
+        assert [d for d, _ in received.got] == [b"a" * 1000, b"b" * 1000, b"y" * 300, b"d" * 1000, b"e" * 10]
+        assert ends.rx.runs_read == 2 and not received.errors
+    finally:
+        ends.close()
