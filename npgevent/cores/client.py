@@ -134,7 +134,7 @@ class DualClientCore(TunnelCore):
         """Start the QUIC thread and its connections; return the pool connector."""
         from ..pool.quic import QuicConnector, connection_count
         from ..quic.config import make_configuration
-        from ..quic.stream import QuicEngine
+        from ..quic.engine import QuicEngine
 
         opts = self.opts
         self.engine = QuicEngine(self.log, opts.report_interval, opts.quic_offload)

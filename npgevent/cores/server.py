@@ -134,7 +134,7 @@ class ServerCore(TunnelCore):
         """Bind the QUIC endpoint now, so it is up when the client dials after the handshake;
         it admits nobody until the control connection's IP is known."""
         from ..quic.config import make_configuration
-        from ..quic.stream import QuicEngine
+        from ..quic.engine import QuicEngine
 
         assert self.tls is not None  # quic=1 always has TLS (code 1 at least)
         opts = self.opts

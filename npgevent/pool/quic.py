@@ -24,7 +24,8 @@ from gevent.pool import Group
 
 from ..log import ERROR, WARN, InstanceLog
 from ..protocol.auth import POOL_PROOF, PoolProver, PoolVerifier
-from ..quic.stream import QuicEngine, QuicStream
+from ..quic.engine import QuicEngine
+from ..quic.stream import QuicStream
 from .tcp import IdlePool, PoolConn, new_cid, read_exact
 
 MAX_STREAMS = 128
