@@ -107,7 +107,10 @@ def udp_exchange(core: TunnelCore, conn: PoolConn, usock: socket.socket) -> None
 
     def up() -> None:  # pool -> target
         deframer = Deframer() if framed else None
-        if limiter is None and HubReader.supports(stream):
+        # a QUIC stream hands its chunks over in the hub itself; framed only (a Go peer's raw
+        # datagram may come in two chunks, which the greenlet's recv joins)
+        serve = getattr(stream, "serve_in_hub", None) if framed else None
+        if limiter is None and (serve is not None or HubReader.supports(stream)):
             raw = usock._sock
 
             def deliver(data: bytes) -> None:  # in a hub callback: never waits
@@ -119,7 +122,10 @@ def udp_exchange(core: TunnelCore, conn: PoolConn, usock: socket.socket) -> None
                         continue  # a full buffer drops it, as UDP does; the target was unreachable
                     acct[UDP_TX] += len(datagram)
 
-            HubReader(stream, deliver, bufsize).serve()
+            if serve is not None:
+                serve(deliver)
+            else:
+                HubReader(stream, deliver, bufsize).serve()
             return
         while True:
             data = stream.recv(bufsize)  # a TLS stream waits for its socket first
@@ -286,11 +292,17 @@ class TunnelUdpSession(UdpSession):
     def read_in_hub(self) -> bool:
         """Once answered (the relaunch logic of :meth:`recv` no longer applies), the pool
         connection is read in hub callbacks (:class:`~npgevent.relay.hubread.HubReader`):
-        no greenlet switch per datagram.  Not with ``rate=`` or over QUIC."""
+        no greenlet switch per datagram; a QUIC stream hands its chunks over in the hub itself
+        (:meth:`~npgevent.quic.stream.QuicStream.serve_in_hub`).  Not with ``rate=``, nor for a Go
+        peer's raw datagrams over QUIC."""
         conn = self.conn
-        if (self.unanswered is not None or conn is None or self.core.inst.limiter is not None
-                or not HubReader.supports(conn.stream)):
+        if self.unanswered is not None or conn is None or self.core.inst.limiter is not None:
             return False
+        serve = getattr(conn.stream, "serve_in_hub", None)  # a QUIC stream: chunks handed over in the hub
+        if serve is None and not HubReader.supports(conn.stream):
+            return False
+        if serve is not None and self.deframer is None:
+            return False  # a Go peer's raw datagrams: read whole in the greenlet (recv joins chunks)
         table, addr, traffic = self.table, self.addr, self.core.inst.traffic.bytes
 
         def deliver_one(datagram: bytes) -> None:
@@ -307,7 +319,10 @@ class TunnelUdpSession(UdpSession):
                 for datagram in deframer.feed(data):
                     deliver_one(datagram)
 
-            HubReader(conn.stream, deliver, 65536).serve()
+            if serve is not None:
+                serve(deliver)
+            else:
+                HubReader(conn.stream, deliver, 65536).serve()
         else:
             HubReader(conn.stream, deliver_one, self.core.opts.udp_data_buf_size).serve()
         return True

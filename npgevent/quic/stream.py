@@ -4,7 +4,8 @@
 (blocking the calling greenlet, honouring ``settimeout``), ``sendall`` (blocking
 while more than the send window is in flight), ``shutdown(SHUT_WR)`` (FIN, so
 half-close works), ``close`` (reset/stop-sending if not finished both ways),
-``probe`` for the pool.  Every byte consumed is reported back in steps so the thread can widen
+``probe`` for the pool, and :meth:`~QuicStream.serve_in_hub` for readers that run in
+hub callbacks.  Every byte consumed is reported back in steps so the thread can widen
 the peer's window: a stream never buffers more than ``WINDOW`` bytes.  Its engine
 (:class:`~npgevent.quic.engine.QuicEngine`) applies the thread's batches to it, in the hub.
 """
@@ -12,11 +13,13 @@ the peer's window: a stream never buffers more than ``WINDOW`` bytes.  Its engin
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from gevent import socket
 from gevent.event import Event
 
+from ..errors import detached
 from .connection import CREDIT_STEP, WINDOW
 
 if TYPE_CHECKING:
@@ -46,19 +49,28 @@ class QuicStream:
         self.timeout: float | None = None
         #: every sendall is one raw datagram (UDP towards a Go peer): kept whole on the wire
         self.datagrams = False
+        #: set by :meth:`serve_in_hub`: called in the hub instead of waking a reader greenlet
+        self._on_ready: Callable[[], None] | None = None
 
     # -- fed by the engine (in the hub; never blocks) -----------------------------------
     def _feed(self, chunks: list[bytes], fin: bool) -> None:
         self._chunks.extend(c for c in chunks if c)
         if fin:
             self._fin = True
-        self._readable.set()
+        self._wake()
 
     def _break(self, why: str) -> None:
         if not self._broken:
             self._broken = why
-        self._readable.set()
+        self._wake()
         self._writable.set()
+
+    def _wake(self) -> None:
+        on_ready = self._on_ready
+        if on_ready is not None:
+            on_ready()  # serve_in_hub(): the chunks go on from here, in the hub
+        else:
+            self._readable.set()
 
     def _credit(self, sent: int) -> None:
         if sent > self.sent:
@@ -123,6 +135,45 @@ class QuicStream:
         self._consume(got)
         return got
 
+    def serve_in_hub(self, deliver: Callable[[bytes], None]) -> None:
+        """Hand every chunk that arrives to *deliver* in the hub, as the engine applies the
+        thread's batch, and block the calling greenlet until the stream ends (return) or
+        breaks (``ConnectionResetError``; what *deliver* raised, raised here).  What a
+        :class:`~npgevent.relay.hubread.HubReader` does for a socket: the reader greenlet is
+        not woken per chunk, a switch pair saved per datagram of a UDP session.  *deliver*
+        must not wait; the chunks are consumed as they are delivered (the peer's window
+        follows).  No read timeout: the session's own watchdog ends it."""
+        ended = Event()
+        failure: list[Exception] = []
+        chunks = self._chunks
+
+        def ready() -> None:
+            if ended.is_set():
+                return
+            try:
+                while chunks:
+                    chunk = chunks.popleft()
+                    self._consume(len(chunk))
+                    deliver(chunk)
+            except Exception as exc:  # the session ends with it; the hub carries on
+                failure.append(detached(exc))
+                ended.set()
+                return
+            if self._fin or self._broken or self.closed:
+                ended.set()
+
+        self._on_ready = ready
+        try:
+            ready()  # what came before
+            ended.wait()
+        finally:
+            ended.set()
+            self._on_ready = None
+        if failure:
+            raise failure[0]
+        if self._broken or (self.closed and not self._fin):
+            raise ConnectionResetError(self._broken or "stream closed")
+
     def _consume(self, n: int) -> None:
         self.consumed += n
         if self.consumed - self._granted >= CREDIT_STEP:
@@ -181,7 +232,7 @@ class QuicStream:
         thread = engine.thread
         # abort what is not finished: reset our direction, ask the peer to stop its own
         thread.call(thread.close_stream, self.conn, self.sid, not self._wfin, not self._fin)
-        self._readable.set()
+        self._wake()
         self._writable.set()
 
     def settimeout(self, value: float | None) -> None:
