@@ -159,4 +159,4 @@ class HubReader:
             watcher.close()
             again.clear()
         if failure:
-            raise failure[0]
+            raise failure.pop()  # no local left holding it: its traceback holds this frame

@@ -148,3 +148,27 @@ def test_master_requests_leave_nothing_to_the_collector(tmp_path) -> None:
 
 def _classes(objects: list[Any]) -> list[tuple[str, int]]:
     return collections.Counter(type(o).__qualname__ for o in objects).most_common(10)
+
+
+def test_a_failed_hub_read_leaves_nothing_to_the_collector() -> None:
+    """A reader whose session fails in a hub callback (a pool stream's error, a delivery that
+    raised) raises that error in the session's greenlet without a reference cycle: its
+    traceback holds the serving frame, which must not hold it back."""
+    from npgevent.relay.hubread import HubReader
+
+    def deliver(data: bytes) -> None:
+        raise ValueError("cannot pass this on")
+
+    with left_to_the_collector() as ours:
+        for _ in range(3):
+            a, b = socket.socketpair()
+            try:
+                job = gevent.spawn(HubReader(a, deliver, 65536).serve)
+                b.sendall(b"boom")
+                job.join(5)
+                assert isinstance(job.exception, ValueError)
+                del job
+            finally:
+                a.close()
+                b.close()
+    assert not ours, _classes(ours)
