@@ -170,7 +170,7 @@ class QuicStream:
             ended.set()
             self._on_ready = None
         if failure:
-            raise failure[0]
+            raise failure.pop()  # no local left holding it: its traceback holds this frame
         if self._broken or (self.closed and not self._fin):
             raise ConnectionResetError(self._broken or "stream closed")
 

@@ -145,3 +145,23 @@ def test_chunks_delivered_count_as_consumed_and_widen_the_peers_window():
     assert grants == [("grant", 1, 4, sent)]  # once past CREDIT_STEP, with what was consumed
     server.kill()
     assert stream._on_ready is None  # a killed server (the session's idle watchdog) unhooks
+
+
+
+def test_a_failed_serve_leaves_nothing_to_the_collector():
+    """What deliver raised comes out of serve_in_hub without a reference cycle (its traceback
+    holds serve's frame, so nothing in that frame may hold it): a peer making sessions fail
+    as fast as it likes must not feed the collector."""
+    from helpers import left_to_the_collector
+
+    def deliver(chunk: bytes) -> None:
+        raise ValueError("cannot pass this on")
+
+    with left_to_the_collector() as ours:
+        for _ in range(3):
+            stream, server = _serving(deliver)
+            _from_hub(stream, [b"boom"])
+            server.join(2)
+            assert isinstance(server.exception, ValueError)
+            del stream, server
+    assert not ours, ours
