@@ -30,18 +30,48 @@ def _counts(runner) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def quic_tunnel(flow: str = "rev", server_offload: str = "1", client_offload: str = "1"):
-    """An npgevent QUIC tunnel in this process, its pool up: yields (server, client, user port)."""
+def quic_tunnel(flow: str = "rev", server_offload: str = "1", client_offload: str = "1", **both: str):
+    """An npgevent QUIC tunnel in this process, its pool up: yields (server, client, user port).
+    *both*: settings for both ends."""
     echo = EchoPair()
     tport, uport = free_port(), free_port()
     server_url, client_url = tunnel_urls(flow, "1", tport, uport, echo.port, extra_server="&quic=1")
     try:
-        with in_process(server_url, quic_offload=server_offload) as s, \
-                in_process(client_url, quic_offload=client_offload) as c:
+        with in_process(server_url, quic_offload=server_offload, **both) as s, \
+                in_process(client_url, quic_offload=client_offload, **both) as c:
             wait_pool(lambda: (s if flow == "rev" else c).core.pool.active, 2)
             yield s, c, uport
     finally:
         echo.close()
+
+
+@contextlib.contextmanager
+def go_quic_tunnel(go_role: str):
+    """npgevent in this process and Go NodePass as the tunnel's *go_role* ("client" or
+    "server"), over QUIC, the pool up: yields (npgevent's runner, user port)."""
+    echo = EchoPair()
+    tport, uport = free_port(), free_port()
+    server_url, client_url = tunnel_urls("rev", "1", tport, uport, echo.port, extra_server="&quic=1")
+    go_url = client_url if go_role == "client" else server_url
+    mine_url = server_url if go_role == "client" else client_url
+    env = {"NP_REPORT_INTERVAL": "1s", "NP_SERVICE_COOLDOWN": "1s"}
+    go = GoProcess(go_url + "&log=debug", env=env) if go_role == "server" else None
+    try:
+        if go is not None:
+            go.wait_for(r"Server started")
+        with in_process(mine_url) as mine:
+            peer = go or GoProcess(go_url + "&log=debug", env=env)
+            try:
+                wait_pool(lambda: mine.core.pool.active, 2, timeout=30)
+                yield mine, uport
+            finally:
+                if peer is not go:
+                    peer.close()
+    finally:
+        if go is not None:
+            go.close()
+        echo.close()
+        gevent.sleep(0)
 
 
 @pytest.mark.parametrize("flow", ["rev", "fwd"])
@@ -103,32 +133,11 @@ def test_the_setting_refuses_anything_but_0_or_1():
 def test_runs_with_a_go_peer(go_role):
     """quic-go reads one datagram per call (the kernel cuts npgevent's runs for it) and sends
     runs of its own, which npgevent splits: 32 MiB and 500 datagrams arrive exact."""
-    echo = EchoPair()
-    tport, uport = free_port(), free_port()
-    server_url, client_url = tunnel_urls("rev", "1", tport, uport, echo.port, extra_server="&quic=1")
-    go_url = client_url if go_role == "client" else server_url
-    mine_url = server_url if go_role == "client" else client_url
-    env = {"NP_REPORT_INTERVAL": "1s", "NP_SERVICE_COOLDOWN": "1s"}
-    go = GoProcess(go_url + "&log=debug", env=env) if go_role == "server" else None
-    try:
-        if go is not None:
-            go.wait_for(r"Server started")
-        with in_process(mine_url) as mine:
-            peer = go or GoProcess(go_url + "&log=debug", env=env)
-            try:
-                wait_pool(lambda: mine.core.pool.active, 2, timeout=30)
-                go_exercise_tcp(uport)  # Go closes both directions when one ends: no half-close
-                go_exercise_udp(uport)
-                sent, read = _counts(mine)
-                # npgevent sent runs, and split the runs quic-go sent (it uses GSO where the
-                # kernel has it, as this one does: npgevent's runs went out)
-                assert sent > 0 and read > 0, (sent, read)
-                assert all(t.gso for t in _transports(mine))  # the kernel took every run
-            finally:
-                if peer is not go:
-                    peer.close()
-    finally:
-        if go is not None:
-            go.close()
-        echo.close()
-        gevent.sleep(0)
+    with go_quic_tunnel(go_role) as (mine, uport):
+        go_exercise_tcp(uport)  # Go closes both directions when one ends: no half-close
+        go_exercise_udp(uport)
+        sent, read = _counts(mine)
+        # npgevent sent runs, and split the runs quic-go sent (it uses GSO where the
+        # kernel has it, as this one does: npgevent's runs went out)
+        assert sent > 0 and read > 0, (sent, read)
+        assert all(t.gso for t in _transports(mine))  # the kernel took every run
