@@ -107,10 +107,7 @@ def udp_exchange(core: TunnelCore, conn: PoolConn, usock: socket.socket) -> None
 
     def up() -> None:  # pool -> target
         deframer = Deframer() if framed else None
-        # a QUIC stream hands its chunks over in the hub itself; framed only (a Go peer's raw
-        # datagram may come in two chunks, which the greenlet's recv joins)
-        serve = getattr(stream, "serve_in_hub", None) if framed else None
-        if limiter is None and (serve is not None or HubReader.supports(stream)):
+        if limiter is None and HubReader.supports(stream):
             raw = usock._sock
 
             def deliver(data: bytes) -> None:  # in a hub callback: never waits
@@ -122,10 +119,7 @@ def udp_exchange(core: TunnelCore, conn: PoolConn, usock: socket.socket) -> None
                         continue  # a full buffer drops it, as UDP does; the target was unreachable
                     acct[UDP_TX] += len(datagram)
 
-            if serve is not None:
-                serve(deliver)
-            else:
-                HubReader(stream, deliver, bufsize).serve()
+            HubReader(stream, deliver, bufsize).serve()
             return
         while True:
             data = stream.recv(bufsize)  # a TLS stream waits for its socket first
@@ -292,17 +286,13 @@ class TunnelUdpSession(UdpSession):
     def read_in_hub(self) -> bool:
         """Once answered (the relaunch logic of :meth:`recv` no longer applies), the pool
         connection is read in hub callbacks (:class:`~npgevent.relay.hubread.HubReader`):
-        no greenlet switch per datagram; a QUIC stream hands its chunks over in the hub itself
-        (:meth:`~npgevent.quic.stream.QuicStream.serve_in_hub`).  Not with ``rate=``, nor for a Go
+        no greenlet switch per datagram (a QUIC stream serves itself there, as
+        :class:`~npgevent.relay.hubread.HubReader` says).  Not with ``rate=``, nor for a Go
         peer's raw datagrams over QUIC."""
         conn = self.conn
-        if self.unanswered is not None or conn is None or self.core.inst.limiter is not None:
+        if (self.unanswered is not None or conn is None or self.core.inst.limiter is not None
+                or not HubReader.supports(conn.stream)):
             return False
-        serve = getattr(conn.stream, "serve_in_hub", None)  # a QUIC stream: chunks handed over in the hub
-        if serve is None and not HubReader.supports(conn.stream):
-            return False
-        if serve is not None and self.deframer is None:
-            return False  # a Go peer's raw datagrams: read whole in the greenlet (recv joins chunks)
         table, addr, traffic = self.table, self.addr, self.core.inst.traffic.bytes
 
         def deliver_one(datagram: bytes) -> None:
@@ -319,10 +309,7 @@ class TunnelUdpSession(UdpSession):
                 for datagram in deframer.feed(data):
                     deliver_one(datagram)
 
-            if serve is not None:
-                serve(deliver)
-            else:
-                HubReader(conn.stream, deliver, 65536).serve()
+            HubReader(conn.stream, deliver, 65536).serve()
         else:
             HubReader(conn.stream, deliver_one, self.core.opts.udp_data_buf_size).serve()
         return True

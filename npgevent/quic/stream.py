@@ -135,6 +135,13 @@ class QuicStream:
         self._consume(got)
         return got
 
+    @property
+    def hub_served(self) -> bool:
+        """Whether :meth:`serve_in_hub` may read this stream: not where each write is one raw
+        datagram (a Go peer's UDP), whose peer's datagram may come as two chunks that
+        :meth:`recv` joins."""
+        return not self.datagrams
+
     def serve_in_hub(self, deliver: Callable[[bytes], None]) -> None:
         """Hand every chunk that arrives to *deliver* in the hub, as the engine applies the
         thread's batch, and block the calling greenlet until the stream ends (return) or

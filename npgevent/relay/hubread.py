@@ -9,8 +9,11 @@ the hub; the session's greenlet only waits for the end.
 What may run in a hub callback is narrow: nothing that waits.  So *deliver* must not block
 (UDP replies use a non-blocking ``sendto`` and drop on a full buffer), and only streams that
 can be read without waiting qualify (:func:`nowait_reader`): plain gevent sockets, and
-:class:`~npgevent.net.tls.TLSStream` through its ``recv_nowait``.  Anything else (a QUIC
-stream, a rate-limited session) keeps reading in its greenlet.
+:class:`~npgevent.net.tls.TLSStream` through its ``recv_nowait``.  A stream with no descriptor
+to watch that hands its chunks over in the hub itself (a
+:class:`~npgevent.quic.stream.QuicStream` whose ``hub_served`` holds: its ``serve_in_hub``)
+is served by that.  Anything else (a QUIC stream carrying a Go peer's raw datagrams, a
+rate-limited session) keeps reading in its greenlet.
 
 A callback reads at most :data:`READS_PER_WAKEUP` chunks, so a flooding peer can't hold the
 hub; what is left on the socket wakes the watcher again (level-triggered), and what a TLS
@@ -73,6 +76,11 @@ def drain_check(stream: Any, size: int, datagrams: bool) -> Callable[[bytes], bo
     return lambda data: own()
 
 
+def _serves_itself(stream: Any) -> bool:
+    """Whether *stream* hands its chunks to a reader in the hub itself (``serve_in_hub``)."""
+    return bool(getattr(stream, "hub_served", False))
+
+
 class HubReader:
     """Feed what *stream* delivers to *deliver*, from hub callbacks, until it ends.
 
@@ -82,8 +90,11 @@ class HubReader:
 
     def __init__(self, stream: Any, deliver: Callable[..., None], size: int,
                  datagrams: bool = False, flush: Callable[[], None] | None = None) -> None:
+        # a stream that serves itself takes neither (they are for sockets: UDP, gathering)
+        own = _serves_itself(stream) and not datagrams and flush is None
+        self._own: Callable[[Callable[..., None]], None] | None = stream.serve_in_hub if own else None
         read = nowait_reader(stream)
-        if read is None:
+        if read is None and self._own is None:
             raise ValueError("%s can't be read from the hub" % type(stream).__name__)
         self._read = read
         self._stream = stream
@@ -95,16 +106,20 @@ class HubReader:
     @staticmethod
     def supports(stream: Any) -> bool:
         """Whether :func:`nowait_reader` has a read for *stream* (asked per datagram by a
-        session still reading in its greenlet: builds nothing)."""
-        return type(stream) in PLAIN or hasattr(stream, "recv_nowait")
+        session still reading in its greenlet: builds nothing), or it serves itself."""
+        return type(stream) in PLAIN or hasattr(stream, "recv_nowait") or _serves_itself(stream)
 
     def serve(self) -> None:
         """Block the calling greenlet until the stream ends (return) or fails (raise)."""
+        if self._own is not None:
+            self._own(self._deliver)
+            return
         loop = gevent.get_hub().loop
         ended = Event()
         failure: list[Exception] = []
         watcher = loop.io(self._stream.fileno(), 1)
         read, deliver, size, datagrams = self._read, self._deliver, self._size, self._datagrams
+        assert read is not None  # a reader was found in __init__ unless the stream serves itself
         flush = self._flush
         buffered = getattr(self._stream, "has_buffered", None)
         drained = drain_check(self._stream, size, datagrams)
