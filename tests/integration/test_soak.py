@@ -171,6 +171,22 @@ def fds(pid: int) -> int:
     return len(os.listdir("/proc/%d/fd" % pid))
 
 
+def held_fds(pids: list[int], apart: float = 0.05, tries: int = 20) -> list[int]:
+    """Each process's descriptors, once two readings *apart* seconds apart agree.  A descriptor
+    that leaked is in every reading; one a process opens for a moment on its own is not: a
+    ``workers=`` child times its target's connect for the PING of every report
+    (``Dialer.probe_ms``), a socket held ~1 ms each report interval on the child's own clock,
+    which a single reading caught once in a 40-round soak."""
+    counts = [fds(pid) for pid in pids]
+    for _ in range(tries):
+        gevent.sleep(apart)
+        again = [fds(pid) for pid in pids]
+        if again == counts:
+            break
+        counts = again
+    return counts
+
+
 def _reports(proc: NpProcess, first: int) -> list[tuple[int, ...]]:
     """(pool, TCP sessions, UDP sessions) of each CHECK_POINT line since line *first*."""
     return [tuple(int(g) for g in m.groups()) for m in map(CHECK.search, proc.lines[first:]) if m]
@@ -207,7 +223,7 @@ class Path:
         quiet = lambda r: len(r) >= 2 and r[-2][0] == r[-1][0] and r[-1][1:] == (0, 0)  # noqa: E731
         while True:
             pools = [r[-1][0] for r in self._wait(quiet, end)]
-            counts = [fds(pid) for pid in self.pids()]
+            counts = held_fds(self.pids())
             if len(self.procs) == 1 or self.quic:
                 return counts  # no pool, or a pool of streams
             after = [r[0] for r in self._wait(lambda r: len(r) >= 1, end)]
