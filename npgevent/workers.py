@@ -10,7 +10,10 @@ new connections over them and keeps every datagram of one user address
 * **Counters**: each worker writes its CHECK_POINT figures into its row of a
   shared memory block (``memfd``) every ``NP_REPORT_INTERVAL`` instead of
   logging them; the parent logs **one** CHECK_POINT line per interval with the
-  counters summed (byte counters of workers that died are kept).
+  counters summed (byte counters of workers that died are kept).  ``PING`` (a
+  connect to the target, timed) is taken by one worker at a time, the lowest
+  serving one, which the parent names in the block: the target sees one such
+  connection per interval, as with one process.
 * **Limits**: ``slot=`` and ``rate=`` stay the instance's totals: each worker
   gets ``ceil(slot / N)`` sessions and ``rate / N``.
 * **Supervision**: a worker that exits is started again after
@@ -46,26 +49,41 @@ from .url import TunnelSpec
 ENV = WORKER_ENV
 ROW = struct.Struct("<8q")  # pid (once serving), ping, tcps, udps, tcp_rx, tcp_tx, udp_rx, udp_tx
 EMPTY = (0,) * 8
+PROBER = struct.Struct("<q")  # after the rows: the index of the worker that times PING's connect
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 
 class Board:
-    """The shared counters: one row of :data:`ROW` per worker."""
+    """The shared counters: one row of :data:`ROW` per worker, then the :data:`PROBER` index
+    (0 in a new block)."""
 
     def __init__(self, count: int, fd: int | None = None) -> None:
         self.count = count
+        size = count * ROW.size + PROBER.size
         if fd is None:
             fd = os.memfd_create("npgevent-workers", 0)  # inherited by the workers (pass_fds)
-            os.ftruncate(fd, count * ROW.size)
+            os.ftruncate(fd, size)
+        elif os.fstat(fd).st_size < size:
+            size = count * ROW.size  # a parent started before the prober cell: rows only
+        self.has_prober = size > count * ROW.size
         self.fd = fd
-        self.mm = mmap.mmap(fd, count * ROW.size)
+        self.mm = mmap.mmap(fd, size)
 
     def write(self, index: int, row: Sequence[int]) -> None:
         ROW.pack_into(self.mm, index * ROW.size, *row)
 
     def read(self, index: int) -> tuple[int, ...]:
         return ROW.unpack_from(self.mm, index * ROW.size)
+
+    def set_prober(self, index: int) -> None:
+        PROBER.pack_into(self.mm, self.count * ROW.size, index)
+
+    def prober(self) -> int | None:
+        """The worker named to time PING's connect; None in a block without the cell."""
+        if not self.has_prober:
+            return None
+        return int(PROBER.unpack_from(self.mm, self.count * ROW.size)[0])
 
     def close(self) -> None:
         self.mm.close()
@@ -107,6 +125,7 @@ class WorkerRole:
         pid = os.getpid()
         runner.share = self.count
         inst.checkpoint_sink = lambda row: self.board.write(self.index, (pid, *row))
+        inst.probes_target = lambda: self.board.prober() in (None, self.index)
 
 
 def check_single_end(spec: TunnelSpec, opts: Options, resolve_ip: str | None) -> None:
@@ -226,10 +245,19 @@ class Supervisor:
                 if pid and pid != serving[i]:
                     serving[i] = pid
                     self.log.info("Worker %d serving: pid %d", i, pid)
+            self.board.set_prober(self._prober())
             ping, tcps, udps, trx, ttx, urx, utx = self.totals()
             self.log.event(checkpoint_line(1, ping, 0, tcps, udps, trx, ttx, urx, utx))
             if self.log.enabled(DEBUG):
                 self.log.debug("Workers: %s", "; ".join(self._row_text(i) for i in range(self.count)))
+
+    def _prober(self) -> int:
+        """The worker that times PING's connect: the lowest one running and serving (its row
+        names its pid), else worker 0, whose replacement takes it up once it serves."""
+        for i, proc in enumerate(self.procs):
+            if proc is not None and proc.poll() is None and self.board.read(i)[0] == proc.pid:
+                return i
+        return 0
 
     def _row_text(self, index: int) -> str:
         proc = self.procs[index]

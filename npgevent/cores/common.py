@@ -39,6 +39,10 @@ from ..url import TunnelSpec
 from .reload import Reloading, apply_live, keep_process_only, plan
 
 
+def _always() -> bool:
+    return True
+
+
 class Instance:
     """State of one instance that survives core restarts."""
 
@@ -55,6 +59,9 @@ class Instance:
         #: a worker process (npgevent.workers) hands its CHECK_POINT figures to its parent:
         #: (ping, tcps, udps, tcp_rx, tcp_tx, udp_rx, udp_tx)
         self.checkpoint_sink: Callable[[tuple[int, ...]], None] | None = None
+        #: whether this process times a connect to the target for PING (single-end): one
+        #: worker of a ``workers=`` group does at a time, so the target sees one per interval
+        self.probes_target: Callable[[], bool] = _always
 
     def start_url(self, mode: str | int | None = None) -> str:
         """The URL of the ``started``/``restart`` line, in NodePass's order."""

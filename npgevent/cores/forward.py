@@ -14,7 +14,8 @@ and sessions with ``read=``, ``rate=`` or ``proxy=1``, run in a greenlet
 
 Every ``NP_REPORT_INTERVAL`` it logs the CHECK_POINT line with ``MODE=1``,
 ``POOL=0`` and ``PING`` = TCP connect time to a target (0 if unreachable); a
-worker process hands the figures to its parent instead (:mod:`npgevent.workers`).
+worker process hands the figures to its parent instead (:mod:`npgevent.workers`),
+and times that connect only while the parent names it the group's prober.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ class ForwardCore(Core):
     def _report(self) -> None:
         inst = self.inst
         while True:
-            ping = self.dialer.probe_ms()
+            ping = self.dialer.probe_ms() if inst.probes_target() else 0
             t = inst.traffic
             if inst.checkpoint_sink is not None:  # a worker: the parent logs the sum
                 inst.checkpoint_sink((ping, inst.slots.tcp, inst.slots.udp, t.tcp_rx, t.tcp_tx,

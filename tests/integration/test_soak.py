@@ -173,10 +173,10 @@ def fds(pid: int) -> int:
 
 def held_fds(pids: list[int], apart: float = 0.05, tries: int = 20) -> list[int]:
     """Each process's descriptors, once two readings *apart* seconds apart agree.  A descriptor
-    that leaked is in every reading; one a process opens for a moment on its own is not: a
-    ``workers=`` child times its target's connect for the PING of every report
-    (``Dialer.probe_ms``), a socket held a millisecond or two each report interval on the
-    child's own clock, which a single reading caught once in a 40-round soak."""
+    that leaked is in every reading; one a process opens for a moment on its own is not: the
+    ``workers=`` child that times its target's connect for the PING of every report
+    (``Dialer.probe_ms``) holds a socket a millisecond or two each report interval on its own
+    clock, which a single reading caught once in a 40-round soak."""
     counts = [fds(pid) for pid in pids]
     for _ in range(tries):
         gevent.sleep(apart)

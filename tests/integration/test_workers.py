@@ -166,6 +166,30 @@ def test_a_killed_worker_is_replaced_and_its_bytes_stay_counted():
         echo.close()
 
 
+def test_one_worker_at_a_time_times_the_targets_connect():
+    """PING's connect (one per NP_REPORT_INTERVAL, 1 s here) comes from one worker at a time,
+    as it would from one process, not from each of the three; when that worker dies, the
+    next one takes it up while the first waits out its cooldown."""
+    echo = EchoPair()
+
+    def connects(seconds: float) -> int:
+        mark = echo.tcp.accepted
+        gevent.sleep(seconds)
+        return echo.tcp.accepted - mark
+
+    try:
+        with workers(3, echo.port, NP_SERVICE_COOLDOWN="6s") as (proc, _port):
+            gevent.sleep(1.5)  # wait_serving's own connections are through
+            assert 3 <= connects(5.0) <= 7  # one per second; each worker timing its own: ~15
+            pids = worker_pids(proc)
+            os.kill(pids[0], signal.SIGKILL)
+            proc.wait_for(r"Worker 0 \(pid %d\) exited with status -9: restart in 6s" % pids[0])
+            gevent.sleep(1.5)  # the parent names the next worker at its next report
+            assert 2 <= connects(3.0) <= 5  # worker 1, while worker 0 is down
+    finally:
+        echo.close()
+
+
 def test_sigterm_drains_every_worker():
     echo = EchoPair()
     try:
