@@ -68,8 +68,13 @@ class HeapTrimmer:
             self._task = gevent.spawn(self._run)
 
     def _run(self) -> None:
+        me = gevent.getcurrent()
         while True:
             gevent.sleep(self.interval)
+            if self._task is not me:
+                # stopped while this wake-up was already due: stop()'s kill lands only at this
+                # greenlet's next switch, after the trim this loop would make now
+                return
             self.trim()
 
     def trim(self) -> bool:

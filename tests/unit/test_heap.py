@@ -30,6 +30,30 @@ def test_it_trims_every_interval_until_closed():
     trimmer.close()  # twice is fine
 
 
+def test_a_close_that_lands_as_the_wake_up_is_due_trims_no_more(monkeypatch):
+    """stop() kills the trimmer's greenlet without blocking: the kill lands at its next switch.
+    A close taken while its sleep's wake-up was already due (here: inside the sleep, which then
+    returns at once) must not let the trim after it run (the default suite saw one, once)."""
+    calls: list[int] = []
+    trimmer = heap.HeapTrimmer(interval=0.05, trim=lambda pad: calls.append(pad) or 1)
+    naps: list[float] = []
+
+    def nap(seconds: float) -> None:
+        naps.append(seconds)
+        if len(naps) == 1:
+            trimmer.close()
+        else:
+            raise gevent.GreenletExit  # a loop that slept again: end it here
+
+    monkeypatch.setattr(heap.gevent, "sleep", nap)
+    task = gevent.Greenlet(trimmer._run)
+    trimmer._task = task  # as start() does
+    task.start()
+    task.join(5)
+    monkeypatch.undo()
+    assert task.dead and calls == []
+
+
 def test_a_slow_trim_stretches_the_interval(monkeypatch):
     clock = iter([0.0, 0.05, 1.0, 1.0 + 10.0])  # a trim of 50 ms, then one of 10 s
     monkeypatch.setattr(heap.time, "perf_counter", lambda: next(clock))
