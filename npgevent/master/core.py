@@ -128,7 +128,8 @@ class Master:
     def stop(self, timeout: float | None = None) -> None:
         grace = self.opts.shutdown_timeout if timeout is None else timeout
         self.hub.shutdown_all()
-        for task in self.tasks:
+        tasks, self.tasks = self.tasks, []  # a periodic task already due ends at its wake-up
+        for task in tasks:
             task.kill(block=False)
         self.instances.stop_all()
         self.instances.save_now()
@@ -243,10 +244,14 @@ class Master:
         return self._ctx
 
     # -- periodic -------------------------------------------------------------------------
-    @staticmethod
-    def _every(interval: float, fn: Any) -> None:
+    def _every(self, interval: float, fn: Any) -> None:
+        me = gevent.getcurrent()
         while True:
             gevent.sleep(interval)
+            if me not in self.tasks:
+                # stopped while this wake-up was already due: stop()'s kill lands only at this
+                # greenlet's next switch, after the call this loop would make now
+                return
             fn()
 
     def _hourly(self) -> None:
