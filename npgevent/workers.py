@@ -105,6 +105,8 @@ class WorkerRole:
             return None
         try:
             index, count, fd = (int(x) for x in raw.split(","))
+            if not 0 <= index < count:
+                raise ValueError("worker %d of %d" % (index, count))
             return cls(index, count, Board(count, fd))
         except (ValueError, OSError) as exc:
             raise ConfigError("%s=%r: expected <index>,<count>,<fd> from a parent npgevent (%s)"

@@ -9,6 +9,8 @@ import contextlib
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import gevent
@@ -188,6 +190,24 @@ def test_one_worker_at_a_time_times_the_targets_connect():
             assert 2 <= connects(3.0) <= 5  # worker 1, while worker 0 is down
     finally:
         echo.close()
+
+
+@pytest.mark.parametrize("value", ["x", "0,2", "0,2,999", "-1,2,{fd}", "2,2,{fd}", "0,0,{fd}"])
+def test_a_bad_worker_variable_exits_2_with_one_line(value):
+    """NPG_WORKER is set by a parent npgevent; anything else in it is refused at start, also
+    an index outside the count with a real block (which would write over another row)."""
+    from npgevent.workers import Board
+
+    board = Board(2)
+    value = value.format(fd=board.fd)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "npgevent", "client://127.0.0.1:%d/127.0.0.1:9" % free_port()],
+                              env={**os.environ, "NPG_WORKER": value}, pass_fds=(board.fd,),
+                              capture_output=True, text=True, timeout=20)
+    finally:
+        board.close()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "NPG_WORKER=%r" % value in proc.stderr, proc.stderr
 
 
 def test_sigterm_drains_every_worker():
