@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What aioquic alone costs per QUIC event: the floor under npgevent's QUIC goals.
 
-    python bench/quic_floor.py [--streams 8] [--rounds 5000] [--mib 32] [--as-relay]
+    python bench/quic_floor.py [--streams 8] [--rounds 5000] [--mib 32] [--as-relay] [--datagram-frames]
 
 Two connections of npgevent's own class and settings (:class:`WindowedConnection`,
 ``make_configuration``: 1452-byte datagrams, its windows and ACK rule) talk to each other in
@@ -14,7 +14,10 @@ end has *streams* open pool streams (a pool spreads 64 over 8 connections).
   same the other way.  Printed: CPU microseconds per round trip for both ends together.
   With ``--as-relay``, again with what a relay adds around the same aioquic calls and cannot
   drop: a ``datagrams_to_send`` pass after every received packet, and caches that the other
-  processes on the core have emptied.
+  processes on the core have emptied.  With ``--datagram-frames``, again with the datagram
+  carried in an RFC 9221 DATAGRAM frame instead of on a stream (no stream state, flow
+  control or retransmission: a route npgevent peers could negotiate; Go NodePass has no such
+  mode), to tell what of aioquic's cost per round trip is the stream's.
 * **echo**: *mib* MiB sent on one stream as fast as the windows allow and sent back by the
   other end as it arrives, as the echo through a QUIC tunnel makes it (each end consumes and
   grants as the gevent side does; ACKs ride on the data going back).  Printed: CPU
@@ -40,12 +43,14 @@ from npgevent.quic.connection import WindowedConnection
 ADDR = ("127.0.0.1", 4433)
 
 
-def _pair(streams: int) -> tuple[WindowedConnection, WindowedConnection, list[int]]:
+def _pair(streams: int, frames: bool = False) -> tuple[WindowedConnection, WindowedConnection, list[int]]:
     cert, key = self_signed("quic-floor")
-    client = WindowedConnection(configuration=make_configuration(True, 60.0))
-    server = WindowedConnection(
-        configuration=make_configuration(False, 60.0, cert=cert, key=key),
-        original_destination_connection_id=client.original_destination_connection_id)
+    configs = make_configuration(True, 60.0), make_configuration(False, 60.0, cert=cert, key=key)
+    for config in configs:
+        config.max_datagram_frame_size = 65536 if frames else None
+    client = WindowedConnection(configuration=configs[0])
+    server = WindowedConnection(configuration=configs[1],
+                                original_destination_connection_id=client.original_destination_connection_id)
     client.connect(ADDR, now=time.monotonic())
     for _ in range(10):
         _pump(client, server, time.monotonic())
@@ -91,13 +96,19 @@ def _received(conn: WindowedConnection, sid: int, consumed: dict[int, int]) -> l
     return out
 
 
-def round_trips(streams: int, rounds: int, as_relay: bool = False) -> tuple[float, float]:
+def _frames_received(conn: WindowedConnection) -> list[bytes]:
+    return [e.data for e in _drain(conn) if isinstance(e, events.DatagramFrameReceived)]
+
+
+def round_trips(streams: int, rounds: int, as_relay: bool = False,
+                frames: bool = False) -> tuple[float, float]:
     """CPU us per round trip (both ends), and packets per round trip.  *as_relay*: also what a
     relay cannot avoid around the same calls: the pass of ``datagrams_to_send`` after every
     received packet (it finds nothing to send when no ACK is due yet, but only aioquic can
     tell) and the timer read after each pass, with the data caches emptied between steps as
-    the other processes on the core empty them (a 4 MiB buffer written; its time is left out)."""
-    client, server, sids = _pair(streams)
+    the other processes on the core empty them (a 4 MiB buffer written; its time is left out).
+    *frames*: the datagram rides in a DATAGRAM frame, not on a stream."""
+    client, server, sids = _pair(streams, frames)
     sid = sids[0]
     datagram = b"\x02\x00" + b"\x00" * 512
     consumed = {id(client): 1, id(server): 1}
@@ -118,14 +129,22 @@ def round_trips(streams: int, rounds: int, as_relay: bool = False) -> tuple[floa
     start = time.process_time()
     for _ in range(rounds):
         now = time.monotonic()
-        client.send_stream_data(sid, datagram)
+        if frames:
+            client.send_datagram_frame(datagram)
+        else:
+            client.send_stream_data(sid, datagram)
         packets += _pump(client, server, now)
         step(server, now)
-        for data in _received(server, sid, consumed):
-            server.send_stream_data(sid, data)
+        if frames:
+            for data in _frames_received(server):
+                server.send_datagram_frame(data)
+        else:
+            for data in _received(server, sid, consumed):
+                server.send_stream_data(sid, data)
         packets += _pump(server, client, now)
         step(client, now)
-        _received(client, sid, consumed)
+        back = _frames_received(client) if frames else _received(client, sid, consumed)
+        assert back, "a round trip came back empty"
     spent = time.process_time() - start - outside
     return spent / rounds * 1e6, packets / rounds
 
@@ -161,9 +180,14 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=32)
     ap.add_argument("--as-relay", action="store_true",
                     help="round trips with the relay's pass after each packet and emptied caches")
+    ap.add_argument("--datagram-frames", action="store_true",
+                    help="round trips in RFC 9221 DATAGRAM frames as well as on a stream")
     args = ap.parse_args()
     us, per = round_trips(args.streams, args.rounds)
     print("round trip, 512 B: %.0f us of CPU for both ends (%.1f packets)" % (us, per))
+    if args.datagram_frames:
+        us, per = round_trips(args.streams, args.rounds, frames=True)
+        print("round trip, 512 B, in DATAGRAM frames: %.0f us of CPU for both ends (%.1f packets)" % (us, per))
     if args.as_relay:
         us, per = round_trips(args.streams, args.rounds, as_relay=True)
         print("round trip, 512 B, as a relay makes it: %.0f us of CPU for both ends" % us)
