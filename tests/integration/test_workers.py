@@ -36,7 +36,9 @@ CHECK = re.compile(r"CHECK_POINT\|MODE=1\|PING=\d+ms\|POOL=0\|TCPS=(\d+)\|UDPS=(
 
 
 @contextlib.contextmanager
-def workers(n: int, target: int, query: str = "", **env: str):
+def workers(n: int, target: int, query: str = "", echoes: bool = True, **env: str):
+    """N workers forwarding to *target*, serving once each said so (and, if the target
+    *echoes*, once a probe's bytes come back)."""
     port = free_port()
     proc = NpProcess("client://127.0.0.1:%d/127.0.0.1:%d?workers=%d&log=debug%s" % (port, target, n, query),
                      env=env)
@@ -44,7 +46,8 @@ def workers(n: int, target: int, query: str = "", **env: str):
         proc.wait_for(r"Workers: %d processes share" % n)
         for i in range(n):
             proc.wait_for(r"Worker %d serving: pid" % i)
-        wait_serving(port)
+        if echoes:
+            wait_serving(port)
         yield proc, port
     finally:
         proc.close()
@@ -96,6 +99,84 @@ def test_connections_spread_over_workers_and_one_summed_checkpoint():
             assert total >= 60 * len(payload)
     finally:
         echo.close()
+
+
+TCP_BYTES = re.compile(r"(\d+) pid \d+ TCPS=\d+ UDPS=\d+ TCPRX=(\d+) TCPTX=(\d+)")
+
+
+def tcp_bytes_per_worker(proc: NpProcess) -> dict[int, int]:
+    """worker index -> TCP bytes both ways, from the newest per-worker debug line."""
+    for line in reversed(proc.lines):
+        if "DEBUG" in line and "Workers: 0 pid" in line:
+            return {int(m[0]): int(m[1]) + int(m[2]) for m in TCP_BYTES.findall(line)}
+    return {}
+
+
+def test_slot_is_the_instances_total_across_workers():
+    """slot=4 with two workers: 4 sessions at most in all (each worker takes ceil(4 / 2)),
+    not 4 per worker.  Twelve connections held open land on both workers but for a chance
+    of 1 in 2,048, and without the share any split but 12 / 0 serves more than four."""
+    echo = TcpEcho()
+    socks: list[socket.socket] = []
+    try:
+        with workers(2, echo.port, query="&slot=4") as (proc, port):
+            gevent.sleep(0.5)  # the readiness probe's session is over
+            socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(12)]
+            served = 0
+            for sock in socks:
+                try:
+                    sock.sendall(b"x")
+                    got = sock.recv(10)
+                except OSError:  # refused: closed before or after the byte arrived
+                    got = b""
+                served += got == b"x"
+            assert 2 <= served <= 4, served
+            proc.wait_for(r"ERROR\s+TCP slot limit reached \(2\): connection from")
+    finally:
+        for sock in socks:
+            sock.close()
+        echo.close()
+
+
+def test_rate_is_the_instances_total_across_workers():
+    """rate=8 (Mbit/s, 1,000,000 bytes/s) with two workers: downloads spread over both
+    workers share the instance's 8 Mbit/s (each worker shapes its own at 4), not 8 each."""
+    from helpers import ByteSource
+
+    source = ByteSource()
+    socks: list[socket.socket] = []
+    got = [0]
+    counting = [False]
+
+    def drain(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                data = sock.recv(1 << 20)
+                if not data:
+                    return
+                if counting[0]:
+                    got[0] += len(data)
+
+    try:
+        with workers(2, source.port, query="&rate=8", echoes=False) as (proc, port):
+            socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(8)]
+            readers = [gevent.spawn(drain, sock) for sock in socks]
+            gevent.sleep(1.5)  # the buckets' first bursts are spent
+            counting[0] = True
+            began = time.monotonic()
+            gevent.sleep(3.0)
+            counting[0] = False
+            rate = got[0] / (time.monotonic() - began)
+            assert 0.5e6 <= rate <= 1.25e6, rate
+            carried = tcp_bytes_per_worker(proc)
+            assert set(carried) == {0, 1} and all(carried.values()), carried  # both workers shaped
+            for sock in socks:
+                sock.close()
+            gevent.joinall(readers, timeout=5)
+    finally:
+        for sock in socks:
+            sock.close()
+        source.close()
 
 
 class TaggedUdpEcho:
