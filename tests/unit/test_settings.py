@@ -105,3 +105,27 @@ def test_unknown_and_misplaced_parameters_warn():
 def test_empty_value_keeps_default():
     o, warnings = resolve("client", {"min": "", "read": ""})
     assert o.min == 64 and o.read == 0.0 and warnings == []
+
+
+def test_workers_auto_is_the_cpus_the_process_may_run_on(monkeypatch):
+    """workers=auto counts the affinity mask (taskset, CPUAffinity=, a cpuset), not every CPU
+    of the machine: three of a 64-CPU machine's CPUs make three workers."""
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1, 5, 9})
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    for raw in ("auto", "AUTO", " auto "):
+        o, warnings = resolve("client", {"workers": raw})
+        assert o.workers == 3 and warnings == []
+    o, _ = resolve("client", {"workers": "4"})
+    assert o.workers == 4
+    with pytest.raises(ConfigError, match=r"workers= 'many': expected a number of processes or 'auto'"):
+        resolve("client", {"workers": "many"})
+
+
+def test_workers_auto_without_an_affinity_call_counts_every_cpu(monkeypatch):
+    import os
+
+    monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert resolve("client", {"workers": "auto"})[0].workers == 6
