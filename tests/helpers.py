@@ -387,6 +387,22 @@ def sha_transfer(port: int, size: int, host: str = "127.0.0.1", chunk: int = 1 <
     return sent.hexdigest(), got.hexdigest()
 
 
+def served_of_held(port: int, count: int, socks: list[socket.socket]) -> int:
+    """Open *count* connections to an echoing *port* and keep them open (appended to *socks*,
+    for the caller to close); how many echo a byte back.  The rest were refused (closed
+    before or after the byte arrived): a slot limit's count."""
+    served = 0
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        socks.append(sock)
+        try:
+            sock.sendall(b"x")
+            served += sock.recv(10) == b"x"
+        except OSError:
+            pass
+    return served
+
+
 def udp_socket(host: str = "127.0.0.1", timeout: float = 5.0) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)

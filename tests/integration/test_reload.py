@@ -18,6 +18,7 @@ from helpers import (
     free_port,
     make_ca_and_cert,
     ppid,
+    served_of_held,
     wait_serving,
 )
 
@@ -199,6 +200,38 @@ def test_workers_pass_sighup_on(tmp_path):
             gevent.sleep(0.1)
         wait_serving(port)
     finally:
+        assert proc.stop() == 0
+        proc.close()
+        echo.close()
+
+
+def test_a_reloaded_slot_stays_the_instances_total_over_workers(tmp_path):
+    """slot=64 -> 4 by SIGHUP with two workers: each worker takes ceil(4 / 2) again, so
+    twelve held connections get 2-4 sessions in all (up to 8 if each took the whole 4)."""
+    echo = EchoPair()
+    port = free_port()
+    conf = tmp_path / "npgevent.conf"
+    url = "client://127.0.0.1:%d/127.0.0.1:%d?workers=2" % (port, echo.port)
+    write_conf(conf, url=url, slot="64")
+    proc = NpProcess("-c", str(conf))
+    socks: list[socket.socket] = []
+    try:
+        proc.wait_for(r"Worker 1 serving")
+        proc.wait_for(r"Worker 0 serving")
+        wait_serving(port)
+        write_conf(conf, url=url, slot="4")
+        mark = len(proc.lines)
+        proc.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while proc.count(r"Reload: applied") < 2:  # one per worker
+            assert time.monotonic() < deadline, proc.output[-2000:]
+            gevent.sleep(0.1)
+        gevent.sleep(0.3)  # the readiness probe's session is over
+        served = served_of_held(port, 12, socks)
+        assert 2 <= served <= 4, (served, "\n".join(proc.lines[mark:]))
+    finally:
+        for sock in socks:
+            sock.close()
         assert proc.stop() == 0
         proc.close()
         echo.close()

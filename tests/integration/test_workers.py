@@ -26,6 +26,7 @@ from helpers import (
     echo_exact,
     free_port,
     run_cli,
+    served_of_held,
     udp_socket,
     wait_serving,
 )
@@ -122,15 +123,7 @@ def test_slot_is_the_instances_total_across_workers():
     try:
         with workers(2, echo.port, query="&slot=4") as (proc, port):
             gevent.sleep(0.5)  # the readiness probe's session is over
-            socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(12)]
-            served = 0
-            for sock in socks:
-                try:
-                    sock.sendall(b"x")
-                    got = sock.recv(10)
-                except OSError:  # refused: closed before or after the byte arrived
-                    got = b""
-                served += got == b"x"
+            served = served_of_held(port, 12, socks)
             assert 2 <= served <= 4, served
             proc.wait_for(r"ERROR\s+TCP slot limit reached \(2\): connection from")
     finally:
