@@ -22,7 +22,6 @@ Precedence, lowest to highest: default < config file < environment < CLI flag
 from __future__ import annotations
 
 import ipaddress
-import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from typing import Any
@@ -134,18 +133,11 @@ def _dial(text: str) -> str:
         raise ValueError("expected 'auto' or a local IP address") from None
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on: its affinity mask (``taskset``, systemd's
-    ``CPUAffinity=``, a container's cpuset), not every CPU the machine has."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):  # no affinity call on this platform
-        return os.cpu_count() or 1
-
-
 def _workers(text: str) -> int:
     value = text.strip().lower()
     if value == "auto":
+        from .cpus import usable_cpus
+
         return usable_cpus()
     try:
         return ascii_int(value)
@@ -270,7 +262,8 @@ class Options:
                                    fmt=lambda v: "" if v is None else str(v), roles=_ALL, go=False)
     workers: int = opt("workers", 1, _workers,
                        "single-end forwarding: processes sharing the listeners (SO_REUSEPORT), or "
-                       "auto = one per CPU the process may run on (docs/scaling.md)", query=True,
+                       "auto = one per CPU the process may use: affinity and cgroup quota "
+                       "(docs/scaling.md)", query=True,
                        in_range=lambda v: 1 <= v <= 256, range_help="must be 1..256",
                        roles=_TUN, go=False)  # a server is refused with a clear error, not a WARN
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -327,23 +326,6 @@ def test_workers_out_of_range_keeps_one_process_with_a_warning():
         proc.wait_for(r"WARN\s+URL parameter workers= '0' is out of range \(must be 1\.\.256\): using default 1")
         wait_serving(port)
         assert proc.count(r"Workers:") == 0
-    finally:
-        proc.close()
-        echo.close()
-
-
-@pytest.mark.skipif(shutil.which("taskset") is None or len(os.sched_getaffinity(0)) < 2,
-                    reason="needs taskset and two CPUs to run on")
-def test_workers_auto_follows_the_cpus_the_process_may_run_on():
-    """Pinned to one CPU (``taskset``), workers=auto is one process, not one per CPU of the
-    machine."""
-    echo = EchoPair()
-    port = free_port()
-    proc = NpProcess("client://127.0.0.1:%d/127.0.0.1:%d?workers=auto" % (port, echo.port),
-                     program=["taskset", "-c", str(min(os.sched_getaffinity(0))), sys.executable, "-m", "npgevent"])
-    try:
-        wait_serving(port)
-        assert children(proc.pid) == [] and proc.count(r"Workers:") == 0, proc.output
     finally:
         proc.close()
         echo.close()

@@ -112,6 +112,9 @@ def test_workers_auto_is_the_cpus_the_process_may_run_on(monkeypatch):
     of the machine: three of a 64-CPU machine's CPUs make three workers."""
     import os
 
+    from npgevent import cpus
+
+    monkeypatch.setattr(cpus, "cgroup_cpu_quota", lambda proc=cpus.PROC: None)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1, 5, 9})
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     for raw in ("auto", "AUTO", " auto "):
@@ -126,6 +129,9 @@ def test_workers_auto_is_the_cpus_the_process_may_run_on(monkeypatch):
 def test_workers_auto_without_an_affinity_call_counts_every_cpu(monkeypatch):
     import os
 
+    from npgevent import cpus
+
+    monkeypatch.setattr(cpus, "cgroup_cpu_quota", lambda proc=cpus.PROC: None)
     monkeypatch.delattr(os, "sched_getaffinity")
     monkeypatch.setattr(os, "cpu_count", lambda: 6)
     assert resolve("client", {"workers": "auto"})[0].workers == 6
