@@ -62,6 +62,8 @@ class Instance:
         #: whether this process times a connect to the target for PING (single-end): one
         #: worker of a ``workers=`` group does at a time, so the target sees one per interval
         self.probes_target: Callable[[], bool] = _always
+        #: a rate= bucket of this many bytes/s (a worker's draws on its group's shared one)
+        self.new_limiter: Callable[[float], RateLimiter] = RateLimiter
 
     def start_url(self, mode: str | int | None = None) -> str:
         """The URL of the ``started``/``restart`` line, in NodePass's order."""
@@ -195,7 +197,8 @@ class Runner:
         self.running = Event()  # set while a core is started
         self.metrics: Any = None  # MetricsServer when metrics= is set
         self.serve_metrics = True  # False in a worker: its parent serves the sum
-        self.share = 1  # worker processes the instance's slot= and rate= are split over
+        self.share = 1  # worker processes the instance's slot= is split over
+        self.rate_share = 1  # ... and its rate= (1 when they share one bucket)
 
     def start(self) -> None:
         from ..metrics import serve_instance
@@ -273,7 +276,7 @@ class Runner:
                 return
         opts = keep_process_only(inst.opts, opts)
         tls_changed = any(name in p.restart for name in ("tls", "crt", "key", "quic"))
-        apply_live(self, spec, opts, self.share)
+        apply_live(self, spec, opts, self.share, self.rate_share)
         if p.restart:
             if tls_changed:
                 inst.server_tls = None  # type: ignore[attr-defined]  # made again by the next core

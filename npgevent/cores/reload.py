@@ -75,22 +75,23 @@ def keep_process_only(old: Options, new: Options) -> Options:
     return new.with_(**{name: getattr(old, name) for name in PROCESS})
 
 
-def apply_live(runner: Any, spec: TunnelSpec, opts: Options, share: int = 1) -> None:
+def apply_live(runner: Any, spec: TunnelSpec, opts: Options, share: int = 1, rate_share: int = 1) -> None:
     """Put *spec*/*opts* in place on *runner*'s instance and running core without a restart.
-    *share*: the number of worker processes the instance's slot and rate are split over."""
-    from ..relay.limit import MBIT, RateLimiter
+    *share*, *rate_share*: the number of worker processes the instance's slot and rate are
+    split over (workers share one rate bucket: 1)."""
+    from ..relay.limit import MBIT
 
     inst = runner.inst
     inst.spec, inst.opts = spec, opts
     inst.log.level = LEVELS.get(opts.log, inst.log.level)
     inst.slots.limit = math.ceil(opts.slot / share)
-    rate = opts.rate * MBIT / share
+    rate = opts.rate * MBIT / rate_share
     if rate <= 0:
         inst.limiter = None  # new sessions unlimited; those in flight keep their bucket
     elif inst.limiter is not None:
         inst.limiter.set_rate(rate)  # sessions in flight share the same bucket
     else:
-        inst.limiter = RateLimiter(rate)
+        inst.limiter = inst.new_limiter(rate)
     inst.resolver.set_servers(opts.dns)
     core = runner.core
     if core is None:

@@ -1,12 +1,16 @@
-"""The workers' shared block (npgevent.workers.Board): rows, and the PING prober's cell."""
+"""The workers' shared block (npgevent.workers.Board): rows, the PING prober's cell, and the
+rate= bucket the workers share (SharedRateLimiter)."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 
-from npgevent.workers import ROW, Board
+from npgevent.workers import BUCKET, PROBER, ROW, Board, SharedRateLimiter
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -33,7 +37,104 @@ def test_a_block_from_a_parent_without_the_cell_has_no_prober(count: int) -> Non
     board = Board(count, fd)
     try:
         assert not board.has_prober and board.prober() is None  # every worker times PING then
+        assert not board.has_bucket  # and takes its part of the rate
         board.write(count - 1, (1,) * 8)
         assert board.read(count - 1) == (1,) * 8
     finally:
+        board.close()
+
+
+def test_a_block_from_a_parent_without_the_bucket_keeps_its_prober() -> None:
+    fd = os.memfd_create("npgevent-test-board", 0)
+    os.ftruncate(fd, 2 * ROW.size + PROBER.size)
+    board = Board(2, fd)
+    try:
+        assert board.has_prober and not board.has_bucket
+        board.set_prober(1)
+        assert board.prober() == 1
+    finally:
+        board.close()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_two_workers_draw_on_one_bucket() -> None:
+    """Tokens one worker takes are gone for the other; the refill is at the full rate once,
+    not once per worker."""
+    parent = Board(2)
+    one, two = Board(2, os.dup(parent.fd)), Board(2, os.dup(parent.fd))
+    clock = Clock()
+    a = SharedRateLimiter(100_000, one, clock=clock)  # burst 16 KiB
+    b = SharedRateLimiter(100_000, two, clock=clock)
+    try:
+        assert a.try_take(16384)  # a new block is a full bucket
+        assert not b.try_take(1)  # emptied for both
+        clock.now += 0.1  # 10,000 bytes of refill, for the group
+        assert b.try_take(6000) and a.try_take(4000) and not a.try_take(1) and not b.try_take(1)
+        clock.now += 1.0
+        assert a.try_take(16384) and not b.try_take(1)  # the burst caps the refill
+    finally:
+        one.close()
+        two.close()
+        parent.close()
+
+
+def test_a_take_that_overdraws_sleeps_off_the_groups_debt(monkeypatch) -> None:
+    import npgevent.workers as workers
+
+    slept: list[float] = []
+    monkeypatch.setattr(workers.gevent, "sleep", slept.append)
+    parent = Board(2)
+    other = Board(2, os.dup(parent.fd))
+    clock = Clock()
+    a = SharedRateLimiter(100_000, parent, clock=clock)
+    b = SharedRateLimiter(100_000, other, clock=clock)
+    try:
+        a.take(16384 + 50_000)  # half a second in debt
+        assert slept == [pytest.approx(0.5)]
+        b.take(10_000)  # the other worker pays the debt too
+        assert slept[-1] == pytest.approx(0.6)
+    finally:
+        other.close()
+        parent.close()
+
+
+@pytest.mark.parametrize("cell", [(float("nan"), 0.0), (0.0, float("inf")), (0.0, 10**9), (-1e300, 999.0)])
+def test_a_torn_or_garbage_bucket_is_a_full_one(cell: tuple[float, float]) -> None:
+    board = Board(1)
+    clock = Clock()
+    try:
+        BUCKET.pack_into(board.mm, ROW.size + PROBER.size, *cell)
+        limiter = SharedRateLimiter(100_000, board, clock=clock)
+        assert limiter.try_take(16384) and not limiter.try_take(1)
+    finally:
+        board.close()
+
+
+def test_the_bucket_lock_holds_across_processes() -> None:
+    """A process holding the bucket's lock keeps another process's take waiting."""
+    board = Board(1)
+    holder = (
+        "import os, sys, time\n"
+        "from npgevent.workers import Board\n"
+        "board = Board(1, int(sys.argv[1]))\n"
+        "with board.bucket():\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(0.5)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", holder, str(board.fd)], pass_fds=(board.fd,),
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        began = time.monotonic()
+        SharedRateLimiter(100_000, board).try_take(1)
+        assert time.monotonic() - began >= 0.3
+    finally:
+        proc.wait(timeout=5)
         board.close()
