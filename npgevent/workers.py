@@ -14,10 +14,10 @@ new connections over them and keeps every datagram of one user address
   connect to the target, timed) is taken by one worker at a time, the lowest
   serving one, which the parent names in the block: the target sees one such
   connection per interval, as with one process.
-* **Limits**: ``slot=`` and ``rate=`` stay the instance's totals.  Each worker
-  gets ``ceil(slot / N)`` sessions; the rate is one token bucket in the shared
-  block (:class:`SharedRateLimiter`, under a record lock), so a lone download
-  may use the whole rate wherever it lands, and all of them together no more.
+* **Limits**: ``slot=`` and ``rate=`` stay the instance's totals: the group's
+  live sessions and its token bucket are kept in the shared block
+  (:mod:`npgevent.workerboard`), so a session is admitted wherever it lands
+  while the group is below the limit, and a lone download may use the whole rate.
 * **Supervision**: a worker that exits is started again after
   ``NP_SERVICE_COOLDOWN``; SIGTERM/SIGINT go to every worker, which drain
   within ``NP_SHUTDOWN_TIMEOUT``; workers die with the parent (PDEATHSIG).
@@ -27,17 +27,12 @@ Tunnels (server://, dual-end client://) run in one process: see docs/scaling.md.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import math
-import mmap
 import os
 import signal
-import struct
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,105 +43,13 @@ from .childproc import preexec
 from .cli import WORKER_ENV
 from .errors import ConfigError
 from .log import DEBUG, InstanceLog, checkpoint_line
-from .relay.limit import MBIT, RateLimiter, Slots
+from .relay.limit import MBIT, Slots
 from .settings import Options
 from .url import TunnelSpec
+from .workerboard import EMPTY, Board, SharedRateLimiter, SharedSlots
 
 ENV = WORKER_ENV
-ROW = struct.Struct("<8q")  # pid (once serving), ping, tcps, udps, tcp_rx, tcp_tx, udp_rx, udp_tx
-EMPTY = (0,) * 8
-PROBER = struct.Struct("<q")  # after the rows: the index of the worker that times PING's connect
-BUCKET = struct.Struct("<dd")  # after that: the rate= token bucket's tokens and its clock stamp
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-
-class Board:
-    """The shared counters: one row of :data:`ROW` per worker, then the :data:`PROBER` index
-    (0 in a new block), then the :data:`BUCKET` (zeros in a new block: a full bucket)."""
-
-    def __init__(self, count: int, fd: int | None = None) -> None:
-        self.count = count
-        rows = count * ROW.size
-        size = rows + PROBER.size + BUCKET.size
-        if fd is None:
-            fd = os.memfd_create("npgevent-workers", 0)  # inherited by the workers (pass_fds)
-            os.ftruncate(fd, size)
-        else:  # a parent started before a cell was added (upgrade in place) has a shorter block
-            have = os.fstat(fd).st_size
-            size = size if have >= size else rows + PROBER.size if have >= rows + PROBER.size else rows
-        self.has_prober = size >= rows + PROBER.size
-        self.has_bucket = size >= rows + PROBER.size + BUCKET.size
-        self._bucket_at = rows + PROBER.size
-        self.fd = fd
-        self.mm = mmap.mmap(fd, size)
-
-    def write(self, index: int, row: Sequence[int]) -> None:
-        ROW.pack_into(self.mm, index * ROW.size, *row)
-
-    def read(self, index: int) -> tuple[int, ...]:
-        return ROW.unpack_from(self.mm, index * ROW.size)
-
-    def set_prober(self, index: int) -> None:
-        PROBER.pack_into(self.mm, self.count * ROW.size, index)
-
-    def prober(self) -> int | None:
-        """The worker named to time PING's connect; None in a block without the cell."""
-        if not self.has_prober:
-            return None
-        return int(PROBER.unpack_from(self.mm, self.count * ROW.size)[0])
-
-    @contextlib.contextmanager
-    def bucket(self) -> Iterator[list[float]]:
-        """The shared bucket's ``[tokens, stamp]``, read and written back under a record lock
-        on its bytes (released by the kernel if the holder dies).  The caller must not wait
-        inside: the lock blocks the other workers' processes, not greenlets."""
-        at = self._bucket_at
-        fcntl.lockf(self.fd, fcntl.LOCK_EX, BUCKET.size, at)
-        try:
-            cell = list(BUCKET.unpack_from(self.mm, at))
-            yield cell
-            BUCKET.pack_into(self.mm, at, *cell)
-        finally:
-            fcntl.lockf(self.fd, fcntl.LOCK_UN, BUCKET.size, at)
-
-    def close(self) -> None:
-        self.mm.close()
-        os.close(self.fd)
-
-
-class SharedRateLimiter(RateLimiter):
-    """``rate=``'s token bucket for the whole ``workers=`` group: its state lives in the
-    board, so every worker draws on the same tokens.  The same bucket as one process's
-    (burst, debt, the sleep after a take that overdraws it), at the instance's full rate."""
-
-    __slots__ = ("_board",)
-
-    def __init__(self, rate_bytes: float, board: Board, clock: Callable[[], float] = time.monotonic) -> None:
-        super().__init__(rate_bytes, clock=clock)
-        self._board = board
-
-    def _load(self, cell: list[float]) -> None:
-        tokens, stamp = cell
-        now = self._clock()
-        if not (math.isfinite(tokens) and math.isfinite(stamp)) or stamp > now or tokens < -60 * self.rate:
-            tokens, stamp = self.burst, now  # a new block (stamp 0 refills it) or a torn write
-        self._tokens, self._stamp = tokens, stamp
-
-    def take(self, n: int) -> None:
-        with self._board.bucket() as cell:
-            self._load(cell)
-            tokens = self._refill() - n
-            cell[:] = [tokens, self._stamp]
-        if tokens < 0:
-            gevent.sleep(-tokens / self.rate)  # outside the lock
-
-    def try_take(self, n: float = 1.0) -> bool:
-        with self._board.bucket() as cell:
-            self._load(cell)
-            granted = super().try_take(n)
-            cell[:] = [self._tokens, self._stamp]
-        return granted
 
 
 @dataclass
@@ -179,9 +82,12 @@ class WorkerRole:
         sockopt.REUSE_PORT = True
         inst = runner.inst
         runner.serve_metrics = False  # the parent serves the summed series
-        inst.slots = Slots(math.ceil(inst.opts.slot / self.count))
-        runner.share = self.count
         board = self.board
+        if board.has_live:
+            inst.slots = SharedSlots(inst.opts.slot, board, self.index)
+        else:  # a parent's block from before the session cells: each worker its part
+            inst.slots = Slots(math.ceil(inst.opts.slot / self.count))
+            runner.share = self.count
         if board.has_bucket:
             inst.new_limiter = lambda rate: SharedRateLimiter(rate, board)
         else:  # a parent's block from before the shared bucket: each worker its part
@@ -286,11 +192,13 @@ class Supervisor:
             gevent.sleep(self.opts.service_cooldown)
 
     def _bank(self, index: int) -> None:
-        """Keep the byte counters of a worker that exited in the totals."""
+        """Keep the byte counters of a worker that exited in the totals; its sessions are gone
+        (no longer counted against slot= for the others)."""
         row = self.board.read(index)
         for i in range(4):
             self.dead_bytes[i] += row[4 + i]
         self.board.write(index, EMPTY)
+        self.board.set_live(index, 0)
 
     def totals(self) -> tuple[int, ...]:
         """(ping, tcps, udps, tcp_rx, tcp_tx, udp_rx, udp_tx) over every worker, living or not."""

@@ -53,7 +53,7 @@ def test_authenticated_tls0_tunnel_imports_neither_cryptography_nor_workers() ->
     for names, _mapped in lean_tunnel("0"):
         assert "npgevent.protocol.aead" in names  # the capture works, and auth ran
         assert not {n for n in names if n.split(".")[0] == "cryptography"}
-        assert "npgevent.workers" not in names
+        assert "npgevent.workers" not in names and "npgevent.workerboard" not in names
 
 
 @pytest.mark.skipif(sys.version_info >= (3, 13), reason="pyOpenSSL uses warnings.deprecated")

@@ -1,5 +1,5 @@
-"""The workers' shared block (npgevent.workers.Board): rows, the PING prober's cell, and the
-rate= bucket the workers share (SharedRateLimiter)."""
+"""The workers' shared block (npgevent.workerboard): rows, the PING prober's cell, the rate=
+bucket the workers share (SharedRateLimiter) and their live sessions (SharedSlots)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from npgevent.workers import BUCKET, PROBER, ROW, Board, SharedRateLimiter
+from npgevent.workerboard import BUCKET, LIVE, PROBER, ROW, Board, SharedRateLimiter, SharedSlots
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -37,7 +37,7 @@ def test_a_block_from_a_parent_without_the_cell_has_no_prober(count: int) -> Non
     board = Board(count, fd)
     try:
         assert not board.has_prober and board.prober() is None  # every worker times PING then
-        assert not board.has_bucket  # and takes its part of the rate
+        assert not board.has_bucket and not board.has_live  # and takes its part of the limits
         board.write(count - 1, (1,) * 8)
         assert board.read(count - 1) == (1,) * 8
     finally:
@@ -49,7 +49,7 @@ def test_a_block_from_a_parent_without_the_bucket_keeps_its_prober() -> None:
     os.ftruncate(fd, 2 * ROW.size + PROBER.size)
     board = Board(2, fd)
     try:
-        assert board.has_prober and not board.has_bucket
+        assert board.has_prober and not board.has_bucket and not board.has_live
         board.set_prober(1)
         assert board.prober() == 1
     finally:
@@ -86,10 +86,10 @@ def test_two_workers_draw_on_one_bucket() -> None:
 
 
 def test_a_take_that_overdraws_sleeps_off_the_groups_debt(monkeypatch) -> None:
-    import npgevent.workers as workers
+    import npgevent.workerboard as workerboard
 
     slept: list[float] = []
-    monkeypatch.setattr(workers.gevent, "sleep", slept.append)
+    monkeypatch.setattr(workerboard.gevent, "sleep", slept.append)
     parent = Board(2)
     other = Board(2, os.dup(parent.fd))
     clock = Clock()
@@ -122,7 +122,7 @@ def test_the_bucket_lock_holds_across_processes() -> None:
     board = Board(1)
     holder = (
         "import os, sys, time\n"
-        "from npgevent.workers import Board\n"
+        "from npgevent.workerboard import Board\n"
         "board = Board(1, int(sys.argv[1]))\n"
         "with board.bucket():\n"
         "    print('held', flush=True)\n"
@@ -138,3 +138,57 @@ def test_the_bucket_lock_holds_across_processes() -> None:
     finally:
         proc.wait(timeout=5)
         board.close()
+
+
+def test_a_block_from_a_parent_without_the_session_cells_keeps_its_bucket() -> None:
+    fd = os.memfd_create("npgevent-test-board", 0)
+    os.ftruncate(fd, 3 * ROW.size + PROBER.size + BUCKET.size)
+    board = Board(3, fd)
+    try:
+        assert board.has_prober and board.has_bucket and not board.has_live
+        board.set_live(2, 5)  # no cell: nothing written
+        assert SharedRateLimiter(100_000, board).try_take(1)
+    finally:
+        board.close()
+
+
+def test_slots_are_the_groups_wherever_a_session_lands() -> None:
+    """slot=3 over two workers: three sessions in all, taken on either; one ending anywhere
+    makes room anywhere."""
+    parent = Board(2)
+    one, two = Board(2, os.dup(parent.fd)), Board(2, os.dup(parent.fd))
+    try:
+        a, b = SharedSlots(3, one, 0), SharedSlots(3, two, 1)
+        assert a.acquire_tcp() and a.acquire_udp() and a.acquire_tcp()  # all three on worker 0
+        assert not b.acquire_tcp() and not b.acquire_udp() and not a.acquire_tcp()
+        a.release_udp()
+        assert b.acquire_udp() and not a.acquire_tcp()
+        assert (a.tcp, a.udp, b.tcp, b.udp) == (2, 0, 0, 1)  # each worker's own counts
+        b.release_udp()
+        a.release_tcp()
+        assert b.acquire_tcp() and b.acquire_tcp() and not b.acquire_tcp()
+    finally:
+        one.close()
+        two.close()
+        parent.close()
+
+
+def test_a_dead_workers_sessions_are_cleared_and_a_restarted_one_starts_from_none() -> None:
+    parent = Board(2)
+    worker = Board(2, os.dup(parent.fd))
+    try:
+        dead = SharedSlots(2, worker, 0)
+        assert dead.acquire_tcp() and dead.acquire_tcp()
+        other = SharedSlots(2, parent, 1)
+        assert not other.acquire_tcp()  # the group is full while worker 0's sessions live
+        parent.set_live(0, 0)  # the parent saw worker 0 exit (Supervisor._bank)
+        assert other.acquire_tcp() and other.acquire_tcp() and not other.acquire_tcp()
+        other.release_tcp()
+        other.release_tcp()
+        LIVE.pack_into(parent.mm, 2 * ROW.size + PROBER.size + BUCKET.size, 2)  # cell 0 full again
+        assert not other.acquire_tcp()
+        SharedSlots(2, worker, 0)  # worker 0 started again: its cell is its own, empty
+        assert other.acquire_tcp()
+    finally:
+        worker.close()
+        parent.close()

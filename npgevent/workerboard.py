@@ -1,0 +1,190 @@
+"""The block a ``workers=`` group shares (a ``memfd`` the parent makes and every worker maps).
+
+Laid out, in this order:
+
+* one :data:`ROW` per worker: its CHECK_POINT figures, written every report interval, which
+  the parent sums into its one line;
+* :data:`PROBER`: the worker the parent names to time PING's connect to the target;
+* :data:`BUCKET`: ``rate=``'s token bucket, which every worker draws on
+  (:class:`SharedRateLimiter`), so the rate is the group's, and a lone download may use all
+  of it wherever it lands;
+* :data:`LIVE`, one per worker: its live sessions, which every worker sums before it admits
+  one (:class:`SharedSlots`), so ``slot=`` is the group's exact total.
+
+The bucket and the session cells are changed under an ``fcntl`` record lock on their bytes,
+which the kernel releases if the holder dies; nothing waits while holding one.  A worker
+only ever writes its own session cell, and the parent clears the cell of a worker that
+exited, so the sessions of a killed worker are not counted against the rest.  A block made
+by a parent from before a cell existed (npgevent upgraded in place, a worker restarted from
+the new code) is shorter: the cells it lacks are not used (:attr:`Board.has_prober`,
+:attr:`has_bucket`, :attr:`has_live`), and each worker then takes its part of the limits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import math
+import mmap
+import os
+import struct
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import gevent
+
+from .relay.limit import RateLimiter, Slots
+
+ROW = struct.Struct("<8q")  # pid (once serving), ping, tcps, udps, tcp_rx, tcp_tx, udp_rx, udp_tx
+EMPTY = (0,) * 8
+PROBER = struct.Struct("<q")  # after the rows: the index of the worker that times PING's connect
+BUCKET = struct.Struct("<dd")  # after that: the rate= token bucket's tokens and its clock stamp
+LIVE = struct.Struct("<q")  # after that, one per worker: its live sessions (TCP and UDP)
+
+
+class Board:
+    """The shared block of *count* workers: made here (*fd* None, the parent) or mapped from
+    the descriptor a worker inherited."""
+
+    def __init__(self, count: int, fd: int | None = None) -> None:
+        self.count = count
+        rows = count * ROW.size
+        self._bucket_at = rows + PROBER.size
+        self._live_at = self._bucket_at + BUCKET.size
+        full = self._live_at + count * LIVE.size
+        if fd is None:
+            fd = os.memfd_create("npgevent-workers", 0)  # inherited by the workers (pass_fds)
+            os.ftruncate(fd, full)
+            size = full
+        else:  # the longest layout the parent's block holds whole
+            have = os.fstat(fd).st_size
+            size = max((n for n in (rows, self._bucket_at, self._live_at, full) if n <= have), default=rows)
+        self.has_prober = size >= self._bucket_at
+        self.has_bucket = size >= self._live_at
+        self.has_live = size >= full
+        self.fd = fd
+        self.mm = mmap.mmap(fd, size)
+
+    def write(self, index: int, row: Sequence[int]) -> None:
+        ROW.pack_into(self.mm, index * ROW.size, *row)
+
+    def read(self, index: int) -> tuple[int, ...]:
+        return ROW.unpack_from(self.mm, index * ROW.size)
+
+    def set_prober(self, index: int) -> None:
+        PROBER.pack_into(self.mm, self.count * ROW.size, index)
+
+    def prober(self) -> int | None:
+        """The worker named to time PING's connect; None in a block without the cell."""
+        if not self.has_prober:
+            return None
+        return int(PROBER.unpack_from(self.mm, self.count * ROW.size)[0])
+
+    @contextlib.contextmanager
+    def _locked(self, at: int, size: int) -> Iterator[None]:
+        """An exclusive record lock on bytes *at*..*at+size* of the block: it blocks the other
+        workers' processes (not greenlets), so the holder must not wait inside."""
+        fcntl.lockf(self.fd, fcntl.LOCK_EX, size, at)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, size, at)
+
+    @contextlib.contextmanager
+    def bucket(self) -> Iterator[list[float]]:
+        """The shared bucket's ``[tokens, stamp]``, read and written back under its lock."""
+        at = self._bucket_at
+        with self._locked(at, BUCKET.size):
+            cell = list(BUCKET.unpack_from(self.mm, at))
+            yield cell
+            BUCKET.pack_into(self.mm, at, *cell)
+
+    def admit(self, index: int, mine: int, limit: int) -> bool:
+        """Whether worker *index*, holding *mine* sessions, may open one more under *limit*
+        for the group; if so its cell says ``mine + 1`` before any other worker can look."""
+        at = self._live_at
+        with self._locked(at, self.count * LIVE.size):
+            total = sum(LIVE.unpack_from(self.mm, at + i * LIVE.size)[0] for i in range(self.count))
+            total += mine - LIVE.unpack_from(self.mm, at + index * LIVE.size)[0]  # mine as it is now
+            if total >= limit:
+                return False
+            LIVE.pack_into(self.mm, at + index * LIVE.size, mine + 1)
+        return True
+
+    def set_live(self, index: int, sessions: int) -> None:
+        """Worker *index*'s live sessions (its own cell only: one aligned 8-byte store, which
+        a reader sees whole; a lower count only frees room)."""
+        if self.has_live:
+            LIVE.pack_into(self.mm, self._live_at + index * LIVE.size, sessions)
+
+    def close(self) -> None:
+        self.mm.close()
+        os.close(self.fd)
+
+
+class SharedRateLimiter(RateLimiter):
+    """``rate=``'s token bucket for the whole ``workers=`` group: its state lives in the
+    board, so every worker draws on the same tokens.  The same bucket as one process's
+    (burst, debt, the sleep after a take that overdraws it), at the instance's full rate."""
+
+    __slots__ = ("_board",)
+
+    def __init__(self, rate_bytes: float, board: Board, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(rate_bytes, clock=clock)
+        self._board = board
+
+    def _load(self, cell: list[float]) -> None:
+        tokens, stamp = cell
+        now = self._clock()
+        if not (math.isfinite(tokens) and math.isfinite(stamp)) or stamp > now or tokens < -60 * self.rate:
+            tokens, stamp = self.burst, now  # a new block (stamp 0 refills it) or a torn write
+        self._tokens, self._stamp = tokens, stamp
+
+    def take(self, n: int) -> None:
+        with self._board.bucket() as cell:
+            self._load(cell)
+            tokens = self._refill() - n
+            cell[:] = [tokens, self._stamp]
+        if tokens < 0:
+            gevent.sleep(-tokens / self.rate)  # outside the lock
+
+    def try_take(self, n: float = 1.0) -> bool:
+        with self._board.bucket() as cell:
+            self._load(cell)
+            granted = super().try_take(n)
+            cell[:] = [self._tokens, self._stamp]
+        return granted
+
+
+class SharedSlots(Slots):
+    """``slot=`` for the whole ``workers=`` group: a session is admitted while the group's
+    live sessions (every worker's cell, summed under the lock) are below the limit, wherever
+    it lands.  ``tcp`` and ``udp`` stay this worker's own counts (its CHECK_POINT figures)."""
+
+    __slots__ = ("_board", "_index")
+
+    def __init__(self, limit: int, board: Board, index: int) -> None:
+        super().__init__(limit)
+        self._board = board
+        self._index = index
+        board.set_live(index, 0)  # a restarted worker starts from none
+
+    def acquire_tcp(self) -> bool:
+        if not self._board.admit(self._index, self.tcp + self.udp, self.limit):
+            return False
+        self.tcp += 1
+        return True
+
+    def release_tcp(self) -> None:
+        self.tcp -= 1
+        self._board.set_live(self._index, self.tcp + self.udp)
+
+    def acquire_udp(self) -> bool:
+        if not self._board.admit(self._index, self.tcp + self.udp, self.limit):
+            return False
+        self.udp += 1
+        return True
+
+    def release_udp(self) -> None:
+        self.udp -= 1
+        self._board.set_live(self._index, self.tcp + self.udp)
