@@ -102,14 +102,19 @@ class Board:
     def admit(self, index: int, mine: int, limit: int) -> bool:
         """Whether worker *index*, holding *mine* sessions, may open one more under *limit*
         for the group; if so its cell says ``mine + 1`` before any other worker can look."""
+        if self._others(index) + mine >= limit:
+            return False  # full without asking for the lock (a flood at the limit costs no syscall)
         at = self._live_at
         with self._locked(at, self.count * LIVE.size):
-            total = sum(LIVE.unpack_from(self.mm, at + i * LIVE.size)[0] for i in range(self.count))
-            total += mine - LIVE.unpack_from(self.mm, at + index * LIVE.size)[0]  # mine as it is now
-            if total >= limit:
+            if self._others(index) + mine >= limit:
                 return False
             LIVE.pack_into(self.mm, at + index * LIVE.size, mine + 1)
         return True
+
+    def _others(self, index: int) -> int:
+        """The live sessions of every worker but *index* (each cell read whole)."""
+        at, size = self._live_at, LIVE.size
+        return sum(LIVE.unpack_from(self.mm, at + i * size)[0] for i in range(self.count) if i != index)
 
     def set_live(self, index: int, sessions: int) -> None:
         """Worker *index*'s live sessions (its own cell only: one aligned 8-byte store, which

@@ -192,3 +192,23 @@ def test_a_dead_workers_sessions_are_cleared_and_a_restarted_one_starts_from_non
     finally:
         worker.close()
         parent.close()
+
+
+def test_a_full_group_refuses_without_taking_the_lock(monkeypatch) -> None:
+    """A flood of new UDP sources at the limit asks for a session per datagram: a group
+    that is full says no from the cells alone, with no system call."""
+    import npgevent.workerboard as workerboard
+
+    parent = Board(2)
+    other = Board(2, os.dup(parent.fd))
+    try:
+        SharedSlots(1, other, 1).acquire_udp()  # the other worker holds the only slot
+        calls: list[tuple] = []
+        real = workerboard.fcntl.lockf
+        monkeypatch.setattr(workerboard.fcntl, "lockf", lambda *a: calls.append(a) or real(*a))
+        slots = SharedSlots(1, parent, 0)
+        assert not any(slots.acquire_udp() for _ in range(100))
+        assert calls == []
+    finally:
+        other.close()
+        parent.close()
