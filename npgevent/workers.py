@@ -75,8 +75,9 @@ class WorkerRole:
                               % (ENV, raw, exc)) from None
 
     def adapt(self, runner: Any) -> None:
-        """Make *runner*'s instance a share of the whole: SO_REUSEPORT listeners, its part of
-        ``slot=`` and ``rate=``, and CHECK_POINT figures into the board instead of the log."""
+        """Make *runner*'s instance a part of the whole: SO_REUSEPORT listeners, ``slot=`` and
+        ``rate=`` kept for the group in the board, and CHECK_POINT figures into the board
+        instead of the log."""
         from .net import sockopt
 
         sockopt.REUSE_PORT = True
