@@ -11,10 +11,12 @@ Laid out, in this order:
 * :data:`LIVE`, one per worker: its live sessions, which every worker sums before it admits
   one (:class:`SharedSlots`), so ``slot=`` is the group's exact total.
 
-The bucket and the session cells are changed under an ``fcntl`` record lock on their bytes,
-which the kernel releases if the holder dies; nothing waits while holding one.  A worker
-only ever writes its own session cell, and the parent clears the cell of a worker that
-exited, so the sessions of a killed worker are not counted against the rest.  A block made
+The bucket is changed under an ``fcntl`` record lock on its bytes, which the kernel
+releases if the holder dies; nothing waits while holding it.  A worker only ever writes its
+own session cell (one aligned 8-byte store, read whole by the others), reserving a session
+there before it checks the group's sum (:meth:`Board.admit`), and the parent clears the cell
+of a worker that exited, so the sessions of a killed worker are not counted against the
+rest.  A block made
 by a parent from before a cell existed (npgevent upgraded in place, a worker restarted from
 the new code) is shorter: the cells it lacks are not used (:attr:`Board.has_prober`,
 :attr:`has_bucket`, :attr:`has_live`), and each worker then takes its part of the limits.
@@ -62,6 +64,7 @@ class Board:
         self.has_prober = size >= self._bucket_at
         self.has_bucket = size >= self._live_at
         self.has_live = size >= full
+        self._cells = struct.Struct("<%dq" % count)  # every worker's LIVE cell, read in one call
         self.fd = fd
         self.mm = mmap.mmap(fd, size)
 
@@ -101,20 +104,25 @@ class Board:
 
     def admit(self, index: int, mine: int, limit: int) -> bool:
         """Whether worker *index*, holding *mine* sessions, may open one more under *limit*
-        for the group; if so its cell says ``mine + 1`` before any other worker can look."""
+        for the group.  No lock (one cost two ``fcntl`` calls per session and 9 % of the
+        connections per second of two workers): the session is *reserved* first, its cell
+        raised to ``mine + 1``, and only then are the others' cells read; if the sum is over,
+        the reservation is taken back.  Of two workers admitting at once, each sees the
+        other's reservation or the other sees its own, so the group never passes the limit
+        (near it, both may refuse: a session is never admitted without room)."""
+        cell = self._live_at + index * LIVE.size
         if self._others(index) + mine >= limit:
-            return False  # full without asking for the lock (a flood at the limit costs no syscall)
-        at = self._live_at
-        with self._locked(at, self.count * LIVE.size):
-            if self._others(index) + mine >= limit:
-                return False
-            LIVE.pack_into(self.mm, at + index * LIVE.size, mine + 1)
+            return False  # full: no reservation (a flood at the limit writes nothing)
+        LIVE.pack_into(self.mm, cell, mine + 1)
+        if self._others(index) + mine + 1 > limit:
+            LIVE.pack_into(self.mm, cell, mine)
+            return False
         return True
 
     def _others(self, index: int) -> int:
         """The live sessions of every worker but *index* (each cell read whole)."""
-        at, size = self._live_at, LIVE.size
-        return sum(LIVE.unpack_from(self.mm, at + i * size)[0] for i in range(self.count) if i != index)
+        cells = self._cells.unpack_from(self.mm, self._live_at)
+        return sum(cells) - cells[index]
 
     def set_live(self, index: int, sessions: int) -> None:
         """Worker *index*'s live sessions (its own cell only: one aligned 8-byte store, which

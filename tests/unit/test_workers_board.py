@@ -194,9 +194,9 @@ def test_a_dead_workers_sessions_are_cleared_and_a_restarted_one_starts_from_non
         parent.close()
 
 
-def test_a_full_group_refuses_without_taking_the_lock(monkeypatch) -> None:
+def test_a_full_group_refuses_with_no_system_call_and_no_write(monkeypatch) -> None:
     """A flood of new UDP sources at the limit asks for a session per datagram: a group
-    that is full says no from the cells alone, with no system call."""
+    that is full says no from the cells alone, with no lock and nothing reserved."""
     import npgevent.workerboard as workerboard
 
     parent = Board(2)
@@ -204,11 +204,43 @@ def test_a_full_group_refuses_without_taking_the_lock(monkeypatch) -> None:
     try:
         SharedSlots(1, other, 1).acquire_udp()  # the other worker holds the only slot
         calls: list[tuple] = []
-        real = workerboard.fcntl.lockf
-        monkeypatch.setattr(workerboard.fcntl, "lockf", lambda *a: calls.append(a) or real(*a))
+        monkeypatch.setattr(workerboard.fcntl, "lockf", lambda *a: calls.append(a))
         slots = SharedSlots(1, parent, 0)
+        writes: list[tuple] = []
+        real_pack = workerboard.LIVE.pack_into
+        monkeypatch.setattr(workerboard, "LIVE", type("L", (), {
+            "size": workerboard.LIVE.size, "unpack_from": workerboard.LIVE.unpack_from,
+            "pack_into": lambda *a: writes.append(a) or real_pack(*a)}))
         assert not any(slots.acquire_udp() for _ in range(100))
-        assert calls == []
+        assert calls == [] and writes == []
+    finally:
+        other.close()
+        parent.close()
+
+
+def test_a_reservation_that_meets_another_is_taken_back() -> None:
+    """Two workers admitting at once for the last slot: the one that finds the other's
+    reservation when it checks refuses and lowers its own cell again."""
+    parent = Board(2)
+    other = Board(2, os.dup(parent.fd))
+    try:
+        mine, theirs = SharedSlots(2, parent, 0), SharedSlots(2, other, 1)
+        assert theirs.acquire_tcp()  # one of two taken
+        looks = []
+        real = Board._others
+
+        def others(board: Board, index: int) -> int:
+            looks.append(index)
+            if len(looks) == 2:  # between worker 0's first look and its check: worker 1 reserves
+                other.set_live(1, 2)
+            return real(board, index)
+
+        Board._others = others  # type: ignore[method-assign]
+        try:
+            assert not mine.acquire_tcp()
+        finally:
+            Board._others = real  # type: ignore[method-assign]
+        assert mine.tcp == 0 and parent.mm[2 * ROW.size + PROBER.size + BUCKET.size] == 0  # taken back
     finally:
         other.close()
         parent.close()
