@@ -104,8 +104,8 @@ class Board:
 
     def admit(self, index: int, mine: int, limit: int) -> bool:
         """Whether worker *index*, holding *mine* sessions, may open one more under *limit*
-        for the group.  No lock (one cost two ``fcntl`` calls per session and 9 % of the
-        connections per second of two workers): the session is *reserved* first, its cell
+        for the group.  No lock (a lock here cost two ``fcntl`` calls per session and 9 % of
+        the connections per second of two workers): the session is *reserved* first, its cell
         raised to ``mine + 1``, and only then are the others' cells read; if the sum is over,
         the reservation is taken back.  Of two workers admitting at once, each sees the
         other's reservation or the other sees its own, so the group never passes the limit
