@@ -84,23 +84,18 @@ class Board:
         return int(PROBER.unpack_from(self.mm, self.count * ROW.size)[0])
 
     @contextlib.contextmanager
-    def _locked(self, at: int, size: int) -> Iterator[None]:
-        """An exclusive record lock on bytes *at*..*at+size* of the block: it blocks the other
-        workers' processes (not greenlets), so the holder must not wait inside."""
-        fcntl.lockf(self.fd, fcntl.LOCK_EX, size, at)
-        try:
-            yield
-        finally:
-            fcntl.lockf(self.fd, fcntl.LOCK_UN, size, at)
-
-    @contextlib.contextmanager
     def bucket(self) -> Iterator[list[float]]:
-        """The shared bucket's ``[tokens, stamp]``, read and written back under its lock."""
+        """The shared bucket's ``[tokens, stamp]``, read and written back under an exclusive
+        record lock on its bytes: it blocks the other workers' processes (not greenlets), so
+        the holder must not wait inside."""
         at = self._bucket_at
-        with self._locked(at, BUCKET.size):
+        fcntl.lockf(self.fd, fcntl.LOCK_EX, BUCKET.size, at)
+        try:
             cell = list(BUCKET.unpack_from(self.mm, at))
             yield cell
             BUCKET.pack_into(self.mm, at, *cell)
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, BUCKET.size, at)
 
     def admit(self, index: int, mine: int, limit: int) -> bool:
         """Whether worker *index*, holding *mine* sessions, may open one more under *limit*
