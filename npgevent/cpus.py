@@ -47,13 +47,13 @@ def cgroup_cpu_quota(proc: str = PROC) -> float | None:
     except OSError:
         return None
     found: list[float] = []
-    for version, where in _cpu_hierarchies(mounts, groups):
-        found.extend(_quotas_up(where, version))
+    for version, point, path in _cpu_hierarchies(mounts, groups):
+        found.extend(_quotas_up(version, point, path))
     return min(found) if found else None
 
 
-def _cpu_hierarchies(mounts: str, groups: str) -> list[tuple[int, tuple[str, str]]]:
-    """(version, (mount point, the process's directory under it)) for the cgroup v2 hierarchy
+def _cpu_hierarchies(mounts: str, groups: str) -> list[tuple[int, str, str]]:
+    """(version, mount point, the process's directory under it) for the cgroup v2 hierarchy
     and the v1 ``cpu`` one, where mounted and the process is in them."""
     paths: dict[int, str] = {}
     for line in groups.splitlines():
@@ -81,13 +81,12 @@ def _cpu_hierarchies(mounts: str, groups: str) -> list[tuple[int, tuple[str, str
             path = path[len(root):]  # the mount shows a subtree (a container's own cgroup)
         elif root != "/":
             continue  # the process's cgroup is not under this mount
-        out.append((version, (point, os.path.normpath(point + "/" + path.lstrip("/")))))
+        out.append((version, point, os.path.normpath(point + "/" + path.lstrip("/"))))
     return out
 
 
-def _quotas_up(where: tuple[str, str], version: int) -> list[float]:
-    """The quotas set on *where*'s directory and each parent up to its mount point."""
-    point, path = where
+def _quotas_up(version: int, point: str, path: str) -> list[float]:
+    """The quotas set on directory *path* and each parent up to the mount *point*."""
     found = []
     while True:
         quota = _quota(path, version)
