@@ -166,6 +166,44 @@ def download_rate(port: int, connections: int) -> float:
         gevent.joinall(readers, timeout=5)
 
 
+def test_a_forged_source_flood_at_the_slot_limit_takes_nothing_from_the_holders():
+    """slot=2 over two workers, held by two users; 4,000 datagrams from 200 new sources
+    (spread over both workers) get no session and no reply, the group still holds exactly 2
+    UDP sessions, the holders' round trips go on, and the refusals are a few log lines."""
+    echo = EchoPair()
+    holders = [udp_socket() for _ in range(2)]
+    flood = [udp_socket(timeout=0.01) for _ in range(200)]
+    try:
+        with workers(2, echo.port, query="&slot=2") as (proc, port):
+            gevent.sleep(0.5)  # the readiness probe's session is over
+            for i, user in enumerate(holders):
+                user.sendto(b"hold %d" % i, ("127.0.0.1", port))
+                assert user.recvfrom(100)[0] == b"hold %d" % i
+            mark = len(proc.lines)
+            for _ in range(20):
+                for src in flood:
+                    src.sendto(b"x", ("127.0.0.1", port))
+                gevent.sleep(0)
+            for i, user in enumerate(holders):
+                user.sendto(b"still %d" % i, ("127.0.0.1", port))
+                assert user.recvfrom(100)[0] == b"still %d" % i
+            gevent.sleep(2.5)  # two report intervals
+            replies = 0
+            for src in flood:
+                with contextlib.suppress(OSError):
+                    replies += len(src.recvfrom(100)[0]) > 0
+            assert replies == 0
+            checks = [m for m in map(CHECK.search, proc.lines[mark:]) if m]
+            assert checks and int(checks[-1].group(2)) == 2, proc.output[-2000:]  # UDPS summed
+            refusals = sum(1 for line in proc.lines[mark:] if "UDP slot limit reached (2)" in line)
+            assert 1 <= refusals <= 6, refusals  # rate-limited: a few per worker, not 4,000
+            assert len(children(proc.pid)) == 2
+    finally:
+        for sock in [*holders, *flood]:
+            sock.close()
+        echo.close()
+
+
 def test_rate_is_the_instances_total_across_workers():
     """rate=8 (Mbit/s, 1,000,000 bytes/s) with two workers: downloads spread over both
     workers share the instance's 8 Mbit/s, not 8 each; and a lone download gets all of it
